@@ -1,0 +1,42 @@
+"""actfmt: validate, convert and read sharded model-activation trees.
+
+``import actfmt`` is light: torch, zarr and h5py are imported only when a function needs them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "convert", "info", "open", "open_tree", "validate", "verify"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from actfmt.checks import validate
+    from actfmt.convert import convert, info, verify
+    from actfmt.dataset import open, open_tree
+
+_LAZY = {
+    "validate": "actfmt.checks:validate",
+    "convert": "actfmt.convert:convert",
+    "verify": "actfmt.convert:verify",
+    "info": "actfmt.convert:info",
+    "open": "actfmt.dataset:open",
+    "open_tree": "actfmt.dataset:open_tree",
+}
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'actfmt' has no attribute {name!r}")
+    import importlib
+
+    module, _, attr = target.partition(":")
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

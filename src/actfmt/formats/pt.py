@@ -1,0 +1,352 @@
+"""The seed's sharded ``.pt`` layout: ``{split}/layer_XX/shard_XXX.pt`` + ``metadata.json``.
+
+Shards are opened with ``torch.load(mmap=True, weights_only=True)``: shape and dtype come from the small
+pickle, data pages are touched only when rows are read.  Files in the legacy (non-zip) format cannot be
+memory-mapped and fall back to a full ``weights_only`` load.  A pickle that asks for anything beyond plain
+tensors is refused by ``weights_only`` and never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from actfmt.errors import (
+    CorruptShardError,
+    MetadataError,
+    NotASplitError,
+    NotATensorError,
+    ShardNotFoundError,
+    UnsafeShardError,
+)
+from actfmt.formats.base import ACTFMT_KEY, Format, LayerInfo, Reader, SplitSpec, WriteOptions, Writer
+from actfmt.layout import (
+    LOOSE_LAYER_RE,
+    METADATA_FILE,
+    expected_shard_rows,
+    layer_index,
+    layer_name,
+    shard_index,
+    shard_name,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["SIDECAR", "PtFormat", "PtReader", "PtWriter", "ShardHeader", "load_shard", "probe_shard"]
+
+#: Where a converted ``.pt`` split keeps the actfmt block (metadata.json keeps the producer's keys only).
+SIDECAR = ".actfmt.json"
+ZIP_MAGIC = b"PK\x03\x04"
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """What a shard says about itself without its data being read."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    tensor_nbytes: int
+    storage_nbytes: int
+    file_nbytes: int
+    legacy: bool  # not the zip format: cannot be memory-mapped
+
+
+def load_shard(path: str | Path, mmap: bool = True) -> torch.Tensor:
+    """Load one shard safely; raise a precise :class:`~actfmt.errors.ActfmtError` on bad input.
+
+    ``OSError`` (permissions, I/O) propagates as itself, with the file name.
+    """
+    import pickle
+
+    import torch
+
+    p = Path(path)
+    with open(p, "rb") as fh:  # OSError (ACT001) propagates
+        magic = fh.read(4)
+    if not magic:
+        raise CorruptShardError(f"{p}: empty file (0 bytes); re-create the shard or remove it.")
+    is_zip = magic == ZIP_MAGIC
+    if not is_zip and magic[:1] != b"\x80":
+        raise CorruptShardError(
+            f"{p}: not a torch.save file (starts with {magic!r}, expected a zip archive); re-create the shard."
+        )
+    try:
+        obj = torch.load(str(p), map_location="cpu", mmap=mmap and is_zip, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        m = _GLOBAL_RE.search(msg)
+        if m:
+            raise UnsafeShardError(
+                f"{p}: the pickle asks for {m.group(1)!r}, which is not a plain tensor; refused and not "
+                f"executed. Do not load this file with weights_only=False; re-create it from a trusted source."
+            ) from None
+        raise CorruptShardError(f"{p}: the pickle is corrupt ({_first_line(msg)}); re-create the shard.") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, OSError, IndexError, TypeError, AttributeError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
+        raise CorruptShardError(
+            f"{p}: cannot be loaded as a tensor file ({_first_line(str(exc)) or type(exc).__name__}); "
+            f"the file is truncated or damaged: re-create the shard."
+        ) from None
+    if not isinstance(obj, torch.Tensor):
+        raise NotATensorError(
+            f"{p}: holds a {type(obj).__name__}, not a single tensor; save the tensor itself "
+            f"(torch.save(tensor, path))."
+        )
+    return obj
+
+
+def _first_line(msg: str) -> str:
+    for line in msg.splitlines():
+        line = line.strip()
+        if line and not line.startswith("Weights only load failed"):
+            return line[:200]
+    return msg.strip()[:200]
+
+
+def probe_shard(path: str | Path) -> ShardHeader:
+    """Shape, dtype and byte counts of a shard, reading only its header (legacy files: a full load)."""
+    p = Path(path)
+    t = load_shard(p, mmap=True)
+    legacy = not _is_zip(p)
+    return ShardHeader(
+        shape=tuple(t.shape),
+        dtype=str(t.dtype).removeprefix("torch."),
+        tensor_nbytes=t.numel() * t.element_size(),
+        storage_nbytes=t.untyped_storage().nbytes(),
+        file_nbytes=p.stat().st_size,
+        legacy=legacy,
+    )
+
+
+def _is_zip(p: Path) -> bool:
+    with open(p, "rb") as fh:
+        return fh.read(4) == ZIP_MAGIC
+
+
+def list_layers(split: Path) -> list[tuple[int, Path]]:
+    """Correctly named ``layer_XX`` directories, sorted by index."""
+    out = []
+    for entry in split.iterdir():
+        i = layer_index(entry.name)
+        if i is not None and entry.is_dir():
+            out.append((i, entry))
+    return sorted(out)
+
+
+def list_shards(layer_dir: Path) -> list[tuple[int, Path]]:
+    """Correctly named ``shard_XXX.pt`` files, sorted by index."""
+    out = []
+    for entry in layer_dir.iterdir():
+        j = shard_index(entry.name)
+        if j is not None:
+            out.append((j, entry))
+    return sorted(out)
+
+
+class PtReader(Reader):
+    """A split in the producer's ``.pt`` layout, memory-mapped shard by shard."""
+
+    format = "pt"
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        if not self.path.is_dir():
+            raise NotASplitError(f"{self.path}: not a directory; a .pt split is a directory with layer_XX/.")
+        self._layer_dirs = list_layers(self.path)
+        self._shards: dict[int, list[torch.Tensor]] = {}
+        self._offsets: dict[int, list[int]] = {}
+
+    @cached_property
+    def metadata(self) -> dict[str, Any]:
+        p = self.path / METADATA_FILE
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise MetadataError(f"{p}: missing; every split needs a metadata.json.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MetadataError(f"{p}: not valid JSON ({exc}); fix the file.") from None
+        if not isinstance(data, dict):
+            raise MetadataError(f"{p}: must hold a JSON object.")
+        return data
+
+    @cached_property
+    def actfmt(self) -> dict[str, Any] | None:
+        p = self.path / SIDECAR
+        if not p.is_file():
+            return None
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        block = data.get(ACTFMT_KEY, data) if isinstance(data, dict) else None
+        return block if isinstance(block, dict) else None
+
+    def _load_layer(self, pos: int) -> list[torch.Tensor]:
+        if pos not in self._shards:
+            _, layer_dir = self._layer_dirs[pos]
+            shards = [load_shard(p) for _, p in list_shards(layer_dir)]
+            if not shards:
+                raise ShardNotFoundError(f"{layer_dir}: no shard_XXX.pt files.")
+            self._shards[pos] = shards
+            offsets = [0]
+            for t in shards:
+                offsets.append(offsets[-1] + t.shape[0])
+            self._offsets[pos] = offsets
+        return self._shards[pos]
+
+    @cached_property
+    def layers(self) -> Sequence[LayerInfo]:
+        out = []
+        for pos, (i, _) in enumerate(self._layer_dirs):
+            shards = self._load_layer(pos)
+            first = shards[0]
+            if first.dim() != 2:
+                raise CorruptShardError(f"{self._layer_dirs[pos][1]}: shards must be 2-D, got {tuple(first.shape)}.")
+            out.append(
+                LayerInfo(
+                    name=layer_name(i),
+                    index=i,
+                    rows=self._offsets[pos][-1],
+                    hidden_dim=int(first.shape[1]),
+                    dtype=str(first.dtype).removeprefix("torch."),
+                    shard_rows=tuple(int(t.shape[0]) for t in shards),
+                )
+            )
+        return out
+
+    def read(self, layer: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        import torch
+
+        shards = self._load_layer(layer)
+        offsets = self._offsets[layer]
+        total = offsets[-1]
+        stop = total if stop is None else min(stop, total)
+        start = max(0, start)
+        if stop <= start:
+            return torch.empty((0, shards[0].shape[1]), dtype=shards[0].dtype)
+        parts = []
+        for k, t in enumerate(shards):
+            lo, hi = offsets[k], offsets[k + 1]
+            if hi <= start or lo >= stop:
+                continue
+            parts.append(t[max(start, lo) - lo : min(stop, hi) - lo])
+        if len(parts) == 1:
+            return parts[0].clone()
+        return torch.cat(parts)
+
+    def take(self, layer: int, rows: Any) -> torch.Tensor:
+        import numpy as np
+        import torch
+
+        shards = self._load_layer(layer)
+        offsets = np.asarray(self._offsets[layer])
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= offsets[-1]):
+            raise IndexError(f"row index out of range for {offsets[-1]} rows")
+        which = np.searchsorted(offsets, rows, side="right") - 1
+        out = torch.empty((rows.size, shards[0].shape[1]), dtype=shards[0].dtype)
+        for k in np.unique(which):
+            sel = np.flatnonzero(which == k)
+            out[torch.from_numpy(sel)] = shards[k][torch.from_numpy(rows[sel] - offsets[k])]
+        return out
+
+    def close(self) -> None:
+        self._shards.clear()
+        self._offsets.clear()
+
+
+class PtWriter(Writer):
+    """Writes contiguous shards with the source's row boundaries (else the producer's arithmetic)."""
+
+    format = "pt"
+    parallel_layers = True
+
+    @classmethod
+    def create(cls, path: str | Path, spec: SplitSpec, options: WriteOptions) -> PtWriter:
+        if options.compression not in (None, "none"):
+            from actfmt.errors import ConversionError
+
+            raise ConversionError(f"the pt format has no compression (got {options.compression!r}).")
+        p = Path(path)
+        p.mkdir(parents=True)
+        for info in spec.layers:
+            (p / info.name).mkdir()
+        return cls(p, spec, options)
+
+    def block_rows(self, layer: int) -> list[int]:
+        info = self.spec.layers[layer]
+        if info.shard_rows:
+            return list(info.shard_rows)
+        meta = self.spec.metadata
+        try:
+            return expected_shard_rows(info.rows, int(meta["shard_size"]), int(meta["batch_size"]))
+        except (KeyError, TypeError, ValueError):
+            return super().block_rows(layer)
+
+    def write(self, layer: int, start: int, data: torch.Tensor) -> None:
+        import torch
+
+        info = self.spec.layers[layer]
+        bounds = self.block_rows(layer)
+        offset, k = 0, 0
+        while offset < start:
+            offset += bounds[k]
+            k += 1
+        if offset != start or bounds[k] != data.shape[0]:
+            raise ValueError(f"pt writer: block at row {start} of {len(data)} rows is not a shard boundary")
+        t = data
+        if not t.is_contiguous() or t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.nbytes:
+            t = t.contiguous().clone()  # never save a view: torch.save writes the whole storage
+        target = self.path / info.name / shard_name(k)
+        tmp = target.with_name(target.name + ".tmp")
+        torch.save(t, tmp)
+        os.replace(tmp, target)
+
+    def finalize(self, block: dict[str, Any]) -> None:
+        meta = {k: v for k, v in self.spec.metadata.items() if k != ACTFMT_KEY}
+        _write_json(self.path / METADATA_FILE, meta)
+        _write_json(self.path / SIDECAR, {ACTFMT_KEY: block})
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class PtFormat(Format):
+    name = "pt"
+    suffix = ""
+    compressions = ("none",)
+
+    @classmethod
+    def can_open(cls, path: Path) -> bool:
+        if not path.is_dir():
+            return False
+        if (path / METADATA_FILE).is_file():
+            return not any(path.glob("layer_*.safetensors"))
+        try:
+            return any(LOOSE_LAYER_RE.match(e.name) and e.is_dir() for e in path.iterdir())
+        except OSError:
+            return False
+
+    @classmethod
+    def open_reader(cls, path: str | Path) -> PtReader:
+        return PtReader(path)
+
+    @classmethod
+    def writer_class(cls) -> type[Writer]:
+        return PtWriter

@@ -1,0 +1,258 @@
+"""The seed layout: metadata, names, and the producer's shard arithmetic (one place, used by everyone).
+
+A split directory looks like::
+
+    {split}/metadata.json
+    {split}/layer_00/shard_000.pt, shard_001.pt, ...
+    {split}/layer_01/...
+
+The producer accumulates batches of ``batch_size`` rows and flushes a shard once its buffer holds **at least**
+``shard_size`` rows, so a full shard holds ``ceil(shard_size / batch_size) * batch_size`` rows and the last
+shard the rest.  This module knows that arithmetic; nothing else re-derives it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actfmt.errors import MetadataError
+
+__all__ = [
+    "LAYER_RE",
+    "METADATA_FILE",
+    "REQUIRED_KEYS",
+    "SHARD_RE",
+    "SUPPORTED_DTYPES",
+    "Metadata",
+    "MetadataProblem",
+    "ShardPlan",
+    "expected_shard_rows",
+    "full_shard_rows",
+    "layer_index",
+    "layer_name",
+    "load_metadata",
+    "parse_metadata",
+    "rel",
+    "shard_index",
+    "shard_name",
+]
+
+METADATA_FILE = "metadata.json"
+#: Loose patterns: anything that looks like a layer / shard.  Exact names are checked by ``layer_index``.
+LAYER_RE = re.compile(r"^layer_(\d+)$")
+SHARD_RE = re.compile(r"^shard_(\d+)\.pt$")
+LOOSE_LAYER_RE = re.compile(r"^layer[_-]?\d+", re.IGNORECASE)
+LOOSE_SHARD_RE = re.compile(r"^shard[_-]?\d+", re.IGNORECASE)
+
+#: dtype names actfmt stores (torch spelling).
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
+
+#: key -> (python type(s), must be positive)
+REQUIRED_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "model_name": ((str,), False),
+    "dataset_name": ((str,), False),
+    "split": ((str,), False),
+    "load_in_4bit": ((bool,), False),
+    "total_examples": ((int,), True),
+    "shard_size": ((int,), True),
+    "batch_size": ((int,), True),
+    "hidden_dim": ((int,), True),
+    "num_layers": ((int,), True),
+}
+
+
+def layer_name(index: int) -> str:
+    """``layer_name(3) == "layer_03"`` (the producer's ``f"layer_{i:02d}"``)."""
+    return f"layer_{index:02d}"
+
+
+def shard_name(index: int) -> str:
+    """``shard_name(13) == "shard_013.pt"``."""
+    return f"shard_{index:03d}.pt"
+
+
+def layer_index(name: str) -> int | None:
+    """The index of a correctly spelled layer directory name, else ``None`` (``layer_3`` is not)."""
+    m = LAYER_RE.match(name)
+    if m is None:
+        return None
+    i = int(m.group(1))
+    return i if layer_name(i) == name else None
+
+
+def shard_index(name: str) -> int | None:
+    """The index of a correctly spelled shard file name, else ``None`` (``shard_1.pt`` is not)."""
+    m = SHARD_RE.match(name)
+    if m is None:
+        return None
+    i = int(m.group(1))
+    return i if shard_name(i) == name else None
+
+
+def full_shard_rows(shard_size: int, batch_size: int) -> int:
+    """Rows in every full shard: the first multiple of ``batch_size`` that is ``>= shard_size``."""
+    return math.ceil(shard_size / batch_size) * batch_size
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The shard rows the producer writes for ``total`` examples, with the arithmetic spelled out."""
+
+    total: int
+    shard_size: int
+    batch_size: int
+
+    @property
+    def full_rows(self) -> int:
+        return full_shard_rows(self.shard_size, self.batch_size)
+
+    @property
+    def count(self) -> int:
+        return math.ceil(self.total / self.full_rows) if self.total > 0 else 0
+
+    @property
+    def rows(self) -> list[int]:
+        return expected_shard_rows(self.total, self.shard_size, self.batch_size)
+
+    def explain_full_rows(self) -> str:
+        if self.full_rows == self.shard_size:
+            return f"{self.full_rows}"
+        return f"{self.full_rows} = ceil({self.shard_size} / {self.batch_size}) * {self.batch_size}"
+
+    def explain_count(self) -> str:
+        return f"{self.count} = ceil({self.total} / {self.full_rows})"
+
+
+def expected_shard_rows(total: int, shard_size: int, batch_size: int) -> list[int]:
+    """Row count of each shard the producer writes for ``total`` examples."""
+    if total <= 0:
+        return []
+    full = full_shard_rows(shard_size, batch_size)
+    n = math.ceil(total / full)
+    return [full] * (n - 1) + [total - (n - 1) * full]
+
+
+@dataclass(frozen=True)
+class MetadataProblem:
+    """One problem found while parsing metadata; ``kind`` is ``unparseable``, ``missing-key`` or ``bad-value``."""
+
+    kind: str
+    key: str | None
+    message: str
+    expected: Any = None
+    actual: Any = None
+
+
+@dataclass(frozen=True, eq=True)
+class Metadata:
+    """A parsed, checked ``metadata.json``.  ``raw`` keeps every key verbatim, extra keys included."""
+
+    model_name: str
+    dataset_name: str
+    split: str
+    load_in_4bit: bool
+    total_examples: int
+    shard_size: int
+    batch_size: int
+    hidden_dim: int
+    num_layers: int
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def shards(self) -> ShardPlan:
+        return ShardPlan(self.total_examples, self.shard_size, self.batch_size)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = METADATA_FILE) -> Metadata:
+        """Parse and check; raise :class:`MetadataError` listing every problem."""
+        meta, problems = parse_metadata(data)
+        if meta is None:
+            details = "; ".join(p.message for p in problems)
+            raise MetadataError(f"{source}: {details}. Fix the file (see `actfmt rule ACT203`).")
+        return meta
+
+    def to_dict(self) -> dict[str, Any]:
+        """The original keys and values, verbatim."""
+        return dict(self.raw)
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def parse_metadata(data: Any) -> tuple[Metadata | None, list[MetadataProblem]]:
+    """Check a decoded ``metadata.json``; return the metadata (``None`` if unusable) and every problem."""
+    if not isinstance(data, dict):
+        return None, [
+            MetadataProblem(
+                "unparseable",
+                None,
+                f"metadata must be a JSON object, got {_type_name(data)}",
+                "object",
+                _type_name(data),
+            )
+        ]
+    problems: list[MetadataProblem] = []
+    for key, (types, positive) in REQUIRED_KEYS.items():
+        if key not in data:
+            problems.append(MetadataProblem("missing-key", key, f"required key {key!r} is missing", key, None))
+            continue
+        value = data[key]
+        wanted = " or ".join(t.__name__ for t in types)
+        # bool is an int in Python: refuse it where an int is wanted.
+        bad_type = not isinstance(value, types) or (bool not in types and isinstance(value, bool))
+        if bad_type:
+            problems.append(
+                MetadataProblem(
+                    "bad-value",
+                    key,
+                    f"{key!r} must be {'a positive ' if positive else 'a '}{wanted}, got {json.dumps(value)}",
+                    wanted,
+                    value,
+                )
+            )
+        elif positive and value <= 0:
+            problems.append(
+                MetadataProblem("bad-value", key, f"{key!r} must be positive, got {value}", "> 0", value)
+            )
+        elif isinstance(value, str) and not value.strip():
+            problems.append(MetadataProblem("bad-value", key, f"{key!r} must not be empty", "non-empty", value))
+    if problems:
+        return None, problems
+    kwargs = {key: data[key] for key in REQUIRED_KEYS}
+    return Metadata(**kwargs, raw=dict(data)), []
+
+
+def load_metadata(path: str | Path) -> Metadata:
+    """Read and check ``metadata.json`` (a file, or a split directory holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / METADATA_FILE
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MetadataError(f"{p}: no metadata.json; every split needs one (see `actfmt rule ACT101`).") from None
+    except OSError as exc:
+        raise MetadataError(f"{p}: cannot read ({exc.strerror or exc}).") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MetadataError(
+            f"{p}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); fix the file."
+        ) from None
+    return Metadata.from_dict(data, source=str(p))
+
+
+def rel(path: str | Path, root: str | Path) -> str:
+    """``path`` relative to ``root`` with ``/`` separators; ``.`` for the root itself."""
+    p, r = Path(path), Path(root)
+    try:
+        out = p.relative_to(r).as_posix()
+    except ValueError:
+        out = p.as_posix()
+    return out or "."
