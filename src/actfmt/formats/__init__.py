@@ -11,7 +11,7 @@ from actfmt.errors import FormatError
 if TYPE_CHECKING:  # pragma: no cover
     from actfmt.formats.base import Format, Reader
 
-__all__ = ["FORMATS", "get_format", "guess_format", "open_reader"]
+__all__ = ["FORMATS", "find_splits", "get_format", "guess_format", "open_reader"]
 
 #: Registry, in detection order (the most specific signature first).
 FORMATS: dict[str, str] = {
@@ -57,3 +57,35 @@ def open_reader(path: str | Path, format: str | None = None) -> Reader:
             f"a .h5 or layer_XX.safetensors files)."
         )
     return get_format(name).open_reader(p)
+
+
+def find_splits(root: str | Path) -> list[tuple[Path, str]]:
+    """Every split at or below ``root`` as ``(path, format name)``, in sorted order.
+
+    A split is recognised by its format's ``can_open``; the walk does not descend into a split, and skips
+    hidden entries (actfmt's own partial conversions and locks start with a dot).
+    """
+    from actfmt.errors import NotASplitError
+
+    top = Path(root)
+    if not top.exists():
+        raise NotASplitError(f"{top}: no such file or directory; check the path.")
+    found: list[tuple[Path, str]] = []
+
+    def walk(p: Path) -> None:
+        name = guess_format(p)
+        if name is not None:
+            found.append((p, name))
+            return
+        if not p.is_dir() or p.is_symlink() and p != top:
+            return
+        try:
+            children = sorted(p.iterdir())
+        except OSError:
+            return
+        for child in children:
+            if not child.name.startswith("."):
+                walk(child)
+
+    walk(top)
+    return found
