@@ -318,10 +318,10 @@ class PtWriter(Writer):
 
 
 def _write_json(path: Path, data: Any) -> None:
+    """Written like the producer writes metadata.json: ``json.dump(indent=2)``, no trailing newline."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2)
-        fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
