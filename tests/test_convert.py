@@ -1,0 +1,166 @@
+"""The conversion engine: atomicity, locking, resume, verification, tree mirroring (format-neutral)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import actfmt.formats as formats_registry
+from actfmt.convert import convert, info, verify
+from actfmt.errors import ConversionError, DestinationExistsError, LockedError
+from actfmt.formats import find_splits, open_reader
+
+from ._trees import bits, make_split, make_tree, seed_load
+
+ALL_FORMATS = [f for f in formats_registry.FORMATS if (Path(formats_registry.__file__).parent / (formats_registry.FORMATS[f].split(":")[0].rsplit(".", 1)[1] + ".py")).exists()]
+
+
+def test_pt_roundtrip_is_bit_exact_and_mirrors_the_tree(tmp_path: Path) -> None:
+    data = make_tree(tmp_path / "src", dtype=torch.bfloat16)
+    res = convert(tmp_path / "src", tmp_path / "dst", to="pt", force=True, jobs=2)
+    assert sorted(j.location for j in res.splits) == sorted(data)
+    for loc, layers in data.items():
+        out = tmp_path / "dst" / loc
+        for name, full in layers.items():
+            assert torch.equal(bits(seed_load(out, name)), bits(full))
+        assert json.loads((out / "metadata.json").read_text()) == json.loads(
+            (tmp_path / "src" / loc / "metadata.json").read_text()
+        )
+    assert verify(tmp_path / "src", tmp_path / "dst").equal
+
+
+def test_split_as_source_goes_to_dst_slash_name(tmp_path: Path) -> None:
+    make_split(tmp_path / "ds" / "EM")
+    res = convert(tmp_path / "ds" / "EM", tmp_path / "out", to="pt", force=True)
+    assert [j.destination for j in res.splits] == [tmp_path / "out" / "EM"]
+    assert (tmp_path / "out" / "EM" / "layer_02" / "shard_002.pt").is_file()
+
+
+def test_refuses_existing_destination_without_overwrite(tmp_path: Path) -> None:
+    make_split(tmp_path / "ds" / "EM")
+    convert(tmp_path / "ds" / "EM", tmp_path / "out", to="pt", force=True)
+    with pytest.raises(DestinationExistsError, match="--overwrite"):
+        convert(tmp_path / "ds" / "EM", tmp_path / "out", to="pt", force=True)
+    res = convert(tmp_path / "ds" / "EM", tmp_path / "out", to="pt", force=True, overwrite=True)
+    assert len(res.splits) == 1
+    assert not list((tmp_path / "out").glob(".*")), "no temporary or lock file is left behind"
+
+
+def test_lock_refuses_a_second_writer(tmp_path: Path) -> None:
+    import fcntl
+
+    make_split(tmp_path / "ds" / "EM")
+    (tmp_path / "out").mkdir()
+    lock = tmp_path / "out" / ".EM.actfmt-lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(LockedError, match="another actfmt convert"):
+            convert(tmp_path / "ds" / "EM", tmp_path / "out", to="pt", force=True)
+    finally:
+        os.close(fd)
+    assert not (tmp_path / "out" / "EM").exists()
+
+
+def test_source_is_never_modified(tmp_path: Path) -> None:
+    make_split(tmp_path / "ds" / "EM")
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "ds").rglob("*") if p.is_file()}
+    convert(tmp_path / "ds", tmp_path / "out", to="pt", force=True)
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "ds").rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_rejects_bad_options(tmp_path: Path) -> None:
+    make_split(tmp_path / "ds" / "EM")
+    with pytest.raises(ConversionError, match="compression"):
+        convert(tmp_path / "ds", tmp_path / "out", to="pt", compression="zstd", force=True)
+    with pytest.raises(ConversionError, match="dtype"):
+        convert(tmp_path / "ds", tmp_path / "out", to="pt", dtype="int8", force=True)
+    with pytest.raises(ConversionError, match="source"):
+        convert(tmp_path / "ds", tmp_path / "ds", to="pt", force=True)
+
+
+def test_explicit_dtype_cast_is_recorded_and_warned(tmp_path: Path) -> None:
+    data = make_split(tmp_path / "ds" / "EM", dtype=torch.float32)
+    res = convert(tmp_path / "ds" / "EM", tmp_path / "out", to="pt", dtype="float16", force=True)
+    assert res.warnings and "float32 -> float16" in res.warnings[0]
+    got = seed_load(tmp_path / "out" / "EM", "layer_01")
+    assert got.dtype == torch.float16
+    assert torch.equal(got, data["layer_01"].to(torch.float16))
+    with open_reader(tmp_path / "out" / "EM") as r:
+        assert r.actfmt["cast_from"]["layer_01"] == "float32"
+
+
+def test_verify_reports_first_differing_row(tmp_path: Path) -> None:
+    make_split(tmp_path / "a" / "EM")
+    convert(tmp_path / "a" / "EM", tmp_path / "b", to="pt", force=True)
+    shard = tmp_path / "b" / "EM" / "layer_01" / "shard_001.pt"
+    t = torch.load(shard)
+    t[5, 3] = t[5, 3] + 1
+    torch.save(t.clone(), shard)
+    res = verify(tmp_path / "a" / "EM", tmp_path / "b" / "EM")
+    assert not res.equal
+    assert res.first == {"split": ".", "layer": "layer_01", "row": 80 + 5}
+
+
+def test_info_describes_each_split(tmp_path: Path) -> None:
+    make_tree(tmp_path / "src", total=50, hidden=8, layers=2)
+    rows = info(tmp_path / "src")
+    assert [r.location for r in rows] == ["org_Tiny-Model/SP_test/EM", "org_Tiny-Model/SP_test/Neutral"]
+    assert all((r.format, r.layers, r.examples, r.hidden_dim, r.dtype) == ("pt", 2, 50, 8, "bfloat16") for r in rows)
+    assert all(r.bytes_on_disk > 0 for r in rows)
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from actfmt.convert import convert
+    def slow(event):
+        if event.kind == "advance" and event.task == "convert":
+            time.sleep(0.02)
+    convert(sys.argv[1], sys.argv[2], to=sys.argv[3], force=True, jobs=1, chunk_rows=64, progress=slow)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ALL_FORMATS)
+def test_sigkill_then_resume_is_bit_exact(tmp_path: Path, to: str) -> None:
+    data = make_split(tmp_path / "ds" / "EM", total=400, hidden=32, layers=6)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "ds" / "EM"), str(out), to])
+    fmt = formats_registry.get_format(to)
+    final = fmt.destination(out / "EM")
+    state = final.with_name(f".{final.name}.actfmt-state.json")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if len(json.loads(state.read_text())["layers"]) >= 2:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    else:
+        proc.kill()
+        pytest.fail("the conversion never recorded two layers")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # nothing looks complete: no final store, no split found, the partial is hidden
+    assert not final.exists()
+    assert find_splits(out) == []
+    res = convert(tmp_path / "ds" / "EM", out, to=to, force=True, resume=True)
+    assert 0 < res.layers < 6, "resume continued where the killed run stopped"
+    with open_reader(final) as r:
+        assert r.actfmt["complete"] is True
+        for pos, li in enumerate(r.layers):
+            assert torch.equal(bits(r.read(pos)), bits(data[li.name]))
+    assert verify(tmp_path / "ds" / "EM", final).equal
