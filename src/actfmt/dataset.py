@@ -1,0 +1,248 @@
+"""One read-only view over a split in any format: :func:`open` -> :class:`Split` -> :class:`LayerView`.
+
+>>> with actfmt.open("Activations/org_Model/SP_data/EM") as split:   # doctest: +SKIP
+...     x = split.layer(15)[:]                 # a whole layer, [num_examples, hidden_dim]
+...     rows = split.layer(15)[[3, 1, 3]]      # any rows, any order, repeats allowed
+...     for batch in split.layer(15).iter_batches(256, shuffle=True, seed=0): ...
+...     e = split.example(42)                  # [num_layers, hidden_dim]
+
+Rows come back as torch tensors in the stored dtype (bfloat16 restored).  Reads are memory-mapped where the
+format allows; nothing loads a whole shard to return a few rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from actfmt.errors import NotASplitError
+from actfmt.formats import find_splits, open_reader
+from actfmt.formats.base import LayerInfo, Reader, torch_dtype
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["LayerView", "Split", "open", "open_tree"]
+
+
+class LayerView:
+    """One layer of a split: ``len``, ``shape``, ``dtype``, indexing, batches."""
+
+    def __init__(self, reader: Reader, pos: int) -> None:
+        self._reader = reader
+        self._pos = pos
+        self.info: LayerInfo = reader.layers[pos]
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def index(self) -> int:
+        return self.info.index
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.info.rows, self.info.hidden_dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.info.dtype)
+
+    def __len__(self) -> int:
+        return self.info.rows
+
+    def __repr__(self) -> str:
+        return f"<LayerView {self.name} shape={self.shape} dtype={self.info.dtype} format={self._reader.format}>"
+
+    def read(self) -> torch.Tensor:
+        """The whole layer as one tensor (it must fit in memory)."""
+        return self._reader.read(self._pos, 0, self.info.rows)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        import numpy as np
+        import torch
+
+        n = self.info.rows
+        if isinstance(key, tuple):
+            rows, cols = key[0], key[1:]
+            out = self[rows]
+            return out[(slice(None), *cols)] if cols else out
+        if isinstance(key, (int, np.integer)):
+            i = int(key)
+            if not -n <= i < n:
+                raise IndexError(f"row {i} out of range for {self.name} with {n} rows")
+            i %= n
+            return self._reader.read(self._pos, i, i + 1)[0]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step == 1:
+                return self._reader.read(self._pos, start, max(start, stop))
+            return self._take(np.arange(start, stop, step))
+        if isinstance(key, torch.Tensor):
+            if key.dtype == torch.bool:
+                key = torch.nonzero(key).flatten()
+            key = key.cpu().numpy()
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise IndexError(f"boolean index of shape {idx.shape} does not match {n} rows")
+            idx = np.flatnonzero(idx)
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"cannot index rows with {type(key).__name__} of dtype {idx.dtype}")
+        return self._take(idx)
+
+    def _take(self, idx: Any) -> torch.Tensor:
+        import numpy as np
+
+        n = self.info.rows
+        flat = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if flat.size and (flat.min() < -n or flat.max() >= n):
+            raise IndexError(f"row index out of range for {self.name} with {n} rows")
+        flat = np.where(flat < 0, flat + n, flat)
+        out = self._reader.take(self._pos, flat)
+        return out.reshape(*np.shape(idx), self.info.hidden_dim)
+
+    def iter_batches(
+        self, batch_size: int, shuffle: bool = False, seed: int | None = None, drop_last: bool = False
+    ) -> Iterator[torch.Tensor]:
+        """Batches of rows, in order or shuffled (reproducibly with ``seed``)."""
+        import numpy as np
+
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        n = self.info.rows
+        if not shuffle:
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                if drop_last and stop - start < batch_size:
+                    return
+                yield self._reader.read(self._pos, start, stop)
+            return
+        perm = np.random.default_rng(seed).permutation(n)
+        for start in range(0, n, batch_size):
+            ids = perm[start : start + batch_size]
+            if drop_last and ids.size < batch_size:
+                return
+            yield self._reader.take(self._pos, ids)
+
+    def to_dask(self, chunk_rows: int | None = None) -> Any:
+        """A lazy dask array over this layer (needs ``dask``)."""
+        from actfmt._dask import layer_to_dask
+
+        return layer_to_dask(self._reader.path, self._reader.format, self._pos, self.info, chunk_rows)
+
+
+class Split:
+    """One split in any format.  Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, reader: Reader) -> None:
+        self._reader = reader
+        self._by_index = {li.index: pos for pos, li in enumerate(reader.layers)}
+
+    @property
+    def path(self) -> Path:
+        return self._reader.path
+
+    @property
+    def format(self) -> str:
+        return self._reader.format
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return dict(self._reader.metadata)
+
+    @property
+    def layers(self) -> list[int]:
+        """The layer indices present, in order."""
+        return [li.index for li in self._reader.layers]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._by_index)
+
+    @property
+    def num_examples(self) -> int:
+        ls = self._reader.layers
+        return ls[0].rows if ls else int(self._reader.metadata.get("total_examples", 0))
+
+    @property
+    def hidden_dim(self) -> int:
+        ls = self._reader.layers
+        return ls[0].hidden_dim if ls else int(self._reader.metadata.get("hidden_dim", 0))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        ls = self._reader.layers
+        if not ls:
+            raise NotASplitError(f"{self.path}: the split has no layers.")
+        return torch_dtype(ls[0].dtype)
+
+    def layer(self, index: int) -> LayerView:
+        """The layer ``layer_{index:02d}`` (negative indices count from the last layer)."""
+        if index < 0:
+            index = self.layers[index] if -len(self.layers) <= index else index
+        try:
+            return LayerView(self._reader, self._by_index[index])
+        except KeyError:
+            raise IndexError(
+                f"{self.path}: no layer {index}; the split has layers {self.layers[0]}..{self.layers[-1]}"
+                if self.layers
+                else f"{self.path}: the split has no layers"
+            ) from None
+
+    def example(self, i: int) -> torch.Tensor:
+        """Row ``i`` of every layer, stacked: ``[num_layers, hidden_dim]``."""
+        import numpy as np
+        import torch
+
+        n = self.num_examples
+        if not -n <= i < n:
+            raise IndexError(f"example {i} out of range for {n} examples")
+        i %= n
+        ids = np.array([i])
+        return torch.cat([self._reader.take(pos, ids) for pos in range(self.num_layers)])
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __repr__(self) -> str:
+        return (
+            f"<Split {self.path} format={self.format} layers={self.num_layers} "
+            f"examples={self.num_examples} hidden_dim={self.hidden_dim}>"
+        )
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> Split:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open(path: str | Path, format: str | None = None) -> Split:
+    """Open one split in any format (``.pt`` directory, ``.zarr``, ``.h5``, safetensors directory)."""
+    return Split(open_reader(path, format))
+
+
+def open_tree(root: str | Path) -> dict[tuple[str, str, str], Split]:
+    """Every split under ``root``, keyed by ``(model_name, dataset_name, split)`` from its metadata."""
+    out: dict[tuple[str, str, str], Split] = {}
+    for p, fmt in find_splits(root):
+        s = Split(open_reader(p, fmt))
+        meta = s.metadata
+        parts = Path(p).parts
+        key = (
+            str(meta.get("model_name", parts[-3] if len(parts) >= 3 else "")),
+            str(meta.get("dataset_name", parts[-2] if len(parts) >= 2 else "")),
+            str(meta.get("split", Path(p).stem)),
+        )
+        out[key] = s
+    return out
+
+
+def _as_paths(splits: Sequence[Any]) -> list[str]:
+    return [str(s.path) if isinstance(s, Split) else str(s) for s in splits]
