@@ -3,22 +3,306 @@
 Each command parses options, calls one API function, renders the result, and turns an ActfmtError into a
 clean message (exit 2 for usage / tool failures, never a traceback).  Heavy imports happen inside commands so
 that ``actfmt --help`` stays fast.
+
+Exit codes: 0 no errors; 1 errors (or warnings with ``--strict``); 2 usage error, missing PATH, no split
+found, the tool's own failure.  An unexpected exception prints ``actfmt: internal error: ...`` and exits 2;
+``ACTFMT_DEBUG=1`` adds the traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import IO, Any
+
 import click
 
 from actfmt import __version__
+from actfmt.errors import ActfmtError
+
+OUTPUT_FORMATS = ("text", "json", "github", "junit", "sarif")
+#: Without ``--deep``, a progress bar appears only once a run has lasted this long (seconds).
+PROGRESS_DELAY = 1.0
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# --------------------------------------------------------------------------------------------- shared helpers
+
+
+class CliError(click.ClickException):
+    """A clean one-line failure: ``actfmt: error: ...`` on stderr, exit 2."""
+
+    exit_code = 2
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"actfmt: error: {self.format_message()}", err=True)
+
+
+class InternalError(click.ClickException):
+    """An unexpected exception: a bug in actfmt.  Exit 2, no traceback unless ``ACTFMT_DEBUG=1``."""
+
+    exit_code = 2
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(f"{type(exc).__name__}: {exc}")
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"actfmt: internal error: {self.format_message()}", err=True)
+        click.echo(
+            f"This is a bug in actfmt {__version__}. Please report it with the command you ran "
+            "(set ACTFMT_DEBUG=1 to print the traceback).",
+            err=True,
+        )
+
+
+def _debug() -> bool:
+    return os.environ.get("ACTFMT_DEBUG", "") not in ("", "0")
+
+
+class ActfmtGroup(click.Group):
+    """Translates errors raised by any command: ActfmtError / OSError -> CliError; the rest -> InternalError."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except ActfmtError as exc:
+            raise CliError(str(exc)) from None
+        except OSError as exc:
+            raise CliError(str(exc)) from None
+        except Exception as exc:
+            if _debug():
+                import traceback
+
+                traceback.print_exc()
+            raise InternalError(exc) from None
+
+
+def split_csv(ctx: click.Context, param: click.Parameter, value: Sequence[str] | None) -> list[str]:
+    """Click callback: repeated and comma-separated values -> one flat list (``--select A,B --select C``)."""
+    items: list[str] = []
+    for chunk in value or ():
+        items.extend(part.strip() for part in chunk.split(",") if part.strip())
+    return items
+
+
+def progress_renderer(*, quiet: bool = False, no_progress: bool = False, immediate: bool = False) -> Any:
+    """A :class:`~actfmt._console.ProgressRenderer` on stderr (a no-op when quiet or not a terminal).
+
+    ``immediate`` draws at once (long jobs such as ``--deep``); otherwise the bar waits ``PROGRESS_DELAY``.
+    """
+    from actfmt._console import ProgressRenderer
+
+    return ProgressRenderer(enabled=not (quiet or no_progress), delay=0.0 if immediate else PROGRESS_DELAY)
+
+
+@contextlib.contextmanager
+def output_stream(path: str | None) -> Iterator[IO[str]]:
+    """stdout, or ``path`` opened for writing (UTF-8)."""
+    if path is None:
+        yield sys.stdout
+        return
+    try:
+        fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise CliError(f"cannot write the output file {path}: {exc.strerror or exc}") from None
+    with fh:
+        yield fh
+
+
+# --------------------------------------------------------------------------------------------- the group
+
+
+@click.group(
+    cls=ActfmtGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(__version__, "-V", "--version", prog_name="actfmt")
 def cli() -> None:
     """Validate, convert and read sharded model-activation trees.
 
     A tree is Activations/{model}/{dataset}/{EM|Neutral}/ with metadata.json and layer_XX/shard_XXX.pt.
     """
+
+
+# --------------------------------------------------------------------------------------------- validate
+
+
+@cli.command("validate")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...", type=click.Path(exists=True))
+@click.option("--deep", is_flag=True, help="Also read the values: NaN/Inf, all-zero rows, duplicate layers.")
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Check N files in parallel (0: one per CPU).",
+)
+@click.option(
+    "--output-format",
+    type=click.Choice(OUTPUT_FORMATS),
+    default="text",
+    show_default=True,
+    help="text for people; json (the API's report); github annotations; junit for GitLab/Jenkins; sarif.",
+)
+@click.option(
+    "-o", "--output-file", type=click.Path(dir_okay=False), help="Write the report to this file, not stdout."
+)
+@click.option(
+    "--select",
+    multiple=True,
+    callback=split_csv,
+    metavar="RULES",
+    help="Run only these rules: codes (ACT302), prefixes (ACT3) or names (missing-shard); comma-separated "
+    "or repeated.",
+)
+@click.option(
+    "--ignore",
+    multiple=True,
+    callback=split_csv,
+    metavar="RULES",
+    help="Do not report these rules (same syntax as --select); counted as ignored in the summary.",
+)
+@click.option("--strict", is_flag=True, help="Warnings fail too (exit 1).")
+@click.option(
+    "--exit-zero", is_flag=True, help="Exit 0 even when there are errors (the report is unchanged)."
+)
+@click.option(
+    "-q", "--quiet", is_flag=True, help="Print the findings only: no summary line, no progress bar."
+)
+@click.option(
+    "--no-progress", is_flag=True, help="Never draw a progress bar (it is drawn on stderr, TTY only)."
+)
+def validate_command(
+    paths: tuple[str, ...],
+    deep: bool,
+    jobs: int,
+    output_format: str,
+    output_file: str | None,
+    select: list[str],
+    ignore: list[str],
+    strict: bool,
+    exit_zero: bool,
+    quiet: bool,
+    no_progress: bool,
+) -> None:
+    """Check split trees against the seed layout; report every problem with a rule code.
+
+    PATH may be an Activations root, a model directory, a dataset directory or one split; every directory
+    with a metadata.json or layer_XX subdirectories below it is a split.  Locations are relative to PATH.
+    With several PATHs each is validated on its own (json: a list of reports, one per PATH).
+
+    \b
+    Examples:
+      actfmt validate Activations/
+      actfmt validate Activations/model/ds --deep --jobs 4
+      actfmt validate data/ --select ACT3,ACT4 --ignore stray-file
+      actfmt validate data/ --output-format github
+      actfmt validate data/ --output-format junit -o actfmt-junit.xml
+
+    Exit status: 0 no errors, 1 errors (or warnings with --strict), 2 usage error or no split found.
+    """
+    from actfmt.checks import resolve_selection, validate
+
+    try:
+        resolve_selection(select or None, ignore or None)
+    except (ActfmtError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise click.BadParameter(str(message), param_hint="'--select' / '--ignore'") from None
+
+    workers = jobs or (os.cpu_count() or 1)
+    reports = []
+    with progress_renderer(quiet=quiet, no_progress=no_progress, immediate=deep) as progress:
+        for path in paths:
+            started = time.perf_counter()
+            report = validate(
+                path, deep=deep, select=select or None, ignore=ignore or None, jobs=workers, progress=progress
+            )
+            if not report.elapsed:
+                report.elapsed = time.perf_counter() - started
+            reports.append(report)
+
+    from actfmt.reporters import render
+
+    with output_stream(output_file) as out:
+        render(output_format, reports, out, strict=strict, quiet=quiet)
+
+    failed = any(r.exit_code(strict=strict) for r in reports)
+    click.get_current_context().exit(0 if exit_zero or not failed else 1)
+
+
+# --------------------------------------------------------------------------------------------- rules / rule
+
+
+def _rule_dict(rule: Any) -> dict[str, Any]:
+    return {
+        "code": rule.code,
+        "name": rule.name,
+        "severity": rule.severity,
+        "deep": bool(rule.deep),
+        "title": rule.title(),
+        "documentation": rule.documentation(),
+    }
+
+
+@cli.command("rules")
+@click.option(
+    "--output-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text: one rule a line; json: a list of {code, name, severity, deep, title, documentation}.",
+)
+def rules_command(output_format: str) -> None:
+    """List every validation rule: code, name, default severity, title.
+
+    Rules marked --deep read the values and run only with `actfmt validate --deep`.
+    """
+    import json
+
+    from actfmt.checks import RULES
+
+    rules = [RULES[code] for code in sorted(RULES)]
+    if output_format == "json":
+        click.echo(json.dumps([_rule_dict(r) for r in rules], indent=2))
+        return
+    name_width = max((len(r.name) for r in rules), default=0)
+    for r in rules:
+        deep = "  (--deep)" if r.deep else ""
+        click.echo(f"{r.code}  {r.name:<{name_width}}  {r.severity:<7}  {r.title()}{deep}")
+
+
+@cli.command("rule")
+@click.argument("rule_id", metavar="CODE|NAME")
+@click.option(
+    "--output-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text: the documentation; json: {code, name, severity, deep, title, documentation}.",
+)
+def rule_command(rule_id: str, output_format: str) -> None:
+    """Explain one rule: `actfmt rule ACT302` or `actfmt rule missing-shard`."""
+    import json
+
+    from actfmt.checks import get_rule
+
+    try:
+        rule = get_rule(rule_id)
+    except (KeyError, ActfmtError):
+        raise CliError(f"unknown rule {rule_id!r}; `actfmt rules` lists every code and name") from None
+    if output_format == "json":
+        click.echo(json.dumps(_rule_dict(rule), indent=2))
+        return
+    deep = "yes (runs with --deep)" if rule.deep else "no"
+    click.echo(f"{rule.code} {rule.name}")
+    click.echo(f"default severity: {rule.severity}; reads the values: {deep}")
+    click.echo()
+    click.echo(rule.documentation())
 
 
 def main() -> None:

@@ -1,0 +1,493 @@
+"""Render validation :class:`~actfmt.report.Report` objects: ``text``, ``json``, ``github``, ``junit``, ``sarif``.
+
+Every renderer takes the list of reports of one run (one per PATH given on the command line) and returns, or
+writes, the whole output.  Nothing here decides an exit code (see :meth:`Report.exit_code`) and nothing here
+validates anything: the reporters only present what a Report holds.
+
+Paths shown to the user are the PATH as given joined with the finding's ``location``, made relative to the
+current directory when they lie under it (so GitHub annotates the offending file), always with ``/``.
+The ``json`` output of one PATH is exactly ``report.to_dict()``; with several PATHs it is a JSON array of
+those objects, in the order the PATHs were given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.parse
+from collections.abc import Iterable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import IO, TYPE_CHECKING, Any, Protocol
+
+from actfmt.checks.base import ERROR, WARNING, Finding
+from actfmt.report import Report
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+
+__all__ = [
+    "FORMATS",
+    "RuleInfo",
+    "display_path",
+    "group_by_split",
+    "render",
+    "render_github",
+    "render_json",
+    "render_junit",
+    "render_sarif",
+    "render_text",
+    "summary_line",
+]
+
+FORMATS = ("text", "json", "github", "junit", "sarif")
+SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
+_SEVERITY_ORDER = {ERROR: 0, WARNING: 1}
+
+
+class RuleInfo(Protocol):
+    """What a reporter needs to know about a rule (a :class:`~actfmt.checks.base.Rule` class fits)."""
+
+    code: str
+    name: str
+    severity: str
+    deep: bool
+
+    @classmethod
+    def title(cls) -> str: ...
+
+    @classmethod
+    def documentation(cls) -> str: ...
+
+
+# --------------------------------------------------------------------------------------------- paths
+
+
+def _norm_location(location: str) -> str:
+    """``""`` for the PATH itself, else the location with ``/`` and no ``./`` prefix."""
+    loc = location.replace("\\", "/").strip("/")
+    return "" if loc in ("", ".") else str(PurePosixPath(loc))
+
+
+def display_path(root: str, location: str = "") -> str:
+    """``root`` joined with ``location``: relative to the cwd when under it, else as given, with ``/``."""
+    loc = _norm_location(location)
+    joined = os.path.normpath(os.path.join(root, loc) if loc else root)
+    if os.path.isabs(joined):
+        try:
+            joined = os.path.relpath(joined, os.getcwd())
+            if joined == ".." or joined.startswith(".." + os.sep):
+                joined = os.path.normpath(os.path.join(root, loc) if loc else root)
+        except ValueError:  # another drive on Windows
+            pass
+    return joined.replace(os.sep, "/")
+
+
+def _split_of(location: str, splits: Sequence[str]) -> str | None:
+    """The deepest split (as listed in the report) that contains ``location``, else ``None``."""
+    loc = _norm_location(location)
+    best: str | None = None
+    best_len = -1
+    for split in splits:
+        norm = _norm_location(split)
+        if (norm == "" or loc == norm or loc.startswith(norm + "/")) and len(norm) > best_len:
+            best, best_len = split, len(norm)
+    return best
+
+
+def _within(location: str, split: str | None) -> str:
+    """``location`` relative to ``split`` (``""`` for the split itself)."""
+    loc = _norm_location(location)
+    norm = _norm_location(split or "")
+    if not norm:
+        return loc
+    return "" if loc == norm else loc[len(norm) + 1 :]
+
+
+def group_by_split(report: Report) -> list[tuple[str | None, list[Finding]]]:
+    """Findings grouped by split, in the report's split order; ``None`` groups findings outside every split.
+
+    Every split appears, with an empty list when it is clean.
+    """
+    groups: dict[str | None, list[Finding]] = {split: [] for split in report.splits}
+    for finding in report.sorted_findings():
+        groups.setdefault(_split_of(finding.location, report.splits), []).append(finding)
+    return list(groups.items())
+
+
+def _all_findings(reports: Sequence[Report]) -> list[tuple[Report, Finding]]:
+    """Every finding of every report, worst first, then by path and code."""
+    pairs = [(r, f) for r in reports for f in r.findings]
+    return sorted(
+        pairs,
+        key=lambda p: (
+            _SEVERITY_ORDER.get(p[1].severity, 9),
+            display_path(p[0].root, p[1].location),
+            p[1].code,
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------- text helpers
+
+_BAD_XML_CHARS = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _clean(text: str) -> str:
+    """Printable on any UTF-8 stream: undecodable file-name bytes (surrogates) become ``\\udcxx``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _xml_clean(text: str) -> str:
+    """Text that XML 1.0 can hold (control characters and lone surrogates become U+FFFD)."""
+    return _BAD_XML_CHARS.sub("\ufffd", text)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.2f} s" if t < 1 else f"{t:.1f} s"
+
+
+def _totals(reports: Sequence[Report]) -> dict[str, Any]:
+    return {
+        "splits": sum(len(r.splits) for r in reports),
+        "layers": sum(r.layers for r in reports),
+        "shards": sum(r.shards for r in reports),
+        "elapsed": sum(r.elapsed for r in reports),
+        "errors": sum(r.errors for r in reports),
+        "warnings": sum(r.warnings for r in reports),
+        "ignored": sum(r.ignored for r in reports),
+    }
+
+
+def summary_line(reports: Sequence[Report], dot: str = "·", dash: str = "—") -> str:
+    """``Checked 2 splits · 56 layers · 784 shards in 0.9 s — 3 errors, 1 warning`` (+ ``, 2 ignored``)."""
+    t = _totals(reports)
+    counts = [_plural(t["errors"], "error"), _plural(t["warnings"], "warning")]
+    if t["ignored"]:
+        counts.append(f"{t['ignored']} ignored")
+    return (
+        f"Checked {_plural(t['splits'], 'split')} {dot} {_plural(t['layers'], 'layer')} {dot} "
+        f"{_plural(t['shards'], 'shard')} in {_seconds(t['elapsed'])} {dash} {', '.join(counts)}"
+    )
+
+
+# --------------------------------------------------------------------------------------------- text
+
+
+def render_text(
+    reports: Sequence[Report], console: Console, *, strict: bool = False, quiet: bool = False
+) -> None:
+    """Rich text: findings grouped by split, skipped checks, one summary line, and a verdict.
+
+    ``quiet`` keeps the findings and skipped checks only.
+    """
+    from rich.text import Text
+
+    encoding = (getattr(console.file, "encoding", None) or "utf-8").lower().replace("-", "")
+    fancy = encoding.startswith("utf")
+    dot, dash, tick, cross = ("·", "—", "✓", "✗") if fancy else ("-", "-", "OK:", "X")
+
+    for report in reports:
+        for split, findings in group_by_split(report):
+            if not findings:
+                continue
+            header = display_path(report.root, split or "")
+            console.print(Text(_clean(header), style="bold underline"), soft_wrap=True)
+            for f in findings:
+                style = "red" if f.severity == ERROR else "yellow"
+                where = _within(f.location, split)
+                line = Text.assemble(
+                    "  ",
+                    (f"{f.severity:<7}", style),
+                    " ",
+                    (f.code, "bold"),
+                    " ",
+                    (f.name, style),
+                    (f"  {_clean(where)}" if where else "", "cyan"),
+                )
+                console.print(line, soft_wrap=True)
+                console.print(Text("          " + _clean(f.message)), soft_wrap=True)
+            console.print()
+        for skipped in report.skipped:
+            where = display_path(report.root, skipped.location)
+            console.print(
+                Text.assemble(
+                    ("skipped ", "magenta"),
+                    (", ".join(skipped.codes), "bold"),
+                    f" on {_clean(where)}: {_clean(skipped.reason)}",
+                ),
+                soft_wrap=True,
+            )
+
+    if quiet:
+        return
+    t = _totals(reports)
+    failed = t["errors"] > 0 or (strict and t["warnings"] > 0)
+    console.print(
+        Text(summary_line(reports, dot, dash), style="bold red" if failed else "bold"), soft_wrap=True
+    )
+    if any(r.partial for r in reports):
+        console.print(
+            Text("Some checks were skipped (see above): fix the findings that caused it and run again."),
+            soft_wrap=True,
+        )
+    if failed:
+        if not t["errors"]:
+            console.print(Text(f"{cross} Failed {dash} warnings fail with --strict", style="bold red"))
+        return
+    if t["warnings"]:
+        verdict = (
+            f"{tick} OK {dash} no errors ({_plural(t['warnings'], 'warning')}; --strict makes them fail)"
+        )
+    else:
+        verdict = f"{tick} OK {dash} no problems found"
+    console.print(Text(verdict, style="bold green"), soft_wrap=True)
+
+
+# --------------------------------------------------------------------------------------------- json
+
+
+def _dumps(data: Any) -> str:
+    try:
+        text = json.dumps(data, indent=2, ensure_ascii=False)
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable file names: keep the JSON valid and writable
+        text = json.dumps(data, indent=2, ensure_ascii=True)
+    return text + "\n"
+
+
+def render_json(reports: Sequence[Report]) -> str:
+    """One PATH: exactly ``report.to_dict()``; several: a JSON array of them, in order."""
+    if len(reports) == 1:
+        return _dumps(reports[0].to_dict())
+    return _dumps([r.to_dict() for r in reports])
+
+
+# --------------------------------------------------------------------------------------------- github
+
+
+def _gh_data(text: str) -> str:
+    return _clean(text).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _gh_prop(text: str) -> str:
+    return _gh_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def render_github(reports: Sequence[Report]) -> str:
+    """GitHub Actions workflow commands: ``::error file=…,title=ACT302 missing-shard::…``, worst first.
+
+    Skipped checks follow as ``::notice`` lines.  Nothing else is printed.
+    """
+    lines = []
+    for report, f in _all_findings(reports):
+        level = "error" if f.severity == ERROR else "warning"
+        path = display_path(report.root, f.location)
+        lines.append(
+            f"::{level} file={_gh_prop(path)},title={_gh_prop(f'{f.code} {f.name}')}::{_gh_data(f.message)}"
+        )
+    for report in reports:
+        for s in report.skipped:
+            path = display_path(report.root, s.location)
+            text = f"skipped {', '.join(s.codes)}: {s.reason}"
+            lines.append(f"::notice file={_gh_prop(path)},title=actfmt skipped checks::{_gh_data(text)}")
+    return "".join(line + "\n" for line in lines)
+
+
+# --------------------------------------------------------------------------------------------- junit
+
+
+def _classname(path: str) -> str:
+    # Jenkins splits a classname at its dots into package and class; keep a path in one piece.
+    return "actfmt." + path.replace(".", "_")
+
+
+def render_junit(reports: Sequence[Report], *, strict: bool = False) -> str:
+    """JUnit XML for GitLab and Jenkins: one ``<testsuite>`` per split, one ``<testcase>`` per finding.
+
+    Failures are exactly what makes the exit status 1: errors, and warnings under ``strict``; other warnings
+    are passing test cases carrying their message in ``<system-out>``.  A clean split is one passing test case
+    (``valid``); skipped checks are ``<skipped>`` test cases.
+    """
+    import xml.etree.ElementTree as ET
+
+    root = ET.Element("testsuites", name="actfmt validate")
+    totals = {"tests": 0, "failures": 0, "skipped": 0}
+    for report in reports:
+        skipped_by_split: dict[str | None, list[Any]] = {}
+        for s in report.skipped:
+            skipped_by_split.setdefault(_split_of(s.location, report.splits), []).append(s)
+        groups = group_by_split(report)
+        for split in skipped_by_split:
+            if split not in dict(groups):
+                groups.append((split, []))
+        for split, findings in groups:
+            suite_path = display_path(report.root, split or "")
+            suite = ET.SubElement(root, "testsuite", name=_xml_clean(suite_path))
+            counts = {"tests": 0, "failures": 0, "skipped": 0}
+            for f in findings:
+                path = display_path(report.root, f.location)
+                case = ET.SubElement(
+                    suite,
+                    "testcase",
+                    classname=_xml_clean(_classname(suite_path)),
+                    name=_xml_clean(f"{f.code} {f.name}: {_within(f.location, split) or '.'}"),
+                    file=_xml_clean(path),
+                )
+                details = [f"{f.severity} {f.code} {f.name} at {path}", f.message]
+                if f.expected is not None or f.actual is not None:
+                    details += [f"expected: {f.expected!r}", f"actual: {f.actual!r}"]
+                body = _xml_clean("\n".join(details))
+                counts["tests"] += 1
+                if f.severity == ERROR or strict:
+                    failure = ET.SubElement(case, "failure", type=f.code, message=_xml_clean(f.message))
+                    failure.text = body
+                    counts["failures"] += 1
+                else:
+                    ET.SubElement(case, "system-out").text = body
+            for s in skipped_by_split.get(split, []):
+                case = ET.SubElement(
+                    suite,
+                    "testcase",
+                    classname=_xml_clean(_classname(suite_path)),
+                    name=_xml_clean(f"skipped {', '.join(s.codes)}"),
+                    file=_xml_clean(display_path(report.root, s.location)),
+                )
+                ET.SubElement(case, "skipped", message=_xml_clean(s.reason))
+                counts["tests"] += 1
+                counts["skipped"] += 1
+            if counts["tests"] == 0:
+                ET.SubElement(suite, "testcase", classname=_xml_clean(_classname(suite_path)), name="valid")
+                counts["tests"] += 1
+            for key, value in counts.items():
+                suite.set(key, str(value))
+                totals[key] += value
+            suite.set("errors", "0")
+    for key, value in totals.items():
+        root.set(key, str(value))
+    root.set("errors", "0")
+    root.set("time", f"{sum(r.elapsed for r in reports):.3f}")
+    tree = ET.ElementTree(root)
+    ET.indent(tree)
+    import io
+
+    buf = io.StringIO()
+    tree.write(buf, encoding="unicode", xml_declaration=True)
+    return buf.getvalue() + "\n"
+
+
+# --------------------------------------------------------------------------------------------- sarif
+
+
+def _sarif_uri(path: str) -> str:
+    if os.path.isabs(path):
+        return Path(path).as_uri()
+    return urllib.parse.quote(path, safe="/")
+
+
+def _sarif_level(severity: str) -> str:
+    return "error" if severity == ERROR else "warning" if severity == WARNING else "note"
+
+
+def render_sarif(reports: Sequence[Report], rules: Iterable[RuleInfo] | None = None) -> str:
+    """SARIF 2.1.0: the rule catalogue as ``tool.driver.rules``; one result per finding."""
+    from actfmt import __version__
+
+    if rules is None:
+        from actfmt.checks import RULES
+
+        rules = RULES.values()
+    rule_list = sorted(rules, key=lambda r: r.code)
+    index = {r.code: i for i, r in enumerate(rule_list)}
+    driver_rules = [
+        {
+            "id": r.code,
+            "name": r.name,
+            "shortDescription": {"text": r.title()},
+            "fullDescription": {"text": r.documentation()},
+            "help": {"text": r.documentation()},
+            "defaultConfiguration": {"level": _sarif_level(r.severity)},
+            "properties": {"deep": bool(r.deep)},
+        }
+        for r in rule_list
+    ]
+    results = []
+    for report, f in _all_findings(reports):
+        result: dict[str, Any] = {
+            "ruleId": f.code,
+            "level": _sarif_level(f.severity),
+            "message": {"text": f.message},
+            "locations": [
+                {
+                    "physicalLocation": {
+                        "artifactLocation": {"uri": _sarif_uri(display_path(report.root, f.location))}
+                    }
+                }
+            ],
+        }
+        if f.code in index:
+            result["ruleIndex"] = index[f.code]
+        if f.expected is not None or f.actual is not None:
+            result["properties"] = {"expected": f.expected, "actual": f.actual}
+        results.append(result)
+    notifications = [
+        {
+            "level": "note",
+            "message": {"text": f"skipped {', '.join(s.codes)}: {s.reason}"},
+            "locations": [
+                {
+                    "physicalLocation": {
+                        "artifactLocation": {"uri": _sarif_uri(display_path(r.root, s.location))}
+                    }
+                }
+            ],
+        }
+        for r in reports
+        for s in r.skipped
+    ]
+    sarif = {
+        "$schema": SARIF_SCHEMA,
+        "version": "2.1.0",
+        "runs": [
+            {
+                "tool": {"driver": {"name": "actfmt", "version": __version__, "rules": driver_rules}},
+                "invocations": [{"executionSuccessful": True, "toolExecutionNotifications": notifications}],
+                "results": results,
+            }
+        ],
+    }
+    return _dumps(sarif)
+
+
+# --------------------------------------------------------------------------------------------- dispatch
+
+
+def render(
+    fmt: str,
+    reports: Sequence[Report],
+    out: IO[str],
+    *,
+    strict: bool = False,
+    quiet: bool = False,
+    color: bool | None = None,
+) -> None:
+    """Write ``reports`` to ``out`` in format ``fmt`` (one of :data:`FORMATS`)."""
+    if fmt == "text":
+        from rich.console import Console
+
+        console = Console(file=out, highlight=False, no_color=None if color is None else not color)
+        render_text(reports, console, strict=strict, quiet=quiet)
+    elif fmt == "json":
+        out.write(render_json(reports))
+    elif fmt == "github":
+        out.write(render_github(reports))
+    elif fmt == "junit":
+        out.write(render_junit(reports, strict=strict))
+    elif fmt == "sarif":
+        out.write(render_sarif(reports))
+    else:
+        raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
