@@ -1,0 +1,294 @@
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from actfmt.errors import ConversionError
+from actfmt.formats import get_format
+from actfmt.formats.base import WriteOptions
+from actfmt.formats.hdf5 import HDF5Format, HDF5Reader, HDF5Writer, default_chunk_rows
+
+from .conformance import FormatConformance, bits, make_spec, write_split
+
+H5LS = shutil.which("h5ls")
+H5DUMP = shutil.which("h5dump")
+NO_TOOLS = "hdf5-tools (h5ls, h5dump) not installed: apt-get install hdf5-tools"
+
+
+class TestHDF5Format(FormatConformance):
+    format_name = "hdf5"
+    compressions = (None, "none", "gzip", "lzf", "zstd")
+
+    def independent_read(self, path: Path, layer_name: str, dtype: str) -> np.ndarray:
+        with h5py.File(path, "r") as f:
+            dset = f[layer_name]
+            raw = dset[()]
+            assert dset.attrs["actfmt_dtype"] == dtype
+        expected = {"float16": "<f2", "bfloat16": "<u2", "float32": "<f4"}[dtype]
+        assert raw.dtype == np.dtype(expected)
+        return raw.view({"float16": np.int16, "bfloat16": np.int16, "float32": np.int32}[dtype])
+
+    # -- layout ------------------------------------------------------------------------------------------
+    def test_destination_and_detection(self, tmp_path: Path) -> None:
+        assert HDF5Format.destination(tmp_path / "EM") == tmp_path / "EM.h5"
+        assert HDF5Format.destination(tmp_path / "EM.hdf5") == tmp_path / "EM.h5"
+        path, _, _ = self.roundtrip(tmp_path, "float16")
+        assert HDF5Format.can_open(path)
+        other = path.with_name("copy.hdf5")
+        shutil.copy(path, other)
+        assert HDF5Format.can_open(other)
+        fake = tmp_path / "fake.h5"
+        fake.write_bytes(b"not hdf5 at all")
+        assert not HDF5Format.can_open(fake)
+        assert not HDF5Format.can_open(tmp_path)
+
+    def test_can_open_does_not_import_h5py(self, tmp_path: Path) -> None:
+        path, _, _ = self.roundtrip(tmp_path, "float16")
+        code = (
+            "import sys; from pathlib import Path; from actfmt.formats.hdf5 import HDF5Format; "
+            f"assert HDF5Format.can_open(Path({str(path)!r})); "
+            "assert 'h5py' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+    def test_root_attributes_and_datasets(self, tmp_path: Path) -> None:
+        path, spec, _ = self.roundtrip(tmp_path, "bfloat16", WriteOptions(chunk_rows=64))
+        with h5py.File(path, "r") as f:
+            keys = list(f.attrs)
+            assert keys[: len(spec.metadata)] == list(spec.metadata)
+            assert keys[-1] == "actfmt"  # written last
+            assert f.attrs["model_name"] == "org/Model-1B"
+            assert f.attrs["total_examples"] == 203
+            flag = f.attrs["load_in_4bit"]
+            assert isinstance(flag, np.bool_) and not flag
+            assert json.loads(f.attrs["extra_key"]) == {"nested": [1, 2, 3]}
+            block = json.loads(f.attrs["actfmt"])
+            assert block["complete"] is True and block["requires_plugins"] == []
+            for info in spec.layers:
+                d = f[info.name]
+                assert d.shape == (203, 24) and d.chunks == (64, 24)
+                assert d.dtype == np.dtype("<u2") and d.attrs["actfmt_dtype"] == "bfloat16"
+                assert list(d.attrs["actfmt_shard_rows"]) == [80, 80, 43]
+                assert d.compression == "gzip" and d.compression_opts == 1 and d.shuffle
+        with HDF5Reader(path) as r:
+            assert [li.shard_rows for li in r.layers] == [(80, 80, 43)] * 3
+
+    def test_metadata_exact_types(self, tmp_path: Path) -> None:
+        spec, data = make_spec("float32", layers=1)
+        spec.metadata.update(
+            hidden_dim=None, note="null", ratio=0.5, flag=True, nested={"a": [None, 1.5, "x"]}, big=2**70
+        )
+        path = tmp_path / "EM.h5"
+        write_split(HDF5Writer, path, spec, data, WriteOptions())
+        with HDF5Reader(path) as r:
+            assert r.metadata == spec.metadata and list(r.metadata) == list(spec.metadata)
+            assert r.metadata["hidden_dim"] is None and r.metadata["note"] == "null"
+            assert r.metadata["flag"] is True
+        # without the exact JSON copy (a file from another tool), the attributes still give the values
+        with h5py.File(path, "r+") as f:
+            del f.attrs["actfmt_metadata"]
+        with HDF5Reader(path) as r:
+            meta = r.metadata
+        assert meta["flag"] is True and meta["ratio"] == 0.5 and meta["total_examples"] == 203
+        assert meta["model_name"] == "org/Model-1B"
+
+    def test_incomplete_without_finalize(self, tmp_path: Path) -> None:
+        spec, data = make_spec("float16", layers=1)
+        path = tmp_path / "EM.h5"
+        w = HDF5Writer.create(path, spec, WriteOptions())
+        w.write(0, 0, data[0])
+        w.finish_layer(0)
+        w.close()
+        with HDF5Reader(path) as r:
+            assert r.actfmt is None
+            assert r.metadata == spec.metadata
+            np.testing.assert_array_equal(bits(r.read(0)), bits(data[0]))
+
+    def test_default_chunk_rows_and_blocks(self) -> None:
+        assert default_chunk_rows(7049, 4096, 2) == 128  # 1 MiB
+        assert default_chunk_rows(7049, 4096, 4) == 64
+        assert default_chunk_rows(600, 384, 2) == 600  # capped at the rows
+        assert default_chunk_rows(100_000, 384, 2) == 1024
+        assert default_chunk_rows(0, 384, 2) == 1
+        spec, _ = make_spec("bfloat16", rows=7049, hidden=4096, layers=1, shard_rows=(7049,))
+        w = HDF5Writer(Path("unused.h5"), spec, WriteOptions())
+        blocks = w.block_rows(0)
+        assert sum(blocks) == 7049
+        assert all(b % 128 == 0 for b in blocks[:-1])
+        assert blocks[0] * 4096 * 2 == 48 << 20
+
+    def test_blocks_not_chunk_aligned_still_exact(self, tmp_path: Path) -> None:
+        spec, data = make_spec("bfloat16", layers=1)
+        path = tmp_path / "EM.h5"
+        for compression in ("none", "gzip"):
+            p = path.with_name(f"{compression}.h5")
+            w = HDF5Writer.create(p, spec, WriteOptions(chunk_rows=32, compression=compression))
+            for lo, hi in [(0, 10), (10, 64), (64, 100), (100, 203)]:
+                w.write(0, lo, data[0][lo:hi])
+            w.finalize({"complete": True})
+            with HDF5Reader(p) as r:
+                np.testing.assert_array_equal(bits(r.read(0)), bits(data[0]))
+                assert r.missing_chunks(0) == []
+
+    def test_rejects_bad_options(self, tmp_path: Path) -> None:
+        spec, _ = make_spec("float16", layers=1)
+        with pytest.raises(ConversionError, match="no compression 'brotli'"):
+            HDF5Writer.create(tmp_path / "a.h5", spec, WriteOptions(compression="brotli"))
+        with pytest.raises(ConversionError, match="out of range"):
+            HDF5Writer.create(tmp_path / "b.h5", spec, WriteOptions(compression="gzip", level=12))
+        with pytest.raises(ConversionError, match="takes no --level"):
+            HDF5Writer.create(tmp_path / "c.h5", spec, WriteOptions(compression="lzf", level=3))
+        assert not any(tmp_path.iterdir())
+
+    def test_gzip_level_recorded(self, tmp_path: Path) -> None:
+        path, _, data = self.roundtrip(tmp_path, "float32", WriteOptions(compression="gzip", level=4))
+        with h5py.File(path, "r") as f:
+            assert f["layer_00"].compression_opts == 4
+            np.testing.assert_array_equal(f["layer_02"][()].view(np.int32), bits(data[2]))
+
+    def test_plugin_codec_is_recorded(self, tmp_path: Path) -> None:
+        pytest.importorskip("hdf5plugin")
+        path, _, data = self.roundtrip(tmp_path, "bfloat16", WriteOptions(compression="blosc-zstd"))
+        with HDF5Reader(path) as r:
+            assert r.actfmt is not None and r.actfmt["requires_plugins"] == ["hdf5plugin"]
+            np.testing.assert_array_equal(bits(r.read(1)), bits(data[1]))
+        path2, _, _ = self.roundtrip(tmp_path / "lzf", "bfloat16", WriteOptions(compression="lzf"))
+        with HDF5Reader(path2) as r:
+            assert r.actfmt is not None and r.actfmt["requires_plugins"] == ["lzf"]
+
+    def test_missing_hdf5plugin_message(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        spec, _ = make_spec("float16", layers=1)
+        monkeypatch.setitem(sys.modules, "hdf5plugin", None)  # import fails
+        with pytest.raises(ConversionError, match="pip install hdf5plugin"):
+            HDF5Writer.create(tmp_path / "z.h5", spec, WriteOptions(compression="zstd"))
+
+    # -- reads -------------------------------------------------------------------------------------------
+    @pytest.mark.parametrize("compression", ["none", "gzip"])
+    def test_take_random_rows(self, tmp_path: Path, compression: str) -> None:
+        path, _, data = self.roundtrip(
+            tmp_path, "bfloat16", WriteOptions(chunk_rows=16, compression=compression)
+        )
+        rng = np.random.default_rng(0)
+        with HDF5Reader(path) as r:
+            for idx in (rng.integers(0, 203, 50), np.arange(40, 90), np.array([7]), rng.permutation(203)):
+                got = r.take(1, idx)
+                assert got.dtype == torch.bfloat16 and got.is_contiguous()
+                np.testing.assert_array_equal(bits(got), bits(data[1][torch.from_numpy(idx)]))
+            with pytest.raises(IndexError):
+                r.take(1, np.array([203]))
+
+    # -- missing chunks ----------------------------------------------------------------------------------
+    def test_missing_chunks(self, tmp_path: Path) -> None:
+        spec, data = make_spec("float16", layers=2)
+        path = tmp_path / "EM.h5"
+        w = HDF5Writer.create(path, spec, WriteOptions(chunk_rows=32, compression="none"))
+        w.write(0, 0, data[0])
+        w.write(1, 0, data[1][:64])  # chunks 0, 1
+        w.write(1, 96, data[1][96:])  # chunks 3..6; chunk 2 (rows 64-95) never written
+        w.finalize({"complete": True})
+        with HDF5Reader(path) as r:
+            assert r.missing_chunks(0) == []
+            assert r.missing_chunks(1) == ["layer_01/chunk 2 (rows 64-95)"]
+        w = HDF5Writer.create(tmp_path / "partial.h5", spec, WriteOptions(chunk_rows=100))
+        w.write(0, 0, data[0][:100])
+        w.close()
+        with HDF5Reader(tmp_path / "partial.h5") as r:
+            assert r.missing_chunks(0) == [
+                "layer_00/chunk 1 (rows 100-199)",
+                "layer_00/chunk 2 (rows 200-202)",
+            ]
+            assert len(r.missing_chunks(1)) == 3
+
+    # -- independent tools -------------------------------------------------------------------------------
+    @pytest.mark.slow
+    def test_default_file_needs_no_plugin(self, tmp_path: Path) -> None:
+        path, spec, data = self.roundtrip(tmp_path, "bfloat16")
+        empty = tmp_path / "no_plugins"
+        empty.mkdir()
+        code = (
+            "import sys, h5py, numpy as np\n"
+            "assert 'hdf5plugin' not in sys.modules\n"
+            f"f = h5py.File({str(path)!r}, 'r')\n"
+            "for k in sorted(f): sys.stdout.write(k + ' ' + str(int(f[k][()].astype(np.int64).sum())) + '\\n')\n"
+        )
+        env = {"HDF5_PLUGIN_PATH": str(empty), "PATH": "/usr/bin:/bin"}
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        expected = [
+            f"{info.name} {int(bits(d).view(np.uint16).astype(np.int64).sum())}"
+            for info, d in zip(spec.layers, data, strict=True)
+        ]
+        assert out.stdout.split("\n")[:-1] == expected
+
+    @pytest.mark.slow
+    def test_stock_hdf5_tools_read_default_file(self, tmp_path: Path) -> None:
+        if not (H5LS and H5DUMP):
+            pytest.skip(NO_TOOLS)
+        path, _, data = self.roundtrip(tmp_path, "float32", rows=100, layers=2, shard_rows=(100,))
+        ls = subprocess.run([H5LS, "-r", str(path)], capture_output=True, text=True, check=True).stdout
+        assert "/layer_00" in ls and "/layer_01" in ls and "{100, 24}" in ls
+        header = subprocess.run([H5DUMP, "-H", str(path)], capture_output=True, text=True, check=True).stdout
+        assert 'ATTRIBUTE "actfmt"' in header and 'ATTRIBUTE "model_name"' in header
+        assert header.count("H5T_IEEE_F32LE") == 2 and "H5T_STD_U16LE" not in header
+        # the data itself, through stock HDF5's shuffle + deflate filters, as raw little-endian bytes
+        out = tmp_path / "layer_01.bin"
+        subprocess.run(
+            [H5DUMP, "-d", "/layer_01", "-b", "LE", "-o", str(out), str(path)],
+            capture_output=True,
+            check=True,
+        )
+        np.testing.assert_array_equal(np.fromfile(out, dtype="<i4").reshape(100, 24), bits(data[1]))
+
+    @pytest.mark.slow
+    def test_h5dump_needs_plugin_for_lzf(self, tmp_path: Path) -> None:
+        if not H5DUMP:
+            pytest.skip(NO_TOOLS)
+        spec, data = make_spec("float16", rows=200, layers=1)
+        data = [torch.zeros_like(data[0])]  # compressible: LZF really applies
+        path = tmp_path / "EM.h5"
+        write_split(HDF5Writer, path, spec, data, WriteOptions(compression="lzf"))
+        dump = subprocess.run(
+            [H5DUMP, "-d", "/layer_00", str(path)],
+            capture_output=True,
+            text=True,
+            env={"HDF5_PLUGIN_PATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        )
+        assert (
+            dump.returncode != 0 or "unable to print data" in dump.stderr
+        )  # why the actfmt block records requires_plugins: ["lzf"]
+
+
+def test_registered() -> None:
+    assert get_format("hdf5") is HDF5Format and get_format("h5") is HDF5Format
+    assert HDF5Format.compressions[0] == "gzip" and HDF5Writer.parallel_layers is False
+
+
+def test_real_sample_roundtrip(tmp_path: Path) -> None:
+    src = Path(__file__).parents[3] / "shared/data/real-minilm-bf16/Activations"
+    splits = sorted(src.glob("*/*/EM"))
+    if not splits:
+        pytest.skip("real sample ../shared/data/real-minilm-bf16 not present")
+    from actfmt.formats.pt import PtReader
+
+    with PtReader(splits[0]) as r:
+        from actfmt.formats.base import SplitSpec
+
+        spec = SplitSpec(metadata=dict(r.metadata), layers=list(r.layers))
+        data = [r.read(i) for i in range(len(r.layers))]
+    path = tmp_path / "EM.h5"
+    write_split(HDF5Writer, path, spec, data, WriteOptions())
+    with HDF5Reader(path) as h:
+        assert h.metadata == spec.metadata
+        for i, d in enumerate(data):
+            np.testing.assert_array_equal(bits(h.read(i)), bits(d))
+    raw = sum(d.numel() * 2 for d in data)
+    assert raw / path.stat().st_size > 1.2  # gzip+shuffle on real bf16 activations (1.38x measured)
