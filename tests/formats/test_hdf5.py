@@ -185,6 +185,26 @@ class TestHDF5Format(FormatConformance):
             with pytest.raises(IndexError):
                 r.take(1, np.array([203]))
 
+    def test_take_from_scattered_uncompressed_chunks(self, tmp_path: Path) -> None:
+        spec, data = make_spec("float32", layers=1)
+        path = tmp_path / "EM.h5"
+        w = HDF5Writer.create(path, spec, WriteOptions(chunk_rows=32, compression="none"))
+        for lo in reversed(range(0, 203, 32)):  # chunks land in the file in reverse order
+            w.write(0, lo, data[0][lo : lo + 32])
+        w.finalize({"complete": True})
+        idx = np.array([202, 0, 33, 33, 100, 5])
+        with HDF5Reader(path) as r:
+            assert r._mapped(0) is None
+            np.testing.assert_array_equal(bits(r.take(0, idx)), bits(data[0][torch.from_numpy(idx)]))
+        path2, _, data2 = self.roundtrip(
+            tmp_path / "seq", "float32", WriteOptions(chunk_rows=32, compression="none")
+        )
+        with HDF5Reader(path2) as r:
+            assert (
+                r._mapped(0) is not None
+            )  # the writer lays chunks back to back: rows come from a memory map
+            np.testing.assert_array_equal(bits(r.take(0, idx)), bits(data2[0][torch.from_numpy(idx)]))
+
     # -- missing chunks ----------------------------------------------------------------------------------
     def test_missing_chunks(self, tmp_path: Path) -> None:
         spec, data = make_spec("float16", layers=2)

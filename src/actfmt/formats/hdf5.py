@@ -225,10 +225,10 @@ def _encode_gzip(raw: np.ndarray, itemsize: int, shuffle: bool, level: int) -> b
     """One chunk exactly as HDF5's shuffle + deflate filters store it."""
     import zlib
 
-    buf = raw.reshape(-1).view("u1")
+    buf: Any = raw.reshape(-1).view("u1")
     if shuffle and itemsize > 1:
-        buf = buf.reshape(-1, itemsize).T.copy()
-    return zlib.compress(buf, level)
+        buf = buf.reshape(-1, itemsize).T.copy()  # byte 0 of every element, then byte 1, ...
+    return zlib.compress(memoryview(buf), level)
 
 
 class HDF5Writer(Writer):
@@ -428,10 +428,11 @@ class HDF5Reader(Reader):
             raise NotASplitError(f"{self.path}: no such file; an hdf5 split is one .h5 file.")
         self._file: h5py.File | None = None
         self._dsets: dict[int, h5py.Dataset] = {}
+        self._maps: dict[int, np.ndarray | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_file=None, _dsets={})
+        state.update(_file=None, _dsets={}, _maps={})
         return state
 
     @property
@@ -536,8 +537,9 @@ class HDF5Reader(Reader):
 
             name = self._names[pos][1]
             f = self.file
-            probe = f[name]
-            filtered = probe.id.get_create_plist().get_nfilters() > 0
+            probe = h5py.h5d.open(f.id, name.encode())
+            filtered = probe.get_create_plist().get_nfilters() > 0
+            del probe  # HDF5 shares one chunk cache per open dataset: close it so the dapl below applies
             dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
             # unfiltered: no cache, HDF5 reads the selected rows straight from the file into our buffer;
             # filtered: a cache holding many chunks, so repeated random reads decompress each chunk once
@@ -567,6 +569,11 @@ class HDF5Reader(Reader):
         return self._torch(out, info.dtype)
 
     def take(self, layer: int, rows: Any) -> torch.Tensor:
+        """Rows at any indices (any order, repeats allowed).
+
+        Uncompressed layers whose chunks lie back to back in the file (what the writer produces) are gathered
+        from a memory map of those bytes; otherwise each touched chunk is read once, as one contiguous run.
+        """
         import numpy as np
         import torch
 
@@ -576,16 +583,66 @@ class HDF5Reader(Reader):
             return torch.empty((0, info.hidden_dim), dtype=torch_dtype(info.dtype))
         if rows.min() < 0 or rows.max() >= info.rows:
             raise IndexError(f"row index out of range for {info.rows} rows of {info.name}")
+        mapped = self._mapped(layer)
+        if mapped is not None:
+            return self._torch(np.asarray(mapped[rows]), info.dtype)  # fancy indexing copies: an owned array
         uniq, inverse = np.unique(rows, return_inverse=True)
         dset = self._dataset(layer)
         got = np.empty((uniq.size, info.hidden_dim), dtype=storage_numpy_dtype(info.dtype))
+        chunk = int(dset.chunks[0]) if dset.chunks else info.rows
+        which = uniq // chunk
+        cuts = np.flatnonzero(np.diff(which)) + 1
         with _plugin_hint(self.path, info.name):
-            if uniq.size == uniq[-1] - uniq[0] + 1:  # one contiguous run
-                dset.read_direct(got, source_sel=np.s_[int(uniq[0]) : int(uniq[-1]) + 1])
-            else:
-                dset.read_direct(got, source_sel=np.s_[uniq.tolist()])
+            for lo_i, hi_i in zip(np.r_[0, cuts], np.r_[cuts, uniq.size], strict=True):
+                sel = uniq[lo_i:hi_i]
+                lo, hi = int(sel[0]), int(sel[-1]) + 1
+                if hi - lo == sel.size:
+                    dset.read_direct(got, source_sel=np.s_[lo:hi], dest_sel=np.s_[lo_i:hi_i])
+                else:
+                    run = np.empty((hi - lo, info.hidden_dim), dtype=got.dtype)
+                    dset.read_direct(run, source_sel=np.s_[lo:hi])
+                    got[lo_i:hi_i] = run[sel - lo]
         out = got if uniq.size == rows.size and np.array_equal(uniq, rows) else got[inverse]
         return self._torch(np.ascontiguousarray(out), info.dtype)
+
+    def _mapped(self, layer: int) -> np.ndarray | None:
+        """A copy-on-write memory map of an uncompressed layer stored as one contiguous byte run, else None."""
+        if layer in self._maps:
+            return self._maps[layer]
+        import numpy as np
+
+        info = self.layers[layer]
+        dset = self._dataset(layer)
+        view = None
+        if dset.chunks is not None and info.rows > 0 and dset.id.get_create_plist().get_nfilters() == 0:
+            chunk = int(dset.chunks[0])
+            chunk_bytes = chunk * info.hidden_dim * dset.dtype.itemsize
+            n_expected = -(-info.rows // chunk)
+            found: list[tuple[int, int, int, int]] = []
+            if dset.id.get_num_chunks() == n_expected:
+                dset.id.chunk_iter(
+                    lambda c: found.append((c.chunk_offset[0] // chunk, c.byte_offset, c.size, c.filter_mask))
+                )
+            found.sort()
+            if found and found[0][1] is not None:
+                base = found[0][1]
+                if (
+                    all(
+                        k == i and off == base + i * chunk_bytes and size == chunk_bytes and mask == 0
+                        for i, (k, off, size, mask) in enumerate(found)
+                    )
+                    and len(found) == n_expected
+                ):
+                    mm = np.memmap(
+                        self.path,
+                        dtype=dset.dtype,
+                        mode="c",
+                        offset=base,
+                        shape=(n_expected * chunk, info.hidden_dim),
+                    )
+                    view = mm[: info.rows]
+        self._maps[layer] = view
+        return view
 
     def missing_chunks(self, layer_pos: int) -> list[str]:
         """Chunks of a chunked layer that were never written, as ``"layer_03/chunk 12 (rows 6144-6655)"``.
@@ -611,6 +668,7 @@ class HDF5Reader(Reader):
 
     def close(self) -> None:
         self._dsets.clear()
+        self._maps.clear()
         if self._file is not None:
             try:
                 self._file.close()
