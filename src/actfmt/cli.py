@@ -261,6 +261,7 @@ def rules_command(output_format: str) -> None:
     """List every validation rule: code, name, default severity, title.
 
     Rules marked --deep read the values and run only with `actfmt validate --deep`.
+    `actfmt rule CODE` prints one rule's documentation.
     """
     import json
 
@@ -272,8 +273,8 @@ def rules_command(output_format: str) -> None:
         return
     name_width = max((len(r.name) for r in rules), default=0)
     for r in rules:
-        deep = "  (--deep)" if r.deep else ""
-        click.echo(f"{r.code}  {r.name:<{name_width}}  {r.severity:<7}  {r.title()}{deep}")
+        deep = "--deep" if r.deep else ""
+        click.echo(f"{r.code}  {r.name:<{name_width}}  {r.severity:<7}  {deep:<6}  {r.title()}")
 
 
 @cli.command("rule")

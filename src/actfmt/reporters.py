@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from actfmt.checks.base import ERROR, WARNING, Finding
-from actfmt.report import Report
+from actfmt.report import Report, SkippedChecks
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
@@ -192,8 +192,14 @@ def render_text(
     dot, dash, tick, cross = ("·", "—", "✓", "✗") if fancy else ("-", "-", "OK:", "X")
 
     for report in reports:
-        for split, findings in group_by_split(report):
-            if not findings:
+        skipped_by_split: dict[str | None, list[SkippedChecks]] = {}
+        for skipped in report.skipped:
+            skipped_by_split.setdefault(_split_of(skipped.location, report.splits), []).append(skipped)
+        groups = group_by_split(report)
+        groups += [(split, []) for split in skipped_by_split if split not in dict(groups)]
+        for split, findings in groups:
+            skips = skipped_by_split.get(split, [])
+            if not findings and not skips:
                 continue
             header = display_path(report.root, split or "")
             console.print(Text(_clean(header), style="bold underline"), soft_wrap=True)
@@ -211,17 +217,20 @@ def render_text(
                 )
                 console.print(line, soft_wrap=True)
                 console.print(Text("          " + _clean(f.message)), soft_wrap=True)
+            for s in skips:
+                where = _within(s.location, split)
+                console.print(
+                    Text.assemble(
+                        "  ",
+                        ("skipped", "magenta"),
+                        " ",
+                        (", ".join(s.codes), "bold"),
+                        f"  {_clean(where)}" if where else "",
+                    ),
+                    soft_wrap=True,
+                )
+                console.print(Text("          " + _clean(s.reason)), soft_wrap=True)
             console.print()
-        for skipped in report.skipped:
-            where = display_path(report.root, skipped.location)
-            console.print(
-                Text.assemble(
-                    ("skipped ", "magenta"),
-                    (", ".join(skipped.codes), "bold"),
-                    f" on {_clean(where)}: {_clean(skipped.reason)}",
-                ),
-                soft_wrap=True,
-            )
 
     if quiet:
         return
@@ -232,7 +241,7 @@ def render_text(
     )
     if any(r.partial for r in reports):
         console.print(
-            Text("Some checks were skipped (see above): fix the findings that caused it and run again."),
+            Text("Some checks were skipped (see above): fix what they depend on and run again."),
             soft_wrap=True,
         )
     if failed:
