@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from actfmt.checks.base import Finding
@@ -15,7 +16,9 @@ def _short(exc: BaseException, entry: ShardEntry) -> str:
     """The error message without the absolute path prefix (the location already names the file)."""
     msg = str(exc)
     prefix = f"{entry.path}: "
-    return msg[len(prefix) :] if msg.startswith(prefix) else msg
+    msg = msg[len(prefix) :] if msg.startswith(prefix) else msg
+    # torch's zip reader appends a long generic hint; keep the cause
+    return re.sub(r"\. This is an internal miniz error[^)]*", "", msg)
 
 
 def _oserror_text(exc: OSError) -> str:
