@@ -48,6 +48,13 @@ likewise reads chunk files of a local store itself: uncompressed chunks with ``r
 into the output tensor (random rows read just their rows), compressed chunks decoded straight into it on two
 threads; stores with other codecs (sharding, transposes, filters) are read through zarr-python.  A missing chunk
 reads as the fill value, as in every Zarr reader; :meth:`ZarrReader.missing_chunks` lists them (ACT601).
+
+Measured (one 7049 x 4096 bf16 layer, 57.7 MB, page cache warm, 2 busy cores, best of 5-7): writing it
+uncompressed 42 ms vs ``cp -r`` of its 88 ``.pt`` shards 42-54 ms (0.8-1.0x; zarr-python's ``arr[...] = x``
+with the same chunks: 70 ms); the default codec 73 ms (790 MB/s, 2 threads).  Full-layer read: 6-8 ms
+uncompressed, 14-15 ms default codec (zarr-python ``arr[:]``: 19-22 / 25 ms), vs 28-30 ms for the seed loader
+(``torch.load`` of every shard + ``torch.cat``); 256 random rows: 1.0 ms uncompressed (``preadv`` of each row),
+15-16 ms default codec (every 256-row chunk is touched and decoded), vs 12-13 ms the seed way.
 """
 
 from __future__ import annotations
@@ -97,7 +104,8 @@ LEVEL_RANGE = {"blosc-zstd": (0, 9), "zstd": (-131072, 22), "lz4": (0, 9), "gzip
 BLOSC_BLOCKSIZE = 512 << 10
 CHUNK_TARGET_BYTES = 2 << 20  # 2 MiB per chunk
 BLOCK_TARGET_BYTES = 32 << 20  # ~32 MiB of whole chunks per write() block
-READ_THREADS = 2
+READ_THREADS = 2  # decode threads of a reader (the machine target has 2 cores)
+WRITE_THREADS = 2  # encode threads of a writer
 
 _lock = threading.Lock()
 
@@ -640,6 +648,7 @@ class ZarrWriter(Writer):
         super().__init__(path, spec, options)
         self._metas: dict[int, _ArrayMeta] = {}
         self._dirs: set[str] = set()
+        self._pool: Any = None
 
     @classmethod
     def create(cls, path: str | Path, spec: SplitSpec, options: WriteOptions) -> ZarrWriter:
@@ -739,10 +748,10 @@ class ZarrWriter(Writer):
             t = t.view(torch.int16)
         arr = t.numpy().view(_np_dtype(m.dtype))  # no copy: the tensor's memory
         adir = self.path / m.name
-        for s in range(0, n, cr):
+
+        def one(s: int) -> None:
             part = arr[s : s + cr]
-            k = (start + s) // cr
-            target = adir / m.chunk_key(k)
+            target = adir / m.chunk_key((start + s) // cr)
             parent = str(target.parent)
             if parent not in self._dirs:
                 os.makedirs(parent, exist_ok=True)
@@ -753,14 +762,36 @@ class ZarrWriter(Writer):
                     _write_all(fh, memoryview(part).cast("B"))
                     if pad:
                         _write_all(fh, memoryview(bytes(pad * hidden * part.itemsize)))
-            else:
-                if pad:
-                    full = np.zeros((cr, hidden), dtype=part.dtype)
-                    full[: part.shape[0]] = part
-                    part = full
-                encoded = m.codec.encode(part)
-                with open(target, "wb", buffering=0) as fh:
-                    _write_all(fh, memoryview(encoded).cast("B"))
+                return
+            if pad:
+                full = np.zeros((cr, hidden), dtype=part.dtype)
+                full[: part.shape[0]] = part
+                part = full
+            encoded = m.codec.encode(part)  # blosc / zstd / zlib release the GIL: chunks encode in parallel
+            with open(target, "wb", buffering=0) as fh:
+                _write_all(fh, memoryview(encoded).cast("B"))
+
+        starts = range(0, n, cr)
+        if m.codec is not None and len(starts) > 1:
+            list(self._threads().map(one, starts))
+        else:
+            for s in starts:
+                one(s)
+
+    def _threads(self) -> Any:
+        with _lock:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                _no_blosc_threads()
+                self._pool = ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="actfmt-zarr-w")
+            return self._pool
+
+    def close(self) -> None:
+        with _lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def finalize(self, block: dict[str, Any]) -> None:
         """Add the actfmt block to the group attributes (one atomic rewrite of the group's metadata)."""
