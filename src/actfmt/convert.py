@@ -347,10 +347,13 @@ def _convert_split(
             writer = writer_cls.create(tmp, spec, options)
         try:
             _write_layers(job, spec, reader, writer, writer_cls, workers, done, state_path, progress, result)
-            if verify:
-                _verify_written(job, tmp, to, spec, done, progress)
-            block = _actfmt_block(job, spec, done, options, cast_from)
-            writer.finalize(block)
+        finally:
+            writer.close()  # some formats (HDF5) lock the file: close before reading it back
+        if verify:
+            _verify_written(job, tmp, to, spec, done, progress)
+        writer = writer_cls.open(tmp, spec, options)
+        try:
+            writer.finalize(_actfmt_block(job, spec, done, options, cast_from))  # the completeness mark, last
         finally:
             writer.close()
         # atomic publish: the complete store appears under its final name in one rename
