@@ -142,6 +142,40 @@ def test_jobs_give_the_same_report(trees: dict[str, Path]) -> None:
     assert one == two
 
 
+def test_progress_bar_wiring(trees: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--deep draws at once on a terminal and the engine's events reach the bar; --quiet turns it off."""
+    import io
+
+    from rich.console import Console
+
+    import actfmt.cli
+    from actfmt._console import ProgressRenderer
+
+    made: list[tuple[dict[str, bool], ProgressRenderer, io.StringIO]] = []
+
+    def factory(**kwargs: bool) -> ProgressRenderer:
+        buf = io.StringIO()
+        renderer = ProgressRenderer(
+            enabled=not (kwargs["quiet"] or kwargs["no_progress"]),
+            delay=0.0 if kwargs["immediate"] else 3600,
+            console=Console(file=buf, force_terminal=True, width=120),
+        )
+        made.append((kwargs, renderer, buf))
+        return renderer
+
+    monkeypatch.setattr(actfmt.cli, "progress_renderer", factory)
+    assert run("validate", str(trees["valid"]), "--deep").exit_code == 0
+    kwargs, renderer, buf = made[-1]
+    assert kwargs == {"quiet": False, "no_progress": False, "immediate": True}
+    snap = renderer.snapshot()["validate"]
+    assert snap["total"] and snap["completed"] == snap["total"] and snap["nbytes"] > 0
+    assert buf.getvalue() != ""
+    assert run("validate", str(trees["valid"]), "--deep", "-q").exit_code == 0
+    assert made[-1][0]["quiet"] and made[-1][1].snapshot() == {} and made[-1][2].getvalue() == ""
+    assert run("validate", str(trees["valid"]), "--no-progress").exit_code == 0
+    assert made[-1][0] == {"quiet": False, "no_progress": True, "immediate": False}
+
+
 # ------------------------------------------------------------------------------------- json
 
 

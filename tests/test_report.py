@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from actfmt import __version__
-from actfmt._console import ProgressRenderer, format_rate
+from actfmt._console import ProgressRenderer, format_rate, format_size
 from actfmt.checks.base import ERROR, WARNING, Finding
 from actfmt.progress import ProgressEvent
 from actfmt.report import Report, SkippedChecks
@@ -390,6 +390,25 @@ def test_progress_renderer_tracks_tasks_by_name_and_bytes() -> None:
         assert progress.snapshot()["convert"]["completed"] == 0
     assert not progress.live
     assert "converting" in buf.getvalue()
+
+
+def test_progress_renderer_shows_sizes_when_the_task_counts_bytes() -> None:
+    console, buf = _fake_tty()
+    assert (
+        format_size(999) == "999 B"
+        and format_size(1_500_000) == "1.5 MB"
+        and format_size(2e12) == "2000.0 GB"
+    )
+    with ProgressRenderer(console=console, delay=0) as progress:
+        progress(ProgressEvent("start", "validate", total=4_000_000, description="reading values"))
+        progress(ProgressEvent("advance", "validate", advance=1_000_000, nbytes=1_000_000))
+        progress(ProgressEvent("start", "convert", total=3))
+        progress(ProgressEvent("advance", "convert", advance=1, nbytes=1_000_000))
+        snap = progress.snapshot()
+        assert snap["validate"]["in_bytes"] and not snap["convert"]["in_bytes"]
+        progress._progress.refresh()  # type: ignore[union-attr]
+    out = buf.getvalue()
+    assert "1.0 MB/4.0 MB" in out and "1/3" in out
 
 
 def test_progress_renderer_silent_when_disabled_or_not_a_tty() -> None:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
-__all__ = ["ProgressRenderer", "format_rate"]
+__all__ = ["ProgressRenderer", "format_rate", "format_size"]
 
 
 def format_rate(nbytes: float, seconds: float) -> str:
@@ -32,6 +32,38 @@ def format_rate(nbytes: float, seconds: float) -> str:
             return f"{rate:.1f} {unit}"
         rate /= 1000
     return ""  # pragma: no cover
+
+
+def format_size(nbytes: float) -> str:
+    """``"1.5 GB"`` (decimal units)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(nbytes) < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return ""  # pragma: no cover
+
+
+def _count_column() -> Any:
+    """``done/total`` in units, or in sizes when the task counts bytes (``advance == nbytes``)."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class CountColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            total = task.total
+            if task.fields.get("in_bytes") is None:  # unit not known before the first advance
+                return Text("")
+            if task.fields.get("in_bytes"):
+                done = format_size(task.completed)
+                return Text(
+                    f"{done}/{format_size(total)}" if total is not None else done, style="progress.download"
+                )
+            done_units = f"{int(task.completed)}"
+            return Text(
+                f"{done_units}/{int(total)}" if total is not None else done_units, style="progress.download"
+            )
+
+    return CountColumn()
 
 
 class ProgressRenderer:
@@ -97,7 +129,9 @@ class ProgressRenderer:
                 if task_id is not None:
                     progress.remove_task(task_id)
                 self._nbytes[event.task] = 0
-                task_id = progress.add_task(event.description or event.task, total=event.total, rate="")
+                task_id = progress.add_task(
+                    event.description or event.task, total=event.total, rate="", in_bytes=None
+                )
                 self._tasks[event.task] = task_id
             if event.kind != "start" and (event.advance or event.nbytes):
                 self._nbytes[event.task] += event.nbytes
@@ -106,6 +140,9 @@ class ProgressRenderer:
                 progress.update(
                     task_id, advance=event.advance, rate=format_rate(self._nbytes[event.task], elapsed)
                 )
+                # The unit is learnt from the first advance: a task that counts bytes shows sizes.
+                if task.fields.get("in_bytes") is None:
+                    progress.update(task_id, in_bytes=bool(event.nbytes and event.advance == event.nbytes))
                 if event.description:
                     progress.update(task_id, description=event.description)
             if event.kind == "end":
@@ -120,7 +157,6 @@ class ProgressRenderer:
         if self._progress is None:
             from rich.progress import (
                 BarColumn,
-                MofNCompleteColumn,
                 Progress,
                 SpinnerColumn,
                 TextColumn,
@@ -132,7 +168,7 @@ class ProgressRenderer:
                 SpinnerColumn(),
                 TextColumn("[progress.description]{task.description}"),
                 BarColumn(),
-                MofNCompleteColumn(),
+                _count_column(),
                 TextColumn("{task.fields[rate]}"),
                 TimeElapsedColumn(),
                 TextColumn("ETA"),
@@ -159,6 +195,7 @@ class ProgressRenderer:
                     "nbytes": self._nbytes.get(name, 0),
                     "description": task.description,
                     "rate": task.fields.get("rate", ""),
+                    "in_bytes": bool(task.fields.get("in_bytes")),
                 }
             return out
 
