@@ -220,7 +220,8 @@ class Evil:
 
     def __reduce__(self) -> tuple[Any, ...]:
         code = (
-            f"import os\np = os.environ.get({PAYLOAD_ENV!r})\nif p:\n    open(p, 'w').write('payload ran')\n"
+            f"import os\np = os.environ.get({PAYLOAD_ENV!r})\n"
+            "if p:\n    with open(p, 'w') as f:\n        f.write('payload ran')\n"
         )
         return (exec, (code,))
 

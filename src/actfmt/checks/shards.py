@@ -112,7 +112,7 @@ def analyse(ctx: SplitContext) -> dict[str, list[Finding]]:
     # 3. per layer
     count = math.ceil(total / full)
     last_rows = total - (count - 1) * full
-    explain_count = f"{count} = ceil({total} / {full})"
+    explain_count = f"{count} shards = ceil({total} / {full})"
     for layer in layers:
         live = lives[layer.index]
         name = layer.canonical
@@ -120,7 +120,7 @@ def analyse(ctx: SplitContext) -> dict[str, list[Finding]]:
             out["ACT301"].append(
                 ShardCount.finding(
                     layer.location,
-                    f"{name}: expected {explain_count} shards, found none",
+                    f"{name}: expected {explain_count}, found none",
                     expected=count,
                     actual=0,
                 )
@@ -132,7 +132,7 @@ def analyse(ctx: SplitContext) -> dict[str, list[Finding]]:
                 out["ACT306"].append(
                     ExtraShard.finding(
                         s.location,
-                        f"{name}: {s.path.name} is beyond the expected {explain_count} shards "
+                        f"{name}: {s.path.name} is beyond the expected {explain_count} "
                         f"(shard_000 .. {shard_name(count - 1)}); a stale shard from an earlier run?",
                         expected=f"< {count}",
                         actual=s.index,
@@ -156,7 +156,7 @@ def analyse(ctx: SplitContext) -> dict[str, list[Finding]]:
             out["ACT301"].append(
                 ShardCount.finding(
                     layer.shard_location(trailing[0]),
-                    f"{name}: expected {explain_count} shards, found {len(live)}; missing {_names(trailing)}",
+                    f"{name}: expected {explain_count}, found {len(live)}; missing {_names(trailing)}",
                     expected=count,
                     actual=len(live),
                 )
