@@ -57,7 +57,8 @@ def make_tree(root: Path, **kw: Any) -> dict[str, dict[str, torch.Tensor]]:
     """Activations/org_Tiny-Model/SP_test/{EM,Neutral} with the same number of examples."""
     base = root / "org_Tiny-Model" / "SP_test"
     return {
-        f"org_Tiny-Model/SP_test/{s}": make_split(base / s, seed=k, **kw) for k, s in enumerate(("EM", "Neutral"))
+        f"org_Tiny-Model/SP_test/{s}": make_split(base / s, seed=k, **kw)
+        for k, s in enumerate(("EM", "Neutral"))
     }
 
 

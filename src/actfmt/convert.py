@@ -263,7 +263,9 @@ def convert(
             f"{', '.join(fmt.compressions)}."
         )
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
-        raise ConversionError(f"--dtype {dtype!r} is not supported; choose one of: {', '.join(SUPPORTED_DTYPES)}.")
+        raise ConversionError(
+            f"--dtype {dtype!r} is not supported; choose one of: {', '.join(SUPPORTED_DTYPES)}."
+        )
     if overwrite and resume:
         raise ConversionError("--overwrite and --resume contradict each other; give one.")
     if chunk_rows is not None and chunk_rows <= 0:
@@ -277,7 +279,9 @@ def convert(
     if not force:
         _validate_source(src_path)
     result = ConvertResult()
-    options = WriteOptions(chunk_rows=chunk_rows, compression=compression, level=level, zarr_format=zarr_format)
+    options = WriteOptions(
+        chunk_rows=chunk_rows, compression=compression, level=level, zarr_format=zarr_format
+    )
     workers = max(1, jobs if jobs is not None else (os.cpu_count() or 1))
     for job in jobs_list:
         _convert_split(job, fmt.name, options, workers, overwrite, resume, verify, dtype, progress, result)
@@ -329,7 +333,9 @@ def _convert_split(
         if cast_from:
             casts = sorted({f"{a} -> {dtype}" for a in cast_from.values()})
             if casts:
-                result.warnings.append(f"{job.location}: values cast {', '.join(casts)} (--dtype); not bit-exact.")
+                result.warnings.append(
+                    f"{job.location}: values cast {', '.join(casts)} (--dtype); not bit-exact."
+                )
         tmp = _sibling(final, "partial")
         state_path = _sibling(final, "state.json")
         writer_cls = get_format(to).writer_class()
@@ -429,7 +435,12 @@ def torch_dtype_of(name: str) -> torch.dtype:
 
 
 def _verify_written(
-    job: SplitJob, tmp: Path, to: str, spec: SplitSpec, done: dict[str, str], progress: ProgressCallback | None
+    job: SplitJob,
+    tmp: Path,
+    to: str,
+    spec: SplitSpec,
+    done: dict[str, str],
+    progress: ProgressCallback | None,
 ) -> None:
     total = sum(info.nbytes for info in spec.layers)
     emit(progress, ProgressEvent("start", "verify", total=total, description=job.location))
@@ -437,7 +448,9 @@ def _verify_written(
         names = [li.name for li in r.layers]
         expected = [li.name for li in spec.layers]
         if names != expected:
-            raise ConversionError(f"{tmp}: wrote layers {names}, expected {expected}; the destination is not kept.")
+            raise ConversionError(
+                f"{tmp}: wrote layers {names}, expected {expected}; the destination is not kept."
+            )
         for pos, info in enumerate(r.layers):
             got = layer_checksum(
                 r, pos, lambda n: emit(progress, ProgressEvent("advance", "verify", advance=n, nbytes=n))
@@ -523,7 +536,9 @@ def verify(a: str | Path, b: str | Path, progress: ProgressCallback | None = Non
     return res
 
 
-def _compare_split(key: str, ra: Reader, rb: Reader, res: VerifyResult, progress: ProgressCallback | None) -> None:
+def _compare_split(
+    key: str, ra: Reader, rb: Reader, res: VerifyResult, progress: ProgressCallback | None
+) -> None:
     import torch
 
     ma = {k: v for k, v in ra.metadata.items() if k != ACTFMT_KEY}

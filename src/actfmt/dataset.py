@@ -54,7 +54,9 @@ class LayerView:
         return self.info.rows
 
     def __repr__(self) -> str:
-        return f"<LayerView {self.name} shape={self.shape} dtype={self.info.dtype} format={self._reader.format}>"
+        return (
+            f"<LayerView {self.name} shape={self.shape} dtype={self.info.dtype} format={self._reader.format}>"
+        )
 
     def read(self) -> torch.Tensor:
         """The whole layer as one tensor (it must fit in memory)."""
