@@ -306,5 +306,213 @@ def rule_command(rule_id: str, output_format: str) -> None:
     click.echo(rule.documentation())
 
 
+# --------------------------------------------------------------------------------------------- convert
+
+COMPRESSIONS = ("none", "zstd", "blosc-zstd", "lz4", "gzip", "lzf")
+TARGETS = ("zarr", "hdf5", "safetensors", "pt")
+
+
+@cli.command("convert")
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path())
+@click.option("--to", "to", type=click.Choice(TARGETS), required=True, help="The destination format.")
+@click.option("--chunk-rows", type=click.IntRange(min=1), metavar="N", help="Rows per chunk (zarr, hdf5).")
+@click.option(
+    "--compression",
+    type=click.Choice(COMPRESSIONS),
+    help="Codec (zarr: none zstd blosc-zstd lz4 gzip; hdf5: none gzip lzf, plugins zstd blosc-zstd lz4). "
+    "Default: each format's measured default.",
+)
+@click.option("--level", type=int, metavar="N", help="Compression level (the codec's own scale).")
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="Layers converted in parallel (0: one per CPU).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a destination that exists.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted conversion (complete splits are kept).")
+@click.option("--no-verify", is_flag=True, help="Skip re-reading the destination to check its checksums.")
+@click.option(
+    "--zarr-format", type=click.Choice(["2", "3"]), default="3", show_default=True, help="Zarr version."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    help="Cast the values (explicit and warned: the result is no longer bit-exact).",
+)
+@click.option("--force", is_flag=True, help="Convert a source that fails validation.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary line.")
+def convert_command(
+    src: str,
+    dst: str,
+    to: str,
+    chunk_rows: int | None,
+    compression: str | None,
+    level: int | None,
+    jobs: int,
+    overwrite: bool,
+    resume: bool,
+    no_verify: bool,
+    zarr_format: str,
+    dtype: str | None,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Convert SRC (any level of a tree, any format) to DST in another format, bit-exact.
+
+    DST mirrors SRC: the split SRC/a/b/EM becomes DST/a/b/EM.zarr (zarr), EM.h5 (hdf5) or the directory EM/
+    (safetensors, pt).  Each split is written into a hidden temporary sibling, verified against the source's
+    checksums and renamed into place when complete.
+
+    \b
+    Examples:
+      actfmt convert Activations/ out/ --to zarr
+      actfmt convert Activations/model/ds/EM out/ --to hdf5 --compression gzip --level 1
+      actfmt convert out/ back/ --to pt
+      actfmt convert Activations/ out/ --to zarr --resume      # after an interruption
+    """
+    from actfmt.convert import convert
+
+    with progress_renderer(quiet=quiet) as progress:
+        result = convert(
+            src,
+            dst,
+            to=to,
+            chunk_rows=chunk_rows,
+            compression=compression,
+            level=level,
+            jobs=jobs or None,
+            overwrite=overwrite,
+            resume=resume,
+            verify=not no_verify,
+            zarr_format=int(zarr_format),
+            dtype=dtype,
+            force=force,
+            progress=progress,
+        )
+    for w in result.warnings:
+        click.echo(f"actfmt: warning: {w}", err=True)
+    if not quiet:
+        skipped = f", {len(result.skipped)} already complete" if result.skipped else ""
+        click.echo(
+            f"Converted {len(result.splits)} split(s){skipped} · {result.layers} layers · "
+            f"{result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s ({result.mb_per_s:.0f} MB/s) -> {dst}"
+        )
+
+
+# --------------------------------------------------------------------------------------------- verify
+
+
+@cli.command("verify")
+@click.argument("a", type=click.Path(exists=True))
+@click.argument("b", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only differences.")
+def verify_command(a: str, b: str, as_json: bool, quiet: bool) -> None:
+    """Do A and B (two splits or two trees, any two formats) hold the same activations, bit for bit?
+
+    Exit 0 when they do, 1 when they differ (the first differing layer and row are shown).
+    """
+    import json
+
+    from actfmt.convert import verify
+
+    with progress_renderer(quiet=quiet) as progress:
+        res = verify(a, b, progress=progress)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "a": res.a,
+                    "b": res.b,
+                    "equal": res.equal,
+                    "splits": res.splits,
+                    "layers": res.layers,
+                    "bytes": res.bytes,
+                    "differences": res.differences,
+                    "first": res.first,
+                },
+                indent=2,
+            )
+        )
+    else:
+        for d in res.differences:
+            click.echo(d)
+        if res.equal:
+            click.echo(
+                f"✓ Same activations: {res.splits} split(s), {res.layers} layers, {res.bytes / 1e6:.1f} MB."
+            )
+        else:
+            click.echo(f"✗ Different: {len(res.differences)} difference(s).")
+    click.get_current_context().exit(0 if res.equal else 1)
+
+
+# --------------------------------------------------------------------------------------------- info
+
+
+@cli.command("info")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per split.")
+def info_command(path: str, as_json: bool) -> None:
+    """Describe every split under PATH: format, layers, examples, hidden_dim, dtype, size, compression."""
+    import json
+
+    from actfmt.convert import info
+
+    rows = info(path)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"actfmt info {path}", title_justify="left")
+    for col, just in (
+        ("split", "left"),
+        ("format", "left"),
+        ("layers", "right"),
+        ("examples", "right"),
+        ("hidden", "right"),
+        ("dtype", "left"),
+        ("on disk", "right"),
+        ("ratio", "right"),
+        ("chunks", "left"),
+        ("compression", "left"),
+        ("complete", "left"),
+    ):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(
+            r.location,
+            r.format,
+            str(r.layers),
+            str(r.examples),
+            str(r.hidden_dim),
+            str(r.dtype),
+            _human(r.bytes_on_disk),
+            "" if r.ratio is None else f"{r.ratio:.2f}x",
+            "" if r.chunks is None else "x".join(map(str, r.chunks)),
+            r.compression or "",
+            {None: "", True: "yes", False: "NO"}[r.complete],
+        )
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
+        console = Console(width=max(console.width, 200))
+    console.print(table)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
 def main() -> None:
     cli(prog_name="actfmt")

@@ -514,6 +514,20 @@ class HDF5Reader(Reader):
             )
         return out
 
+    def describe(self) -> dict[str, Any]:
+        """Chunk shape and compression of the first layer (for ``actfmt info``)."""
+        if not self._names:
+            return {}
+        dset = self._dataset(0)
+        comp = dset.compression
+        if comp is None and dset.id.get_create_plist().get_nfilters() > 0:
+            comp = "plugin filter"
+        if comp is not None and dset.compression_opts is not None:
+            comp = f"{comp} level {dset.compression_opts}"
+        if comp is not None and dset.shuffle:
+            comp = f"{comp} (shuffle)"
+        return {"chunks": list(dset.chunks) if dset.chunks else None, "compression": comp or "none"}
+
     def _dtype_name(self, dset: h5py.Dataset, name: str) -> str:
         raw = dset.attrs.get(DTYPE_ATTR)
         if isinstance(raw, bytes):
