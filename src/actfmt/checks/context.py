@@ -397,10 +397,12 @@ def _scan_pt(ctx: SplitContext) -> None:
 
 
 def _probe(entry: ShardEntry) -> None:
+    from actfmt.checks.header import fast_probe
     from actfmt.formats.pt import probe_shard
 
     try:
-        entry.header = probe_shard(entry.path)
+        # torch-free for the plain pattern; anything else (legacy, damaged, unsafe) is torch's to judge
+        entry.header = fast_probe(entry.path) or probe_shard(entry.path)
     except Exception as exc:  # a broken file is a finding, never a crash (classified by the ACT0xx rules)
         entry.error = exc
 
