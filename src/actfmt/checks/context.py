@@ -432,13 +432,13 @@ def _deep_read(entry: ShardEntry) -> None:
     if t.dim() != 2:
         return
     t = t.contiguous()
-    # Fast path: a float32 sum is finite iff every value is (bf16 extremes could overflow: then count exactly).
-    total = torch.sum(t, dtype=torch.float32)
-    if not bool(torch.isfinite(total)):
+    # One pass: the per-row max of |x| is NaN/Inf iff the row holds one, and 0 iff the row is all zeros.
+    rowmax = torch.zeros(t.shape[0], dtype=t.dtype) if t.shape[1] == 0 else t.abs().amax(dim=1)
+    if not bool(torch.isfinite(rowmax).all()):
         nan = int(torch.isnan(t).sum())
         inf = int(torch.isinf(t).sum())
         entry.nan, entry.inf, entry.nonfinite = nan, inf, nan + inf
-    zero = (t == 0).all(dim=1) if t.shape[1] else torch.zeros(t.shape[0], dtype=torch.bool)
+    zero = rowmax == 0
     if bool(zero.any()):
         entry.zero_rows = [int(i) for i in torch.nonzero(zero).flatten().tolist()]
     h = xxhash.xxh3_64()
