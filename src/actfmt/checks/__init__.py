@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from actfmt.checks import cross, io, layout, metadata, shards, tensors  # noqa: F401 - registers the rules
+from actfmt.checks import cross, io, layout, metadata, shards, stores, tensors  # noqa: F401 - registers the rules
 from actfmt.checks.base import Finding, Rule
 from actfmt.checks.context import SplitContext, SplitRule, TreeRule, deep_pass, discover_splits, scan_split
 from actfmt.errors import FormatError
@@ -22,7 +22,7 @@ from actfmt.report import Report, SkippedChecks
 
 __all__ = ["RULES", "UnknownRuleError", "get_rule", "resolve_selection", "validate"]
 
-_OPTIONAL_RULE_MODULES = ("actfmt.checks.stores",)
+_OPTIONAL_RULE_MODULES: tuple[str, ...] = ()
 
 
 class UnknownRuleError(FormatError, KeyError):
@@ -120,6 +120,8 @@ def resolve_selection(
 
 
 def _skip_reason(ctx: SplitContext, needed: set[str]) -> str:
+    if ctx.format != "pt" and ctx.metadata_state is not None:
+        return f"the {ctx.format} store's metadata cannot be read: {ctx.metadata_detail}"
     if ctx.metadata_state == "missing":
         return "metadata.json is missing (ACT101)"
     if ctx.metadata_state == "unreadable":

@@ -474,6 +474,15 @@ def deep_pass(contexts: list[SplitContext], jobs: int = 1, progress: ProgressCal
         emit(progress, ProgressEvent("advance", "validate", advance=n, nbytes=n))
 
     _map(read_one, todo, jobs)
+    stores = [ctx for ctx in contexts if ctx.format != "pt" and "reader" in ctx.cache]
+    if stores:
+        from actfmt.checks.stores import store_checksums
+
+        def on_bytes(n: int) -> None:
+            emit(progress, ProgressEvent("advance", "validate", advance=n, nbytes=n))
+
+        for ctx in stores:
+            store_checksums(ctx, on_bytes)
     emit(progress, ProgressEvent("end", "validate"))
     for ctx in contexts:
         ctx.deep = True
@@ -501,5 +510,10 @@ def _scan_store(ctx: SplitContext) -> None:
         data = reader.metadata
     except Exception as exc:
         ctx.metadata_state, ctx.metadata_detail = "unparseable", str(exc)
-        return
-    _set_metadata(ctx, data)
+    else:
+        _set_metadata(ctx, data)
+    try:
+        for info in reader.layers:
+            ctx.layers.append(LayerEntry(info.index, ctx.path / info.name, ctx.loc(info.name), True, True))
+    except Exception:  # reported by the store rules (ACT603)
+        pass

@@ -29,7 +29,8 @@ class UnreadableFile(SplitRule):
     """A file or directory cannot be opened or read.
 
     Checks that every shard file, every layer directory and `metadata.json` can be opened and read
-    (permissions, I/O errors, a dangling symlink, a directory where a file is expected).
+    (permissions, I/O errors, a dangling symlink, a directory where a file is expected), and that a
+    converted store (`.zarr`, `.h5`, safetensors) opens.
 
     Why: an unreadable file makes every reader fail halfway through a job; the rest of the file's checks are
     skipped (one root cause, one finding).
@@ -40,9 +41,15 @@ class UnreadableFile(SplitRule):
 
     code = "ACT001"
     name = "unreadable-file"
+    pt_only = False
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
+        if ctx.format != "pt":
+            err = ctx.cache.get("reader_error")
+            if err is not None:
+                yield cls.finding(ctx.loc(), f"cannot open the {ctx.format} store: {err}")
+            return
         if ctx.list_error is not None:
             yield cls.finding(ctx.loc(), f"cannot list the split directory: {_oserror_text(ctx.list_error)}")
         if ctx.metadata_state == "unreadable" and ctx.format == "pt":

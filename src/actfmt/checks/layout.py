@@ -54,6 +54,7 @@ class MissingLayer(SplitRule):
     code = "ACT102"
     name = "missing-layer"
     needs = ("num_layers",)
+    pt_only = False
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
@@ -95,6 +96,7 @@ class ExtraLayer(SplitRule):
     code = "ACT103"
     name = "extra-layer"
     needs = ("num_layers",)
+    pt_only = False
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
