@@ -308,3 +308,19 @@ def test_header_only_validation_does_not_import_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("change", "code"),
+    [
+        ({"total_examples": 10**15}, "ACT305"),
+        ({"num_layers": 10**9}, "ACT102"),
+        ({"shard_size": 10**12}, "ACT303"),
+    ],
+)
+def test_absurd_metadata_is_one_finding_and_fast(tmp_path: Path, change: dict[str, int], code: str) -> None:
+    case = copy_case("bf16_batch_rounds", tmp_path)
+    md = next(case.rglob("metadata.json"))
+    md.write_text(json.dumps({**json.loads(md.read_text()), **change}))
+    (f,) = validate(case).findings
+    assert (f.code, f.location) == (code, "Activations/org_tiny-bf16/toy_ds/EM/metadata.json")

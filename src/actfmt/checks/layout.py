@@ -10,6 +10,9 @@ from actfmt.layout import layer_name, shard_name
 
 __all__ = ["BadName", "ExtraLayer", "MissingLayer", "MissingMetadata", "StrayFile"]
 
+#: Beyond this many missing layers, ACT102 reports one finding on metadata.json (num_layers is wrong).
+MAX_MISSING_LAYERS = 64
+
 
 class MissingMetadata(SplitRule):
     """A split directory has no `metadata.json`.
@@ -62,6 +65,16 @@ class MissingLayer(SplitRule):
         dirs = {layer.index for layer in ctx.layers if layer.is_dir}
         files = {layer.index: layer for layer in ctx.layers if not layer.is_dir}
         present = sorted(dirs)
+        missing = n - len([i for i in dirs if i < n])
+        if missing > MAX_MISSING_LAYERS:  # the metadata is wrong, not dozens of layers lost: one finding
+            yield cls.finding(
+                ctx.metadata_location,
+                f"num_layers = {n}, but only {len(present)} layer directories exist ({missing} missing); "
+                f"is num_layers wrong?",
+                expected=n,
+                actual=len(present),
+            )
+            return
         for i in range(n):
             if i in dirs:
                 continue
