@@ -87,10 +87,10 @@ def analyse(ctx: SplitContext) -> dict[str, list[Finding]]:
     layer_rows: dict[int, int] = {}
     for layer in layers:
         live = lives[layer.index]
-        rows = [s.rows for s in live]
-        if not live or [s.index for s in live] != list(range(len(live))) or None in rows:
+        maybe = [s.rows for s in live]
+        if not live or [s.index for s in live] != list(range(len(live))) or None in maybe:
             break
-        counts = [r for r in rows if r is not None]
+        counts = [r for r in maybe if r is not None]
         if any(r != full for r in counts[:-1]) or not 0 < counts[-1] <= full:
             break
         layer_rows[layer.index] = sum(counts)
