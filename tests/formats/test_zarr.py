@@ -341,3 +341,24 @@ def test_layers_written_concurrently(tmp_path: Path) -> None:
         for p in range(4):
             np.testing.assert_array_equal(bits(r.read(p)), bits(data[p]))
     assert os.path.isfile(path / "zarr.json")
+
+
+@pytest.mark.parametrize(
+    ("compression", "expected"),
+    [
+        (None, "blosc-zstd level 1 (shuffle)"),
+        ("none", "none"),
+        ("lz4", "blosc-lz4 level 5 (bitshuffle)"),
+        ("zstd", "zstd level 1"),
+        ("gzip", "gzip level 1"),
+    ],
+)
+def test_describe_names_the_codec(tmp_path: Path, compression: str | None, expected: str) -> None:
+    spec, data = make_spec("float32", layers=1)
+    for zf in (2, 3):
+        path = tmp_path / f"{zf}.zarr"
+        write_split(
+            ZarrWriter, path, spec, data, WriteOptions(compression=compression, chunk_rows=64, zarr_format=zf)
+        )
+        with ZarrReader(path) as r:
+            assert r.describe() == {"chunks": [64, 24], "compression": expected, "zarr_format": zf}

@@ -169,6 +169,8 @@ def _zarr_compressors(name: str, level: int | None, itemsize: int, zarr_format: 
         return codec
     from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
+    assert level is not None  # every compressed name has a level
+
     if name in ("blosc-zstd", "lz4"):
         return BloscCodec(
             cname="zstd" if name == "blosc-zstd" else "lz4",
@@ -386,8 +388,8 @@ class ZarrReader(Reader):
     @cached_property
     def layers(self) -> Sequence[LayerInfo]:
         block = self.actfmt or {}
-        dtypes = block.get("dtype") if isinstance(block.get("dtype"), dict) else {}
-        recorded = block.get("shard_rows") if isinstance(block.get("shard_rows"), dict) else {}
+        dtypes: dict[str, Any] = block["dtype"] if isinstance(block.get("dtype"), dict) else {}
+        recorded: dict[str, Any] = block["shard_rows"] if isinstance(block.get("shard_rows"), dict) else {}
         out = []
         for m in self._metas:
             if len(m.shape) != 2:
@@ -419,6 +421,13 @@ class ZarrReader(Reader):
                 )
             )
         return out
+
+    def describe(self) -> dict[str, Any]:
+        """Chunk shape, compression and Zarr version of the first layer (for ``actfmt info``)."""
+        if not self._metas:
+            return {}
+        m = self._metas[0]
+        return {"chunks": list(m.chunks), "compression": _codec_name(m), "zarr_format": m.zarr_format}
 
     @property
     def chunk_rows(self) -> list[int]:
@@ -535,6 +544,21 @@ class ZarrReader(Reader):
         self._zarr_group = None
 
 
+def _codec_name(m: _ArrayMeta) -> str:
+    """``none``, ``blosc-zstd level 1 (shuffle)``, ``zstd level 1``, ``gzip level 1``, or ``other``."""
+    if not m.direct:
+        return "other"
+    c = m.codec
+    if c is None:
+        return "none"
+    cfg = c.get_config()
+    if cfg["id"] == "blosc":
+        shuffle = {0: "noshuffle", 1: "shuffle", 2: "bitshuffle"}.get(cfg.get("shuffle"), "?")
+        return f"blosc-{cfg['cname']} level {cfg['clevel']} ({shuffle})"
+    lvl = cfg.get("level")
+    return cfg["id"] if lvl is None else f"{cfg['id']} level {lvl}"
+
+
 def _natural_dtype(stored: str) -> str | None:
     return {"<f2": "float16", "<f4": "float32", "bfloat16": "bfloat16"}.get(stored)
 
@@ -585,7 +609,7 @@ def _read_chunk_rows(path: Path, m: _ArrayMeta, k: int, lo: int, hi: int, dst: n
             size = os.fstat(fh.fileno()).st_size
             _check_size(path, size, cr * row_bytes)
             fh.seek((lo - k * cr) * row_bytes)
-            view = memoryview(dst.reshape(-1)).cast("B")
+            view = dst.reshape(-1).data.cast("B")
             n = 0
             while n < len(view):
                 got = fh.readinto(view[n:])
@@ -626,7 +650,7 @@ def _pread_rows(adir: Path, m: _ArrayMeta, rows: np.ndarray, out: np.ndarray) ->
             if os.fstat(fd).st_size != cr * row_bytes:
                 _check_size(path, os.fstat(fd).st_size, cr * row_bytes)
             for j in sel:
-                view = memoryview(out[j]).cast("B")
+                view = out[j].data.cast("B")
                 off = int(rows[j] - k * cr) * row_bytes
                 if os.preadv(fd, [view], off) != row_bytes:
                     raise FormatError(f"{path}: chunk ends early; the store is damaged: re-convert it.")
@@ -759,7 +783,7 @@ class ZarrWriter(Writer):
             pad = cr - part.shape[0]
             if m.codec is None:
                 with open(target, "wb", buffering=0) as fh:
-                    _write_all(fh, memoryview(part).cast("B"))
+                    _write_all(fh, part.data.cast("B"))
                     if pad:
                         _write_all(fh, memoryview(bytes(pad * hidden * part.itemsize)))
                 return
