@@ -88,8 +88,19 @@ def load_shard(path: str | Path, mmap: bool = True) -> torch.Tensor:
                 f"{p}: the pickle asks for {m.group(1)!r}, which is not a plain tensor; refused and not "
                 f"executed. Do not load this file with weights_only=False; re-create it from a trusted source."
             ) from None
-        raise CorruptShardError(f"{p}: the pickle is corrupt ({_first_line(msg)}); re-create the shard.") from None
-    except (RuntimeError, EOFError, ValueError, KeyError, OSError, IndexError, TypeError, AttributeError) as exc:
+        raise CorruptShardError(
+            f"{p}: the pickle is corrupt ({_first_line(msg)}); re-create the shard."
+        ) from None
+    except (
+        RuntimeError,
+        EOFError,
+        ValueError,
+        KeyError,
+        OSError,
+        IndexError,
+        TypeError,
+        AttributeError,
+    ) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise
         raise CorruptShardError(
@@ -164,6 +175,7 @@ class PtReader(Reader):
         self._layer_dirs = list_layers(self.path)
         self._shards: dict[int, list[torch.Tensor]] = {}
         self._offsets: dict[int, list[int]] = {}
+        self._data_at: dict[int, list[tuple[Path, int] | None]] = {}
 
     @cached_property
     def metadata(self) -> dict[str, Any]:
@@ -201,6 +213,9 @@ class PtReader(Reader):
             for t in shards:
                 offsets.append(offsets[-1] + t.shape[0])
             self._offsets[pos] = offsets
+            self._data_at[pos] = [
+                _data_offset(p, t) for (_, p), t in zip(list_shards(layer_dir), shards, strict=True)
+            ]
         return self._shards[pos]
 
     @cached_property
@@ -210,7 +225,9 @@ class PtReader(Reader):
             shards = self._load_layer(pos)
             first = shards[0]
             if first.dim() != 2:
-                raise CorruptShardError(f"{self._layer_dirs[pos][1]}: shards must be 2-D, got {tuple(first.shape)}.")
+                raise CorruptShardError(
+                    f"{self._layer_dirs[pos][1]}: shards must be 2-D, got {tuple(first.shape)}."
+                )
             out.append(
                 LayerInfo(
                     name=layer_name(i),
@@ -233,15 +250,25 @@ class PtReader(Reader):
         start = max(0, start)
         if stop <= start:
             return torch.empty((0, shards[0].shape[1]), dtype=shards[0].dtype)
-        parts = []
+        # Read the rows with pread straight into one fresh buffer: one copy, no page of the shards mapped into
+        # this process (so converting a 100 GB split keeps a flat RSS), no torch.cat.
+        import numpy as np
+
+        first = shards[0]
+        unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[first.element_size()]
+        out = np.empty((stop - start, first.shape[1]), dtype=unsigned)  # numpy: huge pages for big buffers
+        row_bytes = first.shape[1] * first.element_size()
         for k, t in enumerate(shards):
             lo, hi = offsets[k], offsets[k + 1]
             if hi <= start or lo >= stop:
                 continue
-            parts.append(t[max(start, lo) - lo : min(stop, hi) - lo])
-        if len(parts) == 1:
-            return parts[0].clone()
-        return torch.cat(parts)
+            a, b = max(start, lo), min(stop, hi)
+            where = self._data_at[layer][k]
+            if where is not None and t.dtype == first.dtype and t.shape[1] == first.shape[1]:
+                _pread_into(where[0], where[1] + (a - lo) * row_bytes, out[a - start : b - start])
+            else:  # legacy format, a saved view or a mismatched shard: copy from the loaded tensor
+                torch.from_numpy(out[a - start : b - start]).view(first.dtype).copy_(t[a - lo : b - lo])
+        return torch.from_numpy(out).view(first.dtype)
 
     def take(self, layer: int, rows: Any) -> torch.Tensor:
         import numpy as np
@@ -262,6 +289,48 @@ class PtReader(Reader):
     def close(self) -> None:
         self._shards.clear()
         self._offsets.clear()
+
+
+def _data_offset(path: Path, t: torch.Tensor) -> tuple[Path, int] | None:
+    """Where a shard's tensor bytes start in its (uncompressed zip) file, if it is contiguous; else ``None``."""
+    import struct
+    import zipfile
+
+    if not t.is_contiguous():
+        return None
+    try:
+        with zipfile.ZipFile(path) as zf:
+            records = [i for i in zf.infolist() if "/data/" in i.filename and not i.filename.endswith("/")]
+            if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED:
+                return None
+            rec = records[0]
+        if rec.file_size != t.untyped_storage().nbytes():
+            return None
+        with open(path, "rb") as fh:
+            fh.seek(rec.header_offset)
+            local = fh.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = rec.header_offset + 30 + name_len + extra_len
+        return path, start + t.storage_offset() * t.element_size()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+
+
+def _pread_into(path: Path, offset: int, out: Any) -> None:
+    """Fill the numpy array ``out`` with bytes of ``path`` from ``offset`` (looping over short reads)."""
+    view = memoryview(out).cast("B")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CorruptShardError(f"{path}: the file ends early; the shard is truncated: re-create it.")
+            done += n
+    finally:
+        os.close(fd)
 
 
 class PtWriter(Writer):
