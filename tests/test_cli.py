@@ -362,3 +362,44 @@ def test_make_split_helper_matches_layout(tmp_path: Path) -> None:
     make_split(tmp_path / "EM", total=9, hidden=4, layers=1, shard_size=4, batch_size=4)
     report = validate(str(tmp_path / "EM"))
     assert report.errors == 0 and len(report.splits) == 1
+
+
+class _Payload:
+    """Unpickling this creates a marker file: it must never happen."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.slow
+def test_subprocess_malicious_shard_never_runs(tmp_path: Path) -> None:
+    import torch
+
+    split = tmp_path / "m" / "ds" / "EM"
+    make_split(split, total=8, hidden=4, layers=1, shard_size=4, batch_size=4)
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Payload(marker)}, split / "layer_00" / "shard_001.pt")
+    for fmt in ("json", "text"):
+        result = _py("-m", "actfmt", "validate", str(tmp_path), "--deep", "--output-format", fmt)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr and "ACT003" in result.stdout
+    assert not marker.exists()
+
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-minilm-bf16"
+
+
+@pytest.mark.skipif(not REAL.exists(), reason="the shared real-data sample is not in this checkout's parent")
+def test_real_data_is_clean_in_every_format() -> None:
+    text = run("validate", str(REAL))
+    assert text.exit_code == 0 and text.stdout.splitlines()[-1] == "✓ OK — no problems found"
+    data = json.loads(run("validate", str(REAL), "--output-format", "json").stdout)
+    assert (
+        data["summary"]["errors"] == 0 and data["summary"]["splits"] == 2 and data["summary"]["shards"] == 96
+    )
+    junit = ET.fromstring(run("validate", str(REAL), "--output-format", "junit").stdout)
+    assert junit.get("failures") == "0" and junit.get("tests") == "2"
+    assert run("validate", str(REAL), "--output-format", "github").stdout == ""
