@@ -85,6 +85,8 @@ H5Z_DEFLATE, H5Z_SHUFFLE, H5Z_LZF = 1, 2, 32000
 CHUNK_TARGET_BYTES = 1 << 20  # 1 MiB per chunk
 BLOCK_TARGET_BYTES = 48 << 20  # ~48 MiB per write() block
 READ_CACHE_BYTES = 64 << 20  # chunk cache of a compressed dataset
+#: Datasets kept open at once (each with a READ_CACHE_BYTES chunk cache when compressed): bounds memory.
+OPEN_DATASETS = 4
 READ_CACHE_SLOTS = 12421  # a prime, ~100x the chunks 64 MiB holds at 0.5 MiB/chunk
 
 BUILTIN = ("none", "gzip")  # stock HDF5 (h5dump, h5ls, any h5py) reads these
@@ -559,6 +561,9 @@ class HDF5Reader(Reader):
             # filtered: a cache holding many chunks, so repeated random reads decompress each chunk once
             nbytes = READ_CACHE_BYTES if filtered else 0
             dapl.set_chunk_cache(READ_CACHE_SLOTS if filtered else 1, nbytes, 0.75)
+            # each open dataset holds its own cache: keep a few open, so reading every layer stays bounded
+            while len(self._dsets) >= OPEN_DATASETS:
+                self._dsets.pop(next(iter(self._dsets)))
             self._dsets[pos] = h5py.Dataset(h5py.h5d.open(f.id, name.encode(), dapl))
         return self._dsets[pos]
 
