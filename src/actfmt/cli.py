@@ -331,7 +331,20 @@ TARGETS = ("zarr", "hdf5", "safetensors", "pt")
     default=0,
     show_default=True,
     metavar="N",
-    help="Layers converted in parallel (0: one per CPU).",
+    help="Layers converted in parallel (0: one per CPU); with --executor dask and no --scheduler, the "
+    "number of local worker processes.",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "dask"]),
+    default="local",
+    show_default=True,
+    help="Where layers are written: this process, or tasks on dask.distributed (needs actfmt[dask]).",
+)
+@click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    help="With --executor dask: the scheduler to use (tcp://host:8786); default: a local cluster.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace a destination that exists.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted conversion (complete splits are kept).")
@@ -354,6 +367,8 @@ def convert_command(
     compression: str | None,
     level: int | None,
     jobs: int,
+    executor: str,
+    scheduler: str | None,
     overwrite: bool,
     resume: bool,
     no_verify: bool,
@@ -374,6 +389,7 @@ def convert_command(
       actfmt convert Activations/model/ds/EM out/ --to hdf5 --compression gzip --level 1
       actfmt convert out/ back/ --to pt
       actfmt convert Activations/ out/ --to zarr --resume      # after an interruption
+      actfmt convert Activations/ out/ --to zarr --executor dask --scheduler tcp://10.0.0.5:8786
     """
     from actfmt.convert import convert
 
@@ -393,6 +409,8 @@ def convert_command(
             dtype=dtype,
             force=force,
             progress=progress,
+            executor=executor,
+            scheduler=scheduler,
         )
     for w in result.warnings:
         click.echo(f"actfmt: warning: {w}", err=True)

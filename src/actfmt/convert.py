@@ -41,7 +41,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
+    "EXECUTORS",
     "ConvertResult",
+    "LayerTask",
     "SplitInfo",
     "SplitJob",
     "VerifyResult",
@@ -49,11 +51,14 @@ __all__ = [
     "info",
     "layer_checksum",
     "plan",
+    "run_layer_task",
     "tensor_bytes",
     "verify",
 ]
 
 CHECKSUM_ALGORITHM = "xxh3_64"
+#: Where layer tasks run: ``local`` (threads in this process) or ``dask`` (tasks on dask.distributed).
+EXECUTORS = ("local", "dask")
 #: Rows read per step when hashing or comparing a layer (bounded memory whatever the layer size).
 SCAN_BYTES = 64 * 1024 * 1024
 
@@ -249,11 +254,18 @@ def convert(
     dtype: str | None = None,
     force: bool = False,
     progress: ProgressCallback | None = None,
+    executor: str = "local",
+    scheduler: Any = None,
 ) -> ConvertResult:
     """Convert every split under ``src`` (any format) to format ``to`` under ``dst``.
 
     ``dtype`` casts explicitly (the result records it and a warning is returned); without it the dtype never
     changes.  A source that fails validation is refused (:class:`ValidationFailedError`) unless ``force``.
+
+    ``executor="dask"`` writes the layers as tasks on dask.distributed (see :mod:`actfmt._dask`): on the
+    cluster at ``scheduler`` (an address such as ``tcp://host:8786``, or a ``distributed.Client``), else on a
+    ``LocalCluster`` of ``jobs`` worker processes.  Planning, locking, verification and the final rename stay
+    in this process; the workers must see ``src`` and ``dst`` at the same paths (a shared filesystem).
     """
     t0 = time.perf_counter()
     fmt = get_format(to)
@@ -270,6 +282,10 @@ def convert(
         raise ConversionError("--overwrite and --resume contradict each other; give one.")
     if chunk_rows is not None and chunk_rows <= 0:
         raise ConversionError(f"--chunk-rows must be positive, got {chunk_rows}.")
+    if executor not in EXECUTORS:
+        raise ConversionError(f"--executor {executor!r} is unknown; choose one of: {', '.join(EXECUTORS)}.")
+    if scheduler is not None and executor != "dask":
+        raise ConversionError("--scheduler needs --executor dask.")
     src_path, dst_path = Path(src), Path(dst)
     jobs_list = plan(src_path, dst_path, fmt.name)
     if src_path.resolve() == dst_path.resolve() or any(
@@ -283,8 +299,16 @@ def convert(
         chunk_rows=chunk_rows, compression=compression, level=level, zarr_format=zarr_format
     )
     workers = max(1, jobs if jobs is not None else (os.cpu_count() or 1))
-    for job in jobs_list:
-        _convert_split(job, fmt.name, options, workers, overwrite, resume, verify, dtype, progress, result)
+    runner_cm: contextlib.AbstractContextManager[LayerRunner | None] = contextlib.nullcontext()
+    if executor == "dask":
+        from actfmt._dask import dask_layer_runner
+
+        runner_cm = dask_layer_runner(scheduler, workers)
+    with runner_cm as runner:
+        for job in jobs_list:
+            _convert_split(
+                job, fmt.name, options, workers, overwrite, resume, verify, dtype, progress, result, runner
+            )
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -315,6 +339,7 @@ def _convert_split(
     dtype: str | None,
     progress: ProgressCallback | None,
     result: ConvertResult,
+    runner: LayerRunner | None = None,
 ) -> None:
     final = job.destination
     if final.exists() or final.is_symlink():
@@ -352,7 +377,14 @@ def _convert_split(
             _remove(state_path)
             writer = writer_cls.create(tmp, spec, options)
         try:
-            _write_layers(job, spec, reader, writer, writer_cls, workers, done, state_path, progress, result)
+            if runner is not None:
+                writer.close()  # the workers open the store themselves
+                tasks = _layer_tasks(job, tmp, to, spec, options, writer_cls, done)
+                _run_layer_tasks(job, spec, tasks, runner, done, state_path, progress, result)
+            else:
+                _write_layers(
+                    job, spec, reader, writer, writer_cls, workers, done, state_path, progress, result
+                )
         finally:
             writer.close()  # some formats (HDF5) lock the file: close before reading it back
         if verify:
@@ -394,22 +426,14 @@ def _write_layers(
     emit(progress, ProgressEvent("start", "convert", total=total_bytes, description=job.location))
 
     def one_layer(pos: int) -> tuple[str, str, int]:
-        info = spec.layers[pos]
-        h = _hasher()
-        start = 0
-        target = torch_dtype_of(info.dtype)
-        for n in writer.block_rows(pos):
-            block = reader.read(pos, start, start + n)
-            if block.dtype != target:
-                block = block.to(target)
-            h.update(tensor_bytes(block))
-            writer.write(pos, start, block)
-            start += n
-            emit(progress, ProgressEvent("advance", "convert", advance=block.nbytes, nbytes=block.nbytes))
-        if start != info.rows:
-            raise ConversionError(f"{job.source}/{info.name}: wrote {start} rows, expected {info.rows}.")
-        writer.finish_layer(pos)
-        return info.name, _digest(h), info.nbytes
+        return copy_layer(
+            job.source,
+            spec,
+            reader,
+            writer,
+            pos,
+            lambda n: emit(progress, ProgressEvent("advance", "convert", advance=n, nbytes=n)),
+        )
 
     def record(name: str, digest: str, nbytes: int) -> None:
         done[name] = digest
@@ -425,6 +449,121 @@ def _write_layers(
     else:
         for pos in todo:
             record(*one_layer(pos))
+    emit(progress, ProgressEvent("end", "convert", description=job.location))
+
+
+def copy_layer(
+    source: Path,
+    spec: SplitSpec,
+    reader: Reader,
+    writer: Writer,
+    pos: int,
+    on_bytes: Callable[[int], None] | None = None,
+) -> tuple[str, str, int]:
+    """Copy layer ``pos`` from row 0 (a retried copy rewrites the whole layer): ``(name, checksum, nbytes)``.
+
+    The checksum is of the converted rows in row order, whatever runs the copy."""
+    info = spec.layers[pos]
+    h = _hasher()
+    start = 0
+    target = torch_dtype_of(info.dtype)
+    for n in writer.block_rows(pos):
+        block = reader.read(pos, start, start + n)
+        if block.dtype != target:
+            block = block.to(target)
+        h.update(tensor_bytes(block))
+        writer.write(pos, start, block)
+        start += n
+        if on_bytes:
+            on_bytes(block.nbytes)
+    if start != info.rows:
+        raise ConversionError(f"{source}/{info.name}: wrote {start} rows, expected {info.rows}.")
+    writer.finish_layer(pos)
+    return info.name, _digest(h), info.nbytes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the executor seam: layer tasks that any engine can run (each opens the source and the partial store itself)
+
+
+@dataclass(frozen=True)
+class LayerTask:
+    """Copy some layers of one split into its partial store.  Picklable: paths and plain data only.
+
+    One task per layer when the format lets processes write different layers at once
+    (``Writer.parallel_layers``), else one task holding every layer (HDF5: one file, one writer).  No two
+    tasks ever write the same chunk, shard or file.
+    """
+
+    source: Path
+    source_format: str
+    partial: Path  # the temporary sibling, created by the driver
+    to: str
+    spec: SplitSpec
+    options: WriteOptions
+    layers: tuple[int, ...]
+    key: str  # human-readable: "<split location>/<layer names>"
+
+
+#: Runs layer tasks somewhere; yields each task's per-layer results as the tasks finish, in any order.
+LayerRunner = Callable[[list[LayerTask]], Iterator[list[tuple[str, str, int]]]]
+
+
+def run_layer_task(task: LayerTask) -> list[tuple[str, str, int]]:
+    """Run one :class:`LayerTask` (in a worker): ``[(layer name, checksum, nbytes), ...]``."""
+    writer = get_format(task.to).writer_class().open(task.partial, task.spec, task.options)
+    try:
+        with open_reader(task.source, task.source_format) as reader:
+            return [copy_layer(task.source, task.spec, reader, writer, pos) for pos in task.layers]
+    finally:
+        writer.close()
+
+
+def _layer_tasks(
+    job: SplitJob,
+    tmp: Path,
+    to: str,
+    spec: SplitSpec,
+    options: WriteOptions,
+    writer_cls: type[Writer],
+    done: dict[str, str],
+) -> list[LayerTask]:
+    todo = [pos for pos, info in enumerate(spec.layers) if info.name not in done]
+    groups = [(pos,) for pos in todo] if writer_cls.parallel_layers else ([tuple(todo)] if todo else [])
+    return [
+        LayerTask(
+            job.source,
+            job.source_format,
+            tmp,
+            to,
+            spec,
+            options,
+            g,
+            f"{job.location}/{'+'.join(spec.layers[p].name for p in g)}",
+        )
+        for g in groups
+    ]
+
+
+def _run_layer_tasks(
+    job: SplitJob,
+    spec: SplitSpec,
+    tasks: list[LayerTask],
+    runner: LayerRunner,
+    done: dict[str, str],
+    state_path: Path,
+    progress: ProgressCallback | None,
+    result: ConvertResult,
+) -> None:
+    total_bytes = sum(spec.layers[p].nbytes for t in tasks for p in t.layers)
+    emit(progress, ProgressEvent("start", "convert", total=total_bytes, description=job.location))
+    for results in runner(tasks):
+        for name, digest, nbytes in results:
+            done[name] = digest
+            _write_json_atomic(state_path, {"layers": done})  # resume: layer by layer, as with local runs
+            result.layers += 1
+            result.bytes += nbytes
+            emit(progress, ProgressEvent("advance", "convert", advance=nbytes, nbytes=nbytes))
     emit(progress, ProgressEvent("end", "convert", description=job.location))
 
 

@@ -129,11 +129,15 @@ class LayerView:
                 return
             yield self._reader.take(self._pos, ids)
 
-    def to_dask(self, chunk_rows: int | None = None) -> Any:
-        """A lazy dask array over this layer (needs ``dask``)."""
+    def to_dask(self, chunk_rows: int | None = None, dtype: Any = None) -> Any:
+        """A lazy dask array over this layer (needs ``dask``); picklable, so it computes on a cluster too.
+
+        ``dtype=None``: the stored numpy dtype (bfloat16 comes as its uint16 bits: numpy has no bfloat16);
+        ``dtype="float32"``: upcast lazily and exactly.  See :func:`actfmt._dask.layer_to_dask`.
+        """
         from actfmt._dask import layer_to_dask
 
-        return layer_to_dask(self._reader.path, self._reader.format, self._pos, self.info, chunk_rows)
+        return layer_to_dask(self._reader.path, self._reader.format, self._pos, self.info, chunk_rows, dtype)
 
 
 class Split:
