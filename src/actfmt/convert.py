@@ -465,19 +465,30 @@ def copy_layer(
     The checksum is of the converted rows in row order, whatever runs the copy."""
     info = spec.layers[pos]
     h = _hasher()
-    start = 0
     target = torch_dtype_of(info.dtype)
+    bounds, start = [], 0
     for n in writer.block_rows(pos):
-        block = reader.read(pos, start, start + n)
-        if block.dtype != target:
-            block = block.to(target)
-        h.update(tensor_bytes(block))
-        writer.write(pos, start, block)
+        bounds.append((start, start + n))
         start += n
-        if on_bytes:
-            on_bytes(block.nbytes)
     if start != info.rows:
-        raise ConversionError(f"{source}/{info.name}: wrote {start} rows, expected {info.rows}.")
+        raise ConversionError(f"{source}/{info.name}: the writer's blocks cover {start} rows, not {info.rows}.")
+
+    def load(k: int) -> torch.Tensor:
+        block = reader.read(pos, *bounds[k])
+        return block if block.dtype == target else block.to(target)
+
+    # read block k+1 on a helper thread while block k is hashed and written: reads and writes overlap
+    # (both release the GIL), and at most two blocks are in memory
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="actfmt-read") as pre:
+        ahead = pre.submit(load, 0) if bounds else None
+        for k, (a, _) in enumerate(bounds):
+            assert ahead is not None
+            block = ahead.result()
+            ahead = pre.submit(load, k + 1) if k + 1 < len(bounds) else None
+            h.update(tensor_bytes(block))
+            writer.write(pos, a, block)
+            if on_bytes:
+                on_bytes(block.nbytes)
     writer.finish_layer(pos)
     return info.name, _digest(h), info.nbytes
 

@@ -43,3 +43,35 @@ class TestPtFormat(FormatConformance):
         assert json.loads((path / "metadata.json").read_text()) == spec.metadata
         r = PtReader(path)
         assert r.actfmt is not None and r.actfmt["complete"] is True
+
+
+def test_reader_handles_legacy_views_and_non_contiguous_shards(tmp_path: Path) -> None:
+    """Rows come back right whether a shard is read with pread or through torch.load's fallback."""
+    import json
+
+    g = torch.Generator().manual_seed(3)
+    full = torch.randn(200, 16, generator=g).to(torch.bfloat16)
+    split = tmp_path / "EM"
+    (split / "layer_00").mkdir(parents=True)
+    meta = {
+        "model_name": "m",
+        "dataset_name": "d",
+        "split": "EM",
+        "load_in_4bit": False,
+        "total_examples": 200,
+        "shard_size": 80,
+        "batch_size": 80,
+        "hidden_dim": 16,
+        "num_layers": 1,
+    }
+    (split / "metadata.json").write_text(json.dumps(meta))
+    big = torch.cat([full[:80], torch.zeros(50, 16, dtype=torch.bfloat16)])
+    torch.save(big[:80], split / "layer_00" / "shard_000.pt")  # a saved view (bloated file)
+    torch.save(full[80:160].T.contiguous().T, split / "layer_00" / "shard_001.pt")  # non-contiguous strides
+    torch.save(full[160:].clone(), split / "layer_00" / "shard_002.pt", _use_new_zipfile_serialization=False)
+    with PtReader(split) as r:
+        assert r.layers[0].shard_rows == (80, 80, 40)
+        np.testing.assert_array_equal(bits(r.read(0)), bits(full))
+        np.testing.assert_array_equal(bits(r.read(0, 70, 170)), bits(full[70:170]))
+        idx = np.array([199, 0, 85, 85, 160, 79, 120])
+        np.testing.assert_array_equal(bits(r.take(0, idx)), bits(full[torch.from_numpy(idx)]))

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import math
 import pickle
+import struct
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from actfmt.formats.pt import ShardHeader
 
-__all__ = ["fast_probe"]
+__all__ = ["ZipTensor", "fast_probe", "probe_zip"]
 
 #: torch storage class -> (dtype name, item size)
 _STORAGES = {
@@ -94,55 +96,100 @@ class _Unpickler(pickle.Unpickler):
         raise _Fallback
 
 
+@dataclass(frozen=True)
+class ZipTensor:
+    """Where a plain shard's tensor lives in its (uncompressed) zip: enough to read rows with ranged reads."""
+
+    header: ShardHeader
+    data_offset: int  # byte offset of the storage's first byte in the file (-1 when not asked for)
+    storage_offset: int  # the tensor's offset into its storage, in elements
+    stride: tuple[int, ...]
+
+    @property
+    def row_major(self) -> bool:
+        """Rows are contiguous, one after the other (the layout a ranged read of rows needs)."""
+        shape = self.header.shape
+        return len(shape) == 2 and (shape[0] <= 1 or self.stride[0] == shape[1]) and (
+            shape[1] <= 1 or self.stride[1] == 1
+        )
+
+
 def fast_probe(path: str | Path) -> ShardHeader | None:
     """The shard's header without torch, or ``None`` when the file is not the plain pattern (then ask torch).
 
     ``OSError`` (permissions, a directory) propagates, as from :func:`~actfmt.formats.pt.probe_shard`.
+    A remote shard (:class:`~actfmt.remote.RemotePath`) is probed with two small ranged reads.
     """
+    from actfmt.remote import RemotePath
+
+    if isinstance(path, RemotePath):
+        from actfmt.remote import open_shard
+
+        with open_shard(path) as rf:
+            zt = probe_zip(rf, rf.seek(0, 2))
+        return None if zt is None else zt.header
     p = Path(path)
     with open(p, "rb") as fh:
-        if fh.read(4) != b"PK\x03\x04":
-            return None
-        try:
-            size = fh.seek(0, 2)
-            fh.seek(0)
-            with zipfile.ZipFile(fh) as zf:
-                infos = {i.filename: i for i in zf.infolist()}
-                pkl = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
-                if len(pkl) != 1 or infos[pkl[0]].file_size > 1 << 20:
+        zt = probe_zip(fh, fh.seek(0, 2))
+    return None if zt is None else zt.header
+
+
+def probe_zip(fh: BinaryIO, size: int, data_offset: bool = False) -> ZipTensor | None:
+    """:func:`fast_probe` over a seekable binary file of ``size`` bytes (local, or ranged reads).
+
+    ``data_offset`` also reads the data record's local header to locate the storage's first byte.
+    """
+    fh.seek(0)
+    if fh.read(4) != b"PK\x03\x04":
+        return None
+    try:
+        fh.seek(0)
+        with zipfile.ZipFile(fh) as zf:
+            infos = {i.filename: i for i in zf.infolist()}
+            pkl = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(pkl) != 1 or infos[pkl[0]].file_size > 1 << 20:
+                return None
+            prefix = pkl[0][: -len("data.pkl")]
+            obj = _Unpickler(_Reader(zf.read(pkl[0]))).load()
+            if not isinstance(obj, _Tensor):
+                return None
+            st = obj.storage
+            rec = infos.get(f"{prefix}data/{st.key}")
+            nbytes = st.numel * st.stype.itemsize
+            if rec is None or rec.compress_type != zipfile.ZIP_STORED or rec.file_size != nbytes:
+                return None
+            if rec.header_offset + nbytes > size:
+                return None
+            numel = math.prod(obj.size)
+            if numel and obj.offset + numel > st.numel:  # (contiguous bound; strides are torch's business)
+                return None
+            start = -1
+            if data_offset:
+                fh.seek(rec.header_offset)
+                local = fh.read(30)
+                if len(local) != 30 or local[:4] != b"PK\x03\x04":
                     return None
-                prefix = pkl[0][: -len("data.pkl")]
-                obj = _Unpickler(_Reader(zf.read(pkl[0]))).load()
-                if not isinstance(obj, _Tensor):
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                start = rec.header_offset + 30 + name_len + extra_len
+                if start + nbytes > size:
                     return None
-                st = obj.storage
-                rec = infos.get(f"{prefix}data/{st.key}")
-                nbytes = st.numel * st.stype.itemsize
-                if rec is None or rec.compress_type != zipfile.ZIP_STORED or rec.file_size != nbytes:
-                    return None
-                if rec.header_offset + nbytes > size:
-                    return None
-                numel = math.prod(obj.size)
-                if (
-                    numel and obj.offset + numel > st.numel
-                ):  # (contiguous bound; strides are torch's business)
-                    return None
-        except (
-            _Fallback,
-            zipfile.BadZipFile,
-            pickle.UnpicklingError,
-            EOFError,
-            ValueError,
-            TypeError,
-            KeyError,
-            IndexError,
-            AttributeError,
-            RecursionError,
-            OverflowError,
-            MemoryError,
-        ):
-            return None
-    return ShardHeader(
+    except (
+        _Fallback,
+        zipfile.BadZipFile,
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        RecursionError,
+        OverflowError,
+        MemoryError,
+        struct.error,
+    ):
+        return None
+    header = ShardHeader(
         shape=tuple(obj.size),
         dtype=st.stype.dtype,
         tensor_nbytes=numel * st.stype.itemsize,
@@ -150,6 +197,7 @@ def fast_probe(path: str | Path) -> ShardHeader | None:
         file_nbytes=size,
         legacy=False,
     )
+    return ZipTensor(header, start, obj.offset, tuple(obj.stride))
 
 
 class _Reader:

@@ -57,6 +57,9 @@ class ShardHeader:
     storage_nbytes: int
     file_nbytes: int
     legacy: bool  # not the zip format: cannot be memory-mapped
+    #: Byte offset of the first element in the file when the tensor is contiguous in an uncompressed record
+    #: (rows can then be read with ``pread``), else ``None``.
+    data_offset: int | None = None
 
 
 def load_shard(path: str | Path, mmap: bool = True) -> torch.Tensor:
@@ -68,6 +71,16 @@ def load_shard(path: str | Path, mmap: bool = True) -> torch.Tensor:
 
     import torch
 
+    from actfmt.remote import RemotePath
+
+    if isinstance(path, RemotePath):  # object storage: a local copy of this one file (deep reads, odd files)
+        from actfmt.remote import local_copy, relabel
+
+        with local_copy(path) as local:
+            try:
+                return load_shard(local, mmap=False)
+            except Exception as exc:
+                raise relabel(exc, local, path) from None
     p = Path(path)
     with open(p, "rb") as fh:  # OSError (ACT001) propagates
         magic = fh.read(4)
@@ -125,9 +138,20 @@ def _first_line(msg: str) -> str:
 
 def probe_shard(path: str | Path) -> ShardHeader:
     """Shape, dtype and byte counts of a shard, reading only its header (legacy files: a full load)."""
+    from actfmt.remote import RemotePath
+
+    if isinstance(path, RemotePath):  # only for files the torch-free probe could not read: download it
+        from actfmt.remote import local_copy, relabel
+
+        with local_copy(path) as local:
+            try:
+                return probe_shard(local)
+            except Exception as exc:
+                raise relabel(exc, local, path) from None
     p = Path(path)
     t = load_shard(p, mmap=True)
     legacy = not _is_zip(p)
+    where = None if legacy else _data_offset(p, t)
     return ShardHeader(
         shape=tuple(t.shape),
         dtype=str(t.dtype).removeprefix("torch."),
@@ -135,6 +159,7 @@ def probe_shard(path: str | Path) -> ShardHeader:
         storage_nbytes=t.untyped_storage().nbytes(),
         file_nbytes=p.stat().st_size,
         legacy=legacy,
+        data_offset=None if where is None else where[1],
     )
 
 
@@ -163,8 +188,33 @@ def list_shards(layer_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+class _ShardRef:
+    """One shard of a layer: its file, its header, and (loaded only when needed) its memory-mapped tensor."""
+
+    __slots__ = ("header", "path", "tensor")
+
+    def __init__(self, path: Path, header: ShardHeader) -> None:
+        self.path = path
+        self.header = header
+        self.tensor: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.header.shape[0]
+
+    def load(self) -> torch.Tensor:
+        if self.tensor is None:
+            self.tensor = load_shard(self.path)
+        return self.tensor
+
+
 class PtReader(Reader):
-    """A split in the producer's ``.pt`` layout, memory-mapped shard by shard."""
+    """A split in the producer's ``.pt`` layout.
+
+    Opening reads each shard's small pickle only (no torch needed for the plain pattern).  Rows are read with
+    ``pread`` straight into one output buffer — no shard page is mapped into the process, no ``torch.cat`` —
+    and shards that cannot be read that way (legacy format, saved views) are memory-mapped by ``torch.load``.
+    """
 
     format = "pt"
 
@@ -173,9 +223,8 @@ class PtReader(Reader):
         if not self.path.is_dir():
             raise NotASplitError(f"{self.path}: not a directory; a .pt split is a directory with layer_XX/.")
         self._layer_dirs = list_layers(self.path)
-        self._shards: dict[int, list[torch.Tensor]] = {}
+        self._shards: dict[int, list[_ShardRef]] = {}
         self._offsets: dict[int, list[int]] = {}
-        self._data_at: dict[int, list[tuple[Path, int] | None]] = {}
 
     @cached_property
     def metadata(self) -> dict[str, Any]:
@@ -202,20 +251,22 @@ class PtReader(Reader):
         block = data.get(ACTFMT_KEY, data) if isinstance(data, dict) else None
         return block if isinstance(block, dict) else None
 
-    def _load_layer(self, pos: int) -> list[torch.Tensor]:
+    def _load_layer(self, pos: int) -> list[_ShardRef]:
         if pos not in self._shards:
+            from actfmt.checks.header import fast_probe
+
             _, layer_dir = self._layer_dirs[pos]
-            shards = [load_shard(p) for _, p in list_shards(layer_dir)]
+            shards = [_ShardRef(p, fast_probe(p) or probe_shard(p)) for _, p in list_shards(layer_dir)]
             if not shards:
                 raise ShardNotFoundError(f"{layer_dir}: no shard_XXX.pt files.")
-            self._shards[pos] = shards
+            for ref in shards:
+                if len(ref.header.shape) != 2:
+                    raise CorruptShardError(f"{ref.path}: shards must be 2-D, got {ref.header.shape}.")
             offsets = [0]
-            for t in shards:
-                offsets.append(offsets[-1] + t.shape[0])
+            for ref in shards:
+                offsets.append(offsets[-1] + ref.rows)
+            self._shards[pos] = shards
             self._offsets[pos] = offsets
-            self._data_at[pos] = [
-                _data_offset(p, t) for (_, p), t in zip(list_shards(layer_dir), shards, strict=True)
-            ]
         return self._shards[pos]
 
     @cached_property
@@ -223,22 +274,33 @@ class PtReader(Reader):
         out = []
         for pos, (i, _) in enumerate(self._layer_dirs):
             shards = self._load_layer(pos)
-            first = shards[0]
-            if first.dim() != 2:
-                raise CorruptShardError(
-                    f"{self._layer_dirs[pos][1]}: shards must be 2-D, got {tuple(first.shape)}."
-                )
+            first = shards[0].header
             out.append(
                 LayerInfo(
                     name=layer_name(i),
                     index=i,
                     rows=self._offsets[pos][-1],
                     hidden_dim=int(first.shape[1]),
-                    dtype=str(first.dtype).removeprefix("torch."),
-                    shard_rows=tuple(int(t.shape[0]) for t in shards),
+                    dtype=first.dtype,
+                    shard_rows=tuple(ref.rows for ref in shards),
                 )
             )
         return out
+
+    def _buffer(self, layer: int, rows: int) -> tuple[Any, torch.dtype, int]:
+        import numpy as np
+
+        from actfmt.formats.base import torch_dtype
+
+        info = self.layers[layer]
+        unsigned = {2: np.uint16, 4: np.uint32}[info.itemsize]
+        out = np.empty((rows, info.hidden_dim), dtype=unsigned)  # numpy: huge pages for big buffers
+        return out, torch_dtype(info.dtype), info.hidden_dim * info.itemsize
+
+    def _direct(self, layer: int, ref: _ShardRef) -> bool:
+        info = self.layers[layer]
+        h = ref.header
+        return h.data_offset is not None and h.dtype == info.dtype and h.shape[1] == info.hidden_dim
 
     def read(self, layer: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
         import torch
@@ -248,27 +310,20 @@ class PtReader(Reader):
         total = offsets[-1]
         stop = total if stop is None else min(stop, total)
         start = max(0, start)
-        if stop <= start:
-            return torch.empty((0, shards[0].shape[1]), dtype=shards[0].dtype)
-        # Read the rows with pread straight into one fresh buffer: one copy, no page of the shards mapped into
-        # this process (so converting a 100 GB split keeps a flat RSS), no torch.cat.
-        import numpy as np
-
-        first = shards[0]
-        unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[first.element_size()]
-        out = np.empty((stop - start, first.shape[1]), dtype=unsigned)  # numpy: huge pages for big buffers
-        row_bytes = first.shape[1] * first.element_size()
-        for k, t in enumerate(shards):
+        out, dtype, row_bytes = self._buffer(layer, max(0, stop - start))
+        for k, ref in enumerate(shards):
             lo, hi = offsets[k], offsets[k + 1]
             if hi <= start or lo >= stop:
                 continue
             a, b = max(start, lo), min(stop, hi)
-            where = self._data_at[layer][k]
-            if where is not None and t.dtype == first.dtype and t.shape[1] == first.shape[1]:
-                _pread_into(where[0], where[1] + (a - lo) * row_bytes, out[a - start : b - start])
+            if self._direct(layer, ref):
+                assert ref.header.data_offset is not None
+                _pread_into(
+                    ref.path, ref.header.data_offset + (a - lo) * row_bytes, out[a - start : b - start]
+                )
             else:  # legacy format, a saved view or a mismatched shard: copy from the loaded tensor
-                torch.from_numpy(out[a - start : b - start]).view(first.dtype).copy_(t[a - lo : b - lo])
-        return torch.from_numpy(out).view(first.dtype)
+                torch.from_numpy(out[a - start : b - start]).view(dtype).copy_(ref.load()[a - lo : b - lo])
+        return torch.from_numpy(out).view(dtype)
 
     def take(self, layer: int, rows: Any) -> torch.Tensor:
         import numpy as np
@@ -276,15 +331,27 @@ class PtReader(Reader):
 
         shards = self._load_layer(layer)
         offsets = np.asarray(self._offsets[layer])
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= offsets[-1]):
             raise IndexError(f"row index out of range for {offsets[-1]} rows")
+        out, dtype, row_bytes = self._buffer(layer, rows.size)
         which = np.searchsorted(offsets, rows, side="right") - 1
-        out = torch.empty((rows.size, shards[0].shape[1]), dtype=shards[0].dtype)
         for k in np.unique(which):
+            ref = shards[k]
             sel = np.flatnonzero(which == k)
-            out[torch.from_numpy(sel)] = shards[k][torch.from_numpy(rows[sel] - offsets[k])]
-        return out
+            local = rows[sel] - offsets[k]
+            if self._direct(layer, ref):
+                assert ref.header.data_offset is not None
+                fd = os.open(ref.path, os.O_RDONLY)
+                try:
+                    for j, r in zip(sel.tolist(), local.tolist(), strict=True):
+                        _pread_fd(fd, ref.path, ref.header.data_offset + r * row_bytes, out[j])
+                finally:
+                    os.close(fd)
+            else:  # legacy format or a saved view: index the loaded tensor
+                picked = ref.load()[torch.from_numpy(local)].to(dtype)
+                torch.from_numpy(out).view(dtype)[torch.from_numpy(sel)] = picked
+        return torch.from_numpy(out).view(dtype)
 
     def close(self) -> None:
         self._shards.clear()
@@ -320,17 +387,21 @@ def _data_offset(path: Path, t: torch.Tensor) -> tuple[Path, int] | None:
 
 def _pread_into(path: Path, offset: int, out: Any) -> None:
     """Fill the numpy array ``out`` with bytes of ``path`` from ``offset`` (looping over short reads)."""
-    view = memoryview(out).cast("B")
     fd = os.open(path, os.O_RDONLY)
     try:
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise CorruptShardError(f"{path}: the file ends early; the shard is truncated: re-create it.")
-            done += n
+        _pread_fd(fd, path, offset, out)
     finally:
         os.close(fd)
+
+
+def _pread_fd(fd: int, path: Path, offset: int, out: Any) -> None:
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise CorruptShardError(f"{path}: the file ends early; the shard is truncated: re-create it.")
+        done += n
 
 
 class PtWriter(Writer):
@@ -414,6 +485,12 @@ class PtFormat(Format):
 
     @classmethod
     def open_reader(cls, path: str | Path) -> PtReader:
+        from actfmt.remote import RemotePath
+
+        if isinstance(path, RemotePath):
+            from actfmt.formats.pt_remote import RemotePtReader
+
+            return RemotePtReader(path)
         return PtReader(path)
 
     @classmethod
