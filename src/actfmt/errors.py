@@ -17,6 +17,7 @@ __all__ = [
     "MetadataError",
     "NotASplitError",
     "NotATensorError",
+    "RemoteStorageError",
     "ShardNotFoundError",
     "UnsafeShardError",
     "ValidationFailedError",
@@ -65,6 +66,13 @@ class LockedError(ActfmtError, BlockingIOError):
 
 class ConversionError(ActfmtError, RuntimeError):
     """A conversion failed (verification mismatch, unsupported option, ...)."""
+
+
+class RemoteStorageError(ActfmtError, OSError):
+    """Object storage (``s3://``, ``gs://``, ...) refused or failed a request; the message never holds secrets."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class ValidationFailedError(ActfmtError, ValueError):

@@ -12,12 +12,14 @@ import contextlib
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from actfmt.checks import cross, io, layout, metadata, shards, stores, tensors  # noqa: F401 - registers the rules
 from actfmt.checks.base import Finding, Rule
 from actfmt.checks.context import SplitContext, SplitRule, TreeRule, deep_pass, discover_splits, scan_split
 from actfmt.errors import FormatError
 from actfmt.progress import ProgressCallback
+from actfmt.remote import as_path
 from actfmt.report import Report, SkippedChecks
 
 __all__ = ["RULES", "UnknownRuleError", "get_rule", "resolve_selection", "validate"]
@@ -140,6 +142,7 @@ def validate(
     ignore: str | Iterable[str] | None = None,
     jobs: int = 1,
     progress: ProgressCallback | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Report:
     """Validate every split at or below ``path``; return a :class:`~actfmt.report.Report`.
 
@@ -148,10 +151,14 @@ def validate(
     ``jobs`` threads probe (and read) shards in parallel; the result does not depend on it.  Raises
     :class:`~actfmt.errors.NotASplitError` when ``path`` does not exist or holds no split, and
     :class:`UnknownRuleError` for an unknown ``select`` / ``ignore`` item.
+
+    ``path`` may be an fsspec URL (``s3://bucket/Activations``, ``gs://...``, ``memory://...``), with
+    ``storage_options`` for its filesystem: the tree is listed once and each shard's header is read with two
+    small ranged reads (``--deep`` downloads the shards).
     """
     start = time.perf_counter()
     selected = resolve_selection(select, ignore)
-    root = Path(path)
+    root = as_path(path, storage_options)
     report = Report(root=str(path), deep=deep)
     contexts = [scan_split(p, root, fmt, jobs=max(1, int(jobs))) for p, fmt in discover_splits(root)]
     if deep:

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from actfmt.checks.base import Finding, Rule
@@ -37,6 +37,7 @@ from actfmt.layout import (
     shard_name,
 )
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
+from actfmt.remote import as_path, is_remote
 
 if TYPE_CHECKING:  # pragma: no cover
     from actfmt.formats.pt import ShardHeader
@@ -244,13 +245,23 @@ def _store_format(p: Path) -> str | None:
     return None
 
 
+def _scandir(p: Path) -> Any:
+    """``os.scandir``, or the listing of a :class:`~actfmt.remote.RemotePath` (entries of the same shape)."""
+    scan = getattr(p, "scandir", None)
+    return scan() if scan is not None else os.scandir(p)
+
+
+def _entry_path(e: Any) -> Path:
+    return e.path if isinstance(e.path, PurePath) else Path(e.path)
+
+
 def _is_pt_split(p: Path) -> bool:
     try:
         if not p.is_dir():
             return False
         if (p / METADATA_FILE).exists() or (p / METADATA_FILE).is_symlink():
             return True
-        with os.scandir(p) as it:
+        with _scandir(p) as it:
             return any(BAD_LAYER_RE.match(e.name) and e.is_dir() for e in it)
     except OSError:
         return False
@@ -266,7 +277,9 @@ def split_format(p: Path) -> str | None:
 
 def discover_splits(root: str | Path) -> list[tuple[Path, str]]:
     """Every split at or below ``root`` as ``(path, format)``, sorted; raise :class:`NotASplitError` if none."""
-    top = Path(root)
+    top = as_path(root)
+    if is_remote(top):
+        top.prefetch()  # one listing of the whole prefix: the walk below then costs no request
     if not top.exists() and not top.is_symlink():
         raise NotASplitError(f"{top}: no such file or directory; check the path.")
     found: list[tuple[Path, str]] = []
@@ -338,7 +351,7 @@ def _set_metadata(ctx: SplitContext, data: Any) -> None:
 
 def _scan_layer(ctx: SplitContext, layer: LayerEntry) -> None:
     try:
-        with os.scandir(layer.path) as it:
+        with _scandir(layer.path) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError as exc:
         layer.list_error = exc
@@ -348,12 +361,12 @@ def _scan_layer(ctx: SplitContext, layer: LayerEntry) -> None:
         loc = f"{layer.location}/{e.name}"
         i = shard_index(e.name)
         if i is not None:
-            layer.shards.append(ShardEntry(i, Path(e.path), loc, exact=True))
+            layer.shards.append(ShardEntry(i, _entry_path(e), loc, exact=True))
             continue
         m = BAD_SHARD_RE.match(e.name)
         if m is not None:
             j = int(m.group(1))
-            layer.shards.append(ShardEntry(j, Path(e.path), loc, exact=False, shadowed=j in exact_indices))
+            layer.shards.append(ShardEntry(j, _entry_path(e), loc, exact=False, shadowed=j in exact_indices))
             continue
         layer.strays.append((loc, _is_dir(e)))
 
@@ -368,7 +381,7 @@ def _is_dir(e: os.DirEntry[str]) -> bool:
 def _scan_pt(ctx: SplitContext) -> None:
     _read_metadata(ctx)
     try:
-        with os.scandir(ctx.path) as it:
+        with _scandir(ctx.path) as it:
             entries = sorted(it, key=lambda e: e.name)
     except OSError as exc:
         ctx.list_error = exc
@@ -381,13 +394,13 @@ def _scan_pt(ctx: SplitContext) -> None:
         is_dir = _is_dir(e)
         i = layer_index(e.name)
         if i is not None:
-            ctx.layers.append(LayerEntry(i, Path(e.path), loc, exact=True, is_dir=is_dir))
+            ctx.layers.append(LayerEntry(i, _entry_path(e), loc, exact=True, is_dir=is_dir))
             continue
         m = BAD_LAYER_RE.match(e.name)
         if m is not None and is_dir:
             j = int(m.group(1))
             ctx.layers.append(
-                LayerEntry(j, Path(e.path), loc, exact=False, is_dir=True, shadowed=j in exact_indices)
+                LayerEntry(j, _entry_path(e), loc, exact=False, is_dir=True, shadowed=j in exact_indices)
             )
             continue
         ctx.strays.append((loc, is_dir))
@@ -456,6 +469,10 @@ def scan_split(path: Path, root: Path, fmt: str, jobs: int = 1) -> SplitContext:
         return ctx
     _scan_pt(ctx)
     shards = ctx.all_shards()
+    if is_remote(path):
+        from actfmt.remote import prefetch_shards
+
+        prefetch_shards([s.path for s in shards])  # type: ignore[misc]  # heads + tails, one concurrent batch
     _map(_probe, shards, jobs)
     return ctx
 

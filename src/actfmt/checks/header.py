@@ -15,13 +15,12 @@ import math
 import pickle
 import struct
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from actfmt.formats.pt import ShardHeader
 
-__all__ = ["ZipTensor", "fast_probe", "probe_zip"]
+__all__ = ["fast_probe", "probe_zip"]
 
 #: torch storage class -> (dtype name, item size)
 _STORAGES = {
@@ -96,22 +95,14 @@ class _Unpickler(pickle.Unpickler):
         raise _Fallback
 
 
-@dataclass(frozen=True)
-class ZipTensor:
-    """Where a plain shard's tensor lives in its (uncompressed) zip: enough to read rows with ranged reads."""
-
-    header: ShardHeader
-    data_offset: int  # byte offset of the storage's first byte in the file (-1 when not asked for)
-    storage_offset: int  # the tensor's offset into its storage, in elements
-    stride: tuple[int, ...]
-
-    @property
-    def row_major(self) -> bool:
-        """Rows are contiguous, one after the other (the layout a ranged read of rows needs)."""
-        shape = self.header.shape
-        return len(shape) == 2 and (shape[0] <= 1 or self.stride[0] == shape[1]) and (
-            shape[1] <= 1 or self.stride[1] == 1
-        )
+def _contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """torch's ``is_contiguous``: C order, ignoring dimensions of size 1."""
+    expected = 1
+    for n, st in zip(reversed(size), reversed(stride), strict=True):
+        if n != 1 and st != expected:
+            return False
+        expected *= n
+    return True
 
 
 def fast_probe(path: str | Path) -> ShardHeader | None:
@@ -126,18 +117,17 @@ def fast_probe(path: str | Path) -> ShardHeader | None:
         from actfmt.remote import open_shard
 
         with open_shard(path) as rf:
-            zt = probe_zip(rf, rf.seek(0, 2))
-        return None if zt is None else zt.header
+            return probe_zip(rf, rf.seek(0, 2))
     p = Path(path)
     with open(p, "rb") as fh:
-        zt = probe_zip(fh, fh.seek(0, 2))
-    return None if zt is None else zt.header
+        return probe_zip(fh, fh.seek(0, 2))
 
 
-def probe_zip(fh: BinaryIO, size: int, data_offset: bool = False) -> ZipTensor | None:
-    """:func:`fast_probe` over a seekable binary file of ``size`` bytes (local, or ranged reads).
+def probe_zip(fh: BinaryIO, size: int) -> ShardHeader | None:
+    """:func:`fast_probe` over a seekable binary file of ``size`` bytes (a local file, or ranged reads).
 
-    ``data_offset`` also reads the data record's local header to locate the storage's first byte.
+    Also reads the data record's local header: ``data_offset`` is where the tensor's first element is in the
+    file when the tensor is contiguous (rows can then be read by offset), else ``None``.
     """
     fh.seek(0)
     if fh.read(4) != b"PK\x03\x04":
@@ -163,16 +153,14 @@ def probe_zip(fh: BinaryIO, size: int, data_offset: bool = False) -> ZipTensor |
             numel = math.prod(obj.size)
             if numel and obj.offset + numel > st.numel:  # (contiguous bound; strides are torch's business)
                 return None
-            start = -1
-            if data_offset:
-                fh.seek(rec.header_offset)
-                local = fh.read(30)
-                if len(local) != 30 or local[:4] != b"PK\x03\x04":
-                    return None
-                name_len, extra_len = struct.unpack("<HH", local[26:30])
-                start = rec.header_offset + 30 + name_len + extra_len
-                if start + nbytes > size:
-                    return None
+            fh.seek(rec.header_offset)
+            local = fh.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                return None
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            start = rec.header_offset + 30 + name_len + extra_len
+            if start + nbytes > size:
+                return None
     except (
         _Fallback,
         zipfile.BadZipFile,
@@ -189,15 +177,16 @@ def probe_zip(fh: BinaryIO, size: int, data_offset: bool = False) -> ZipTensor |
         struct.error,
     ):
         return None
-    header = ShardHeader(
+    contiguous = _contiguous(tuple(obj.size), tuple(obj.stride))
+    return ShardHeader(
         shape=tuple(obj.size),
         dtype=st.stype.dtype,
         tensor_nbytes=numel * st.stype.itemsize,
         storage_nbytes=nbytes,
         file_nbytes=size,
         legacy=False,
+        data_offset=start + obj.offset * st.stype.itemsize if contiguous else None,
     )
-    return ZipTensor(header, start, obj.offset, tuple(obj.stride))
 
 
 class _Reader:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import FormatError
+from actfmt.remote import as_path, is_remote
 
 if TYPE_CHECKING:  # pragma: no cover
     from actfmt.formats.base import Format, Reader
@@ -36,16 +37,23 @@ def get_format(name: str) -> type[Format]:
 
 def guess_format(path: str | Path) -> str | None:
     """The name of the format whose split ``path`` is, or ``None`` when it is not a split."""
-    p = Path(path)
+    p = as_path(path)
+    if is_remote(p) and p.suffix.lower() in (".h5", ".hdf5") and p.is_file():
+        return "hdf5"  # recognised by name on object storage (opening it says it is not supported there)
     for name in FORMATS:
         if get_format(name).can_open(p):
             return name
     return None
 
 
-def open_reader(path: str | Path, format: str | None = None) -> Reader:
-    """Open one split for reading, detecting its format unless given."""
-    p = Path(path)
+def open_reader(
+    path: str | Path, format: str | None = None, storage_options: dict[str, Any] | None = None
+) -> Reader:
+    """Open one split for reading, detecting its format unless given.
+
+    ``path`` may be an fsspec URL (``s3://...``); ``storage_options`` go to its filesystem.
+    """
+    p = as_path(path, storage_options)
     name = format or guess_format(p)
     if name is None:
         from actfmt.errors import NotASplitError
@@ -59,7 +67,7 @@ def open_reader(path: str | Path, format: str | None = None) -> Reader:
     return get_format(name).open_reader(p)
 
 
-def find_splits(root: str | Path) -> list[tuple[Path, str]]:
+def find_splits(root: str | Path, storage_options: dict[str, Any] | None = None) -> list[tuple[Path, str]]:
     """Every split at or below ``root`` as ``(path, format name)``, in sorted order.
 
     A split is recognised by its format's ``can_open``; the walk does not descend into a split, and skips
@@ -67,7 +75,9 @@ def find_splits(root: str | Path) -> list[tuple[Path, str]]:
     """
     from actfmt.errors import NotASplitError
 
-    top = Path(root)
+    top = as_path(root, storage_options)
+    if is_remote(top):
+        top.prefetch()  # one listing of the whole prefix: the walk below then costs no request
     if not top.exists():
         raise NotASplitError(f"{top}: no such file or directory; check the path.")
     found: list[tuple[Path, str]] = []

@@ -738,6 +738,9 @@ class HDF5Format(Format):
 
     @classmethod
     def open_reader(cls, path: str | Path) -> HDF5Reader:
+        from actfmt.remote import refuse_remote
+
+        refuse_remote(path, "hdf5")
         return HDF5Reader(path)
 
     @classmethod

@@ -600,6 +600,9 @@ class SafetensorsFormat(Format):
 
     @classmethod
     def open_reader(cls, path: str | Path) -> SafetensorsReader:
+        from actfmt.remote import refuse_remote
+
+        refuse_remote(path, "safetensors")
         return SafetensorsReader(path)
 
     @classmethod

@@ -678,6 +678,10 @@ class ZarrWriter(Writer):
     def create(cls, path: str | Path, spec: SplitSpec, options: WriteOptions) -> ZarrWriter:
         import zarr
 
+        if _remote_writer(cls, path):  # object storage: actfmt.formats.zarr_remote
+            from actfmt.formats.zarr_remote import RemoteZarrWriter
+
+            return RemoteZarrWriter.create(path, spec, options)
         p = Path(path)
         zf = int(options.zarr_format or 3)
         if zf not in (2, 3):
@@ -719,6 +723,14 @@ class ZarrWriter(Writer):
                 **kwargs,
             )
         return cls(p, spec, options)
+
+    @classmethod
+    def open(cls, path: str | Path, spec: SplitSpec, options: WriteOptions) -> ZarrWriter:
+        if _remote_writer(cls, path):
+            from actfmt.formats.zarr_remote import RemoteZarrWriter
+
+            return RemoteZarrWriter.open(path, spec, options)
+        return cls(path, spec, options)
 
     def _meta(self, layer: int) -> _ArrayMeta:
         m = self._metas.get(layer)
@@ -827,6 +839,13 @@ class ZarrWriter(Writer):
         group.attrs.update({ACTFMT_KEY: out})
 
 
+def _remote_writer(cls: type[ZarrWriter], path: Any) -> bool:
+    """Should ``ZarrWriter.create/open(path)`` hand over to the object-storage writer?"""
+    from actfmt.remote import RemotePath
+
+    return isinstance(path, RemotePath) and cls is ZarrWriter
+
+
 def _write_all(fh: Any, view: memoryview) -> None:
     n = 0
     while n < len(view):
@@ -861,6 +880,12 @@ class ZarrFormat(Format):
 
     @classmethod
     def open_reader(cls, path: str | Path) -> ZarrReader:
+        from actfmt.remote import RemotePath
+
+        if isinstance(path, RemotePath):
+            from actfmt.formats.zarr_remote import RemoteZarrReader
+
+            return RemoteZarrReader(path)
         return ZarrReader(path)
 
     @classmethod
