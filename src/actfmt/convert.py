@@ -35,6 +35,7 @@ from actfmt.formats import find_splits, get_format, open_reader
 from actfmt.formats.base import ACTFMT_KEY, LayerInfo, Reader, SplitSpec, WriteOptions, Writer
 from actfmt.layout import SUPPORTED_DTYPES, rel
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
+from actfmt.remote import as_path, is_remote
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -119,8 +120,10 @@ class SplitJob:
 
 
 def plan(src: str | Path, dst: str | Path, to: str) -> list[SplitJob]:
-    """Map every split under ``src`` to its destination under ``dst`` (the tree is mirrored)."""
-    src, dst = Path(src), Path(dst)
+    """Map every split under ``src`` to its destination under ``dst`` (the tree is mirrored).
+
+    Either may be an fsspec URL (``s3://...``) or a :class:`~actfmt.remote.RemotePath`."""
+    src, dst = as_path(src), as_path(dst)
     fmt = get_format(to)
     splits = find_splits(src)
     if not splits:
@@ -186,6 +189,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
+    if is_remote(path):  # object storage: one PUT replaces an object atomically
+        path.write_text(json.dumps(data, indent=2))
+        return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2)
@@ -256,6 +262,7 @@ def convert(
     progress: ProgressCallback | None = None,
     executor: str = "local",
     scheduler: Any = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> ConvertResult:
     """Convert every split under ``src`` (any format) to format ``to`` under ``dst``.
 
@@ -266,6 +273,10 @@ def convert(
     cluster at ``scheduler`` (an address such as ``tcp://host:8786``, or a ``distributed.Client``), else on a
     ``LocalCluster`` of ``jobs`` worker processes.  Planning, locking, verification and the final rename stay
     in this process; the workers must see ``src`` and ``dst`` at the same paths (a shared filesystem).
+
+    ``src`` and ``dst`` may be fsspec URLs (``s3://bucket/Activations``), with ``storage_options`` for their
+    filesystems: any readable source (pt, zarr) from object storage; zarr into object storage, written in place
+    with the completeness mark last (see :mod:`actfmt.remote`).
     """
     t0 = time.perf_counter()
     fmt = get_format(to)
@@ -286,7 +297,7 @@ def convert(
         raise ConversionError(f"--executor {executor!r} is unknown; choose one of: {', '.join(EXECUTORS)}.")
     if scheduler is not None and executor != "dask":
         raise ConversionError("--scheduler needs --executor dask.")
-    src_path, dst_path = Path(src), Path(dst)
+    src_path, dst_path = as_path(src, storage_options), as_path(dst, storage_options)
     jobs_list = plan(src_path, dst_path, fmt.name)
     if src_path.resolve() == dst_path.resolve() or any(
         j.destination.resolve() == j.source.resolve() for j in jobs_list
@@ -342,6 +353,13 @@ def _convert_split(
     runner: LayerRunner | None = None,
 ) -> None:
     final = job.destination
+    if is_remote(final):  # object storage: no rename, no flock (see actfmt.remote)
+        from actfmt.remote import convert_split_remote
+
+        convert_split_remote(
+            job, to, options, workers, overwrite, resume, verify, dtype, progress, result, runner
+        )
+        return
     if final.exists() or final.is_symlink():
         if resume and _is_complete(final, to):
             result.skipped.append(job)
@@ -662,9 +680,16 @@ def _split_key(location: str) -> str:
     return (p.parent / name).as_posix() if location != "." else "."
 
 
-def verify(a: str | Path, b: str | Path, progress: ProgressCallback | None = None) -> VerifyResult:
-    """Compare two splits or trees (any two formats) bit for bit, layer by layer."""
-    a, b = Path(a), Path(b)
+def verify(
+    a: str | Path,
+    b: str | Path,
+    progress: ProgressCallback | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> VerifyResult:
+    """Compare two splits or trees (any two formats) bit for bit, layer by layer.
+
+    Either may be an fsspec URL, with ``storage_options`` for its filesystem."""
+    a, b = as_path(a, storage_options), as_path(b, storage_options)
     res = VerifyResult(str(a), str(b))
     sa = {_split_key(rel(p, a)): (p, f) for p, f in find_splits(a)}
     sb = {_split_key(rel(p, b)): (p, f) for p, f in find_splits(b)}
@@ -757,6 +782,8 @@ class SplitInfo:
 
 
 def _disk_usage(path: Path) -> int:
+    if is_remote(path):
+        return int(path.du())
     if path.is_file():
         return path.stat().st_size
     total = 0
@@ -767,9 +794,10 @@ def _disk_usage(path: Path) -> int:
     return total
 
 
-def info(path: str | Path) -> list[SplitInfo]:
-    """Describe every split under ``path``: format, shape, dtype, bytes on disk, compression."""
-    root = Path(path)
+def info(path: str | Path, storage_options: dict[str, Any] | None = None) -> list[SplitInfo]:
+    """Describe every split under ``path`` (a directory, or an fsspec URL with ``storage_options``): format,
+    shape, dtype, bytes on disk (stored, on object storage), compression."""
+    root = as_path(path, storage_options)
     out = []
     for p, fmt in find_splits(root):
         with open_reader(p, fmt) as r:

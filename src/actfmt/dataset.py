@@ -229,15 +229,22 @@ class Split:
         self.close()
 
 
-def open(path: str | Path, format: str | None = None) -> Split:
-    """Open one split in any format (``.pt`` directory, ``.zarr``, ``.h5``, safetensors directory)."""
-    return Split(open_reader(path, format))
+def open(path: str | Path, format: str | None = None, storage_options: dict[str, Any] | None = None) -> Split:
+    """Open one split in any format (``.pt`` directory, ``.zarr``, ``.h5``, safetensors directory).
+
+    ``path`` may be an fsspec URL (``s3://bucket/.../EM``, ``memory://...``) of a ``.pt`` split or a zarr store,
+    with ``storage_options`` for its filesystem (credentials, ``endpoint_url``); rows are then read with ranged
+    requests (a few rows never fetch a whole shard or an uncompressed chunk)."""
+    return Split(open_reader(path, format, storage_options))
 
 
-def open_tree(root: str | Path) -> dict[tuple[str, str, str], Split]:
-    """Every split under ``root``, keyed by ``(model_name, dataset_name, split)`` from its metadata."""
+def open_tree(
+    root: str | Path, storage_options: dict[str, Any] | None = None
+) -> dict[tuple[str, str, str], Split]:
+    """Every split under ``root`` (a directory or an fsspec URL), keyed by ``(model_name, dataset_name,
+    split)`` from its metadata."""
     out: dict[tuple[str, str, str], Split] = {}
-    for p, fmt in find_splits(root):
+    for p, fmt in find_splits(root, storage_options):
         s = Split(open_reader(p, fmt))
         meta = s.metadata
         parts = Path(p).parts

@@ -692,7 +692,9 @@ def convert_split_remote(
 
     In place, with the completeness mark written last (there is no rename); see the module docstring.
     """
-    from actfmt import convert as cv
+    import importlib
+
+    cv = importlib.import_module("actfmt.convert")  # (``actfmt.convert`` the attribute is the function)
     from actfmt.errors import ConversionError, DestinationExistsError
     from actfmt.formats import get_format, open_reader
 
