@@ -64,6 +64,12 @@ def _warm() -> None:
     assert actfmt.convert.run_layer_task
 
 
+def _one_encode_thread() -> None:
+    import actfmt.formats.zarr_
+
+    actfmt.formats.zarr_.WRITE_THREADS = 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("split", nargs="?", type=Path, help="a split to convert (default: a synthetic one)")
@@ -78,6 +84,12 @@ def main() -> int:
     )
     ap.add_argument("--compression", default=None, help="codec (default: each format's default)")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument(
+        "--single-thread-tasks",
+        action="store_true",
+        help="one encode thread per zarr writer in the workers (dask's one-task-one-core model), to measure "
+        "how the layer tasks themselves scale",
+    )
     args = ap.parse_args()
 
     from distributed import Client, LocalCluster
@@ -143,6 +155,8 @@ def main() -> int:
                 Client(cl, set_as_default=False) as client,
             ):
                 client.run(_warm)
+                if args.single_thread_tasks:
+                    client.run(_one_encode_thread)
 
                 def cluster_cpu(client: Client = client) -> float:
                     return _cpu() + sum(client.run(_cpu).values())
