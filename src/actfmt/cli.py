@@ -447,6 +447,8 @@ def convert_command(
     """
     from actfmt.convert import convert
 
+    _pin_malloc_mmap_threshold()
+
     with progress_renderer(quiet=quiet) as progress:
         result = convert(
             src,
@@ -580,6 +582,22 @@ def info_command(path: str, as_json: bool, storage_options: dict[str, Any] | Non
     if not console.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
         console = Console(width=max(console.width, 200))
     console.print(table)
+
+
+def _pin_malloc_mmap_threshold() -> None:
+    """Keep peak memory flat on huge splits (Linux/glibc): blocks of rows >= 4 MiB always get their own mmap.
+
+    glibc raises its mmap threshold after a large block is freed, so later blocks come from the heap, which
+    fragments and grows with the split (0.35 GB on a 1.6 GB split, 0.49 GB on one 4x larger); pinned: 0.37 GB.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 4 * 1024 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to pin
+        pass
 
 
 def _human(n: int) -> str:
