@@ -298,6 +298,10 @@ def convert(
     if scheduler is not None and executor != "dask":
         raise ConversionError("--scheduler needs --executor dask.")
     src_path, dst_path = as_path(src, storage_options), as_path(dst, storage_options)
+    if executor == "dask" and any(getattr(p, "scheme", "") == "memory" for p in (src_path, dst_path)):
+        raise ConversionError(
+            "memory:// lives inside one process: dask workers cannot see it; use s3://, gs:// or a shared disk."
+        )
     jobs_list = plan(src_path, dst_path, fmt.name)
     if src_path.resolve() == dst_path.resolve() or any(
         j.destination.resolve() == j.source.resolve() for j in jobs_list
@@ -489,7 +493,9 @@ def copy_layer(
         bounds.append((start, start + n))
         start += n
     if start != info.rows:
-        raise ConversionError(f"{source}/{info.name}: the writer's blocks cover {start} rows, not {info.rows}.")
+        raise ConversionError(
+            f"{source}/{info.name}: the writer's blocks cover {start} rows, not {info.rows}."
+        )
 
     def load(k: int) -> torch.Tensor:
         block = reader.read(pos, *bounds[k])
@@ -783,7 +789,7 @@ class SplitInfo:
 
 def _disk_usage(path: Path) -> int:
     if is_remote(path):
-        return int(path.du())
+        return int(path.du())  # type: ignore[attr-defined]
     if path.is_file():
         return path.stat().st_size
     total = 0

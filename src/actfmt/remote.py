@@ -184,13 +184,14 @@ def _restore(scheme: str, options: dict[str, Any], key: str) -> RemotePath:
 
 def as_path(
     path: str | os.PathLike[str] | RemotePath, storage_options: Mapping[str, Any] | None = None
-) -> Any:
+) -> Path:
     """A :class:`RemotePath` for an object-storage URL, a local ``Path`` for anything else (``file://`` too).
 
-    ``storage_options`` applies to URLs only (a local path ignores them).
+    ``storage_options`` applies to URLs only (a local path ignores them).  (Typed ``Path``: a RemotePath offers
+    the part of ``Path`` that actfmt's walkers use.)
     """
     if isinstance(path, RemotePath):
-        return path
+        return path  # type: ignore[return-value]
     if isinstance(path, str):
         m = _URL_RE.match(path)
         if m is not None:
@@ -200,7 +201,7 @@ def as_path(
             fs, key = url_to_fs(path, storage_options)
             cls = _bound_class(scheme, storage_options)
             cls._fs_cache[os.getpid()] = fs
-            return cls(key.rstrip("/") or key)
+            return cls(key.rstrip("/") or key)  # type: ignore[return-value]
     return Path(path)
 
 

@@ -252,7 +252,7 @@ def _scandir(p: Path) -> Any:
 
 
 def _entry_path(e: Any) -> Path:
-    return e.path if isinstance(e.path, PurePath) else Path(e.path)
+    return e.path if isinstance(e.path, PurePath) else Path(e.path)  # type: ignore[return-value]
 
 
 def _is_pt_split(p: Path) -> bool:
@@ -279,7 +279,7 @@ def discover_splits(root: str | Path) -> list[tuple[Path, str]]:
     """Every split at or below ``root`` as ``(path, format)``, sorted; raise :class:`NotASplitError` if none."""
     top = as_path(root)
     if is_remote(top):
-        top.prefetch()  # one listing of the whole prefix: the walk below then costs no request
+        top.prefetch()  # type: ignore[attr-defined]  # one listing of the prefix: the walk then costs no request
     if not top.exists() and not top.is_symlink():
         raise NotASplitError(f"{top}: no such file or directory; check the path.")
     found: list[tuple[Path, str]] = []

@@ -77,7 +77,7 @@ def find_splits(root: str | Path, storage_options: dict[str, Any] | None = None)
 
     top = as_path(root, storage_options)
     if is_remote(top):
-        top.prefetch()  # one listing of the whole prefix: the walk below then costs no request
+        top.prefetch()  # type: ignore[attr-defined]  # one listing of the prefix: the walk then costs no request
     if not top.exists():
         raise NotASplitError(f"{top}: no such file or directory; check the path.")
     found: list[tuple[Path, str]] = []

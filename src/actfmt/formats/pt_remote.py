@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["RemotePtReader"]
 
 #: Adjacent row ranges closer than this are fetched as one request (fewer GETs beat a few wasted bytes).
-MERGE_GAP = 64 << 10
+MERGE_GAP = 8 << 10
 
 
 class _RemoteShard:
@@ -62,7 +62,7 @@ def _probe_layout(path: RemotePath) -> ShardHeader | None:
     """The header of a plain, contiguous shard (rows readable by offset), else ``None``."""
     from actfmt.checks.header import fast_probe
 
-    header = fast_probe(path)
+    header = fast_probe(path)  # type: ignore[arg-type]
     return header if header is not None and header.data_offset is not None else None
 
 
@@ -124,7 +124,7 @@ class RemotePtReader(Reader):
             shards = []
             for _, p in files:
                 layout = _probe_layout(p)
-                shards.append(_RemoteShard(p, layout, None if layout is not None else load_shard(p)))
+                shards.append(_RemoteShard(p, layout, None if layout is not None else load_shard(p)))  # type: ignore[arg-type]
             offsets = [0]
             for s in shards:
                 offsets.append(offsets[-1] + s.rows)
@@ -175,6 +175,7 @@ class RemotePtReader(Reader):
             paths.append(s.path)
         got = paths[0].read_ranges(ranges, paths)
         for (s, a, b, dst), data in zip(jobs, got, strict=True):
+            assert data is not None  # (read_ranges gives None only with missing_ok)
             if len(data) != (b - a) * row_bytes:
                 raise CorruptShardError(
                     f"{s.path}: the object ends early; the shard is truncated: re-create it."

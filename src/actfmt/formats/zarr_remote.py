@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["RemoteZarrReader", "RemoteZarrWriter"]
 
 #: Nearby rows of an uncompressed chunk closer than this are fetched in one ranged GET.
-MERGE_GAP = 64 << 10
+MERGE_GAP = 8 << 10
 
 
 def _chunk_path(root: RemotePath, m: _ArrayMeta, k: int) -> RemotePath:
@@ -80,7 +80,7 @@ class RemoteZarrReader(ZarrReader):
     def missing_chunks(self, layer: int) -> list[str]:
         m = self._metas[layer]
         adir = self.path / m.name
-        prefix = adir.key.rstrip("/") + "/"
+        prefix = adir.key.rstrip("/") + "/"  # type: ignore[attr-defined]
         try:
             present = {k[len(prefix) :] for k in adir.find() if k.startswith(prefix)}  # type: ignore[attr-defined]
         except FileNotFoundError:
