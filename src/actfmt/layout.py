@@ -40,6 +40,7 @@ __all__ = [
     "rel",
     "shard_index",
     "shard_name",
+    "write_json",
 ]
 
 METADATA_FILE = "metadata.json"
@@ -200,7 +201,9 @@ def parse_metadata(data: Any) -> tuple[Metadata | None, list[MetadataProblem]]:
     problems: list[MetadataProblem] = []
     for key, (types, positive) in REQUIRED_KEYS.items():
         if key not in data:
-            problems.append(MetadataProblem("missing-key", key, f"required key {key!r} is missing", key, None))
+            problems.append(
+                MetadataProblem("missing-key", key, f"required key {key!r} is missing", key, None)
+            )
             continue
         value = data[key]
         wanted = " or ".join(t.__name__ for t in types)
@@ -221,7 +224,9 @@ def parse_metadata(data: Any) -> tuple[Metadata | None, list[MetadataProblem]]:
                 MetadataProblem("bad-value", key, f"{key!r} must be positive, got {value}", "> 0", value)
             )
         elif isinstance(value, str) and not value.strip():
-            problems.append(MetadataProblem("bad-value", key, f"{key!r} must not be empty", "non-empty", value))
+            problems.append(
+                MetadataProblem("bad-value", key, f"{key!r} must not be empty", "non-empty", value)
+            )
     if problems:
         return None, problems
     kwargs = {key: data[key] for key in REQUIRED_KEYS}
@@ -236,7 +241,9 @@ def load_metadata(path: str | Path) -> Metadata:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise MetadataError(f"{p}: no metadata.json; every split needs one (see `actfmt rule ACT101`).") from None
+        raise MetadataError(
+            f"{p}: no metadata.json; every split needs one (see `actfmt rule ACT101`)."
+        ) from None
     except OSError as exc:
         raise MetadataError(f"{p}: cannot read ({exc.strerror or exc}).") from None
     try:
@@ -246,6 +253,20 @@ def load_metadata(path: str | Path) -> Metadata:
             f"{p}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); fix the file."
         ) from None
     return Metadata.from_dict(data, source=str(p))
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (temporary file, fsync, rename), as the producer formats ``metadata.json``:
+    ``json.dump(indent=2)``, no trailing newline."""
+    import os
+
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, p)
 
 
 def rel(path: str | Path, root: str | Path) -> str:

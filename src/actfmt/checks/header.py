@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from actfmt.formats.pt import ShardHeader
+from actfmt.formats.pt import ShardHeader, zip_data_start
 
 __all__ = ["fast_probe", "probe_zip"]
 
@@ -153,13 +153,8 @@ def probe_zip(fh: BinaryIO, size: int) -> ShardHeader | None:
             numel = math.prod(obj.size)
             if numel and obj.offset + numel > st.numel:  # (contiguous bound; strides are torch's business)
                 return None
-            fh.seek(rec.header_offset)
-            local = fh.read(30)
-            if len(local) != 30 or local[:4] != b"PK\x03\x04":
-                return None
-            name_len, extra_len = struct.unpack("<HH", local[26:30])
-            start = rec.header_offset + 30 + name_len + extra_len
-            if start + nbytes > size:
+            start = zip_data_start(fh, rec.header_offset)
+            if start is None or start + nbytes > size:
                 return None
     except (
         _Fallback,

@@ -29,6 +29,7 @@ __all__ = [
     "Writer",
     "numpy_dtype",
     "storage_numpy_dtype",
+    "tensor_bytes",
     "torch_dtype",
 ]
 
@@ -59,6 +60,16 @@ def storage_numpy_dtype(name: str) -> np.dtype:
 
 
 numpy_dtype = storage_numpy_dtype
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor (one copy only if it is not contiguous; bf16 via int16)."""
+    import torch
+
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from actfmt.layout import (
     layer_name,
     shard_index,
     shard_name,
+    write_json,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -360,7 +361,6 @@ class PtReader(Reader):
 
 def _data_offset(path: Path, t: torch.Tensor) -> tuple[Path, int] | None:
     """Where a shard's tensor bytes start in its (uncompressed zip) file, if it is contiguous; else ``None``."""
-    import struct
     import zipfile
 
     if not t.is_contiguous():
@@ -374,15 +374,24 @@ def _data_offset(path: Path, t: torch.Tensor) -> tuple[Path, int] | None:
         if rec.file_size != t.untyped_storage().nbytes():
             return None
         with open(path, "rb") as fh:
-            fh.seek(rec.header_offset)
-            local = fh.read(30)
-        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            start = zip_data_start(fh, rec.header_offset)
+        if start is None:
             return None
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        start = rec.header_offset + 30 + name_len + extra_len
         return path, start + t.storage_offset() * t.element_size()
     except (OSError, zipfile.BadZipFile, ValueError):
         return None
+
+
+def zip_data_start(fh: Any, header_offset: int) -> int | None:
+    """Where a stored zip record's bytes start: after its 30-byte local header, file name and extra field."""
+    import struct
+
+    fh.seek(header_offset)
+    local = fh.read(30)
+    if len(local) != 30 or local[:4] != ZIP_MAGIC:
+        return None
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return int(header_offset + 30 + name_len + extra_len)
 
 
 def _pread_into(path: Path, offset: int, out: Any) -> None:
@@ -453,18 +462,8 @@ class PtWriter(Writer):
 
     def finalize(self, block: dict[str, Any]) -> None:
         meta = {k: v for k, v in self.spec.metadata.items() if k != ACTFMT_KEY}
-        _write_json(self.path / METADATA_FILE, meta)
-        _write_json(self.path / SIDECAR, {ACTFMT_KEY: block})
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Written like the producer writes metadata.json: ``json.dump(indent=2)``, no trailing newline."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+        write_json(self.path / METADATA_FILE, meta)
+        write_json(self.path / SIDECAR, {ACTFMT_KEY: block})
 
 
 class PtFormat(Format):

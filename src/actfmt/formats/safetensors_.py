@@ -41,8 +41,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import ConversionError, CorruptShardError, MetadataError, NotASplitError
-from actfmt.formats.base import ACTFMT_KEY, Format, LayerInfo, Reader, SplitSpec, WriteOptions, Writer
-from actfmt.layout import METADATA_FILE, layer_index
+from actfmt.formats.base import (
+    ACTFMT_KEY,
+    Format,
+    LayerInfo,
+    Reader,
+    SplitSpec,
+    WriteOptions,
+    Writer,
+    tensor_bytes,
+)
+from actfmt.layout import METADATA_FILE, layer_index, write_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -436,23 +445,6 @@ def _check_options(options: WriteOptions) -> None:
         )
 
 
-def _write_json(path: Path, data: Any) -> None:
-    from actfmt.formats.pt import _write_json as write
-
-    write(path, data)
-
-
-def _raw_bytes(t: torch.Tensor) -> memoryview:
-    """A tensor's bytes without a copy (bf16/f16 via int16, f32 via int32)."""
-    import torch
-
-    t = t.detach()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    t = t.view(torch.int32 if t.element_size() == 4 else torch.int16)
-    return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
-
-
 class SafetensorsWriter(Writer):
     """Streams each layer into its own ``layer_XX.safetensors``: header first, then row blocks by ``pwrite``."""
 
@@ -483,7 +475,7 @@ class SafetensorsWriter(Writer):
         p = Path(path)
         p.mkdir(parents=True)
         w = cls(p, spec, options)
-        _write_json(p / METADATA_FILE, w._meta)  # producer keys; finalize adds the actfmt block last
+        write_json(p / METADATA_FILE, w._meta)  # producer keys; finalize adds the actfmt block last
         for pos in range(len(spec.layers)):
             w._open_layer(pos)
             w._close_layer(pos)
@@ -549,7 +541,9 @@ class SafetensorsWriter(Writer):
         fd = self._open_layer(layer)
         if data.shape[0] == 0:
             return
-        _pwrite_all(fd, _raw_bytes(data), len(self._header(layer)) + start * info.hidden_dim * info.itemsize)
+        _pwrite_all(
+            fd, tensor_bytes(data), len(self._header(layer)) + start * info.hidden_dim * info.itemsize
+        )
 
     def finish_layer(self, layer: int) -> None:
         info = self.spec.layers[layer]
@@ -570,7 +564,7 @@ class SafetensorsWriter(Writer):
     def finalize(self, block: dict[str, Any]) -> None:
         for pos in list(self._fds):
             self._close_layer(pos)
-        _write_json(self.path / METADATA_FILE, {**self._meta, ACTFMT_KEY: block})
+        write_json(self.path / METADATA_FILE, {**self._meta, ACTFMT_KEY: block})
 
     def close(self) -> None:
         for pos in list(self._fds):
