@@ -25,7 +25,9 @@ def run_probe(root: Path, layer: int) -> float:
     code = probe_code()
     code = re.sub(r'root = ".*?"', f"root = {str(root / 'SP_stdlib_docs_sample')!r}", code)
     code = code.replace("layer=3", f"layer={layer}")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     m = re.fullmatch(r"held-out accuracy: ([\d.]+)%\n", proc.stdout)
     assert m, proc.stdout

@@ -32,8 +32,8 @@ from actfmt.errors import (
     ValidationFailedError,
 )
 from actfmt.formats import find_splits, get_format, open_reader
-from actfmt.formats.base import ACTFMT_KEY, LayerInfo, Reader, SplitSpec, WriteOptions, Writer
-from actfmt.layout import SUPPORTED_DTYPES, rel
+from actfmt.formats.base import ACTFMT_KEY, LayerInfo, Reader, SplitSpec, WriteOptions, Writer, tensor_bytes
+from actfmt.layout import SUPPORTED_DTYPES, rel, write_json
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
 from actfmt.remote import as_path, is_remote
 
@@ -66,16 +66,6 @@ SCAN_BYTES = 64 * 1024 * 1024
 
 # ----------------------------------------------------------------------------------------------------------
 # checksums
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a contiguous tensor, without a copy (bf16 via its int16 view)."""
-    import torch
-
-    t = t.contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return memoryview(t.numpy()).cast("B")
 
 
 def _hasher() -> Any:
@@ -192,12 +182,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     if is_remote(path):  # object storage: one PUT replaces an object atomically
         path.write_text(json.dumps(data, indent=2))
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_json(path, data)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -116,7 +116,9 @@ class FormatConformance:
         for compression in self.compressions:
             sub = tmp_path / str(compression)
             sub.mkdir()
-            path, spec, data = self.roundtrip(sub, dtype, WriteOptions(compression=compression, chunk_rows=50))
+            path, spec, data = self.roundtrip(
+                sub, dtype, WriteOptions(compression=compression, chunk_rows=50)
+            )
             assert self.fmt().can_open(path)
             with self.fmt().open_reader(path) as r:
                 assert [li.name for li in r.layers] == [li.name for li in spec.layers]

@@ -52,6 +52,11 @@ class Rule:
 
     @classmethod
     def finding(
-        cls, location: str, message: str, expected: Any = None, actual: Any = None, severity: str | None = None
+        cls,
+        location: str,
+        message: str,
+        expected: Any = None,
+        actual: Any = None,
+        severity: str | None = None,
     ) -> Finding:
         return Finding(cls.code, cls.name, severity or cls.severity, location, message, expected, actual)

@@ -87,7 +87,7 @@ def find_splits(root: str | Path, storage_options: dict[str, Any] | None = None)
         if name is not None:
             found.append((p, name))
             return
-        if not p.is_dir() or p.is_symlink() and p != top:
+        if not p.is_dir() or (p.is_symlink() and p != top):
             return
         try:
             children = sorted(p.iterdir())

@@ -377,7 +377,7 @@ def _data_offset(path: Path, t: torch.Tensor) -> tuple[Path, int] | None:
             start = zip_data_start(fh, rec.header_offset)
         if start is None:
             return None
-        return path, start + t.storage_offset() * t.element_size()
+        return path, start + int(t.storage_offset()) * t.element_size()
     except (OSError, zipfile.BadZipFile, ValueError):
         return None
 
