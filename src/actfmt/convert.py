@@ -322,7 +322,7 @@ def _validate_source(src: Path) -> None:
         lines = "\n".join(f"  {f.code} {f.location}: {f.message}" for f in worst)
         more = f"\n  ... and {report.errors - len(worst)} more" if report.errors > len(worst) else ""
         raise ValidationFailedError(
-            f"{src}: the source fails validation ({report.errors} error{"s" if report.errors != 1 else ""}); fix it, or convert anyway "
+            f"{src}: the source fails validation ({report.errors} error{'s' if report.errors != 1 else ''}); fix it, or convert anyway "
             f"with --force:\n{lines}{more}",
             report,
         )
