@@ -820,7 +820,8 @@ class ZarrWriter(Writer):
                 from concurrent.futures import ThreadPoolExecutor
 
                 _no_blosc_threads()
-                self._pool = ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="actfmt-zarr-w")
+                threads = int(self.options.extra.get("threads") or WRITE_THREADS)
+                self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="actfmt-zarr-w")
             return self._pool
 
     def close(self) -> None:
