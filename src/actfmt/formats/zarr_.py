@@ -762,8 +762,8 @@ class ZarrWriter(Writer):
         step = max(1, BLOCK_TARGET_BYTES // max(1, cr * info.hidden_dim * info.itemsize)) * cr
         return [min(step, info.rows - s) for s in range(0, info.rows, step)] or [0]
 
-    def write(self, layer: int, start: int, data: torch.Tensor) -> None:
-        import numpy as np
+    def _block(self, layer: int, start: int, data: torch.Tensor) -> tuple[_ArrayMeta, np.ndarray] | None:
+        """Check that a block is made of whole chunks of ``layer``; its rows as numpy (no copy), or ``None``."""
         import torch
 
         m = self._meta(layer)
@@ -771,7 +771,7 @@ class ZarrWriter(Writer):
         cr, rows, hidden = m.chunk_rows, info.rows, info.hidden_dim
         n = int(data.shape[0])
         if n == 0:
-            return
+            return None
         if start % cr or (start + n != rows and n % cr) or start + n > rows:
             raise ValueError(
                 f"zarr writer: block at row {start} of {n} rows is not made of whole chunks of {cr} rows "
@@ -782,7 +782,16 @@ class ZarrWriter(Writer):
         t = data.contiguous()
         if t.dtype == torch.bfloat16:
             t = t.view(torch.int16)
-        arr = t.numpy().view(_np_dtype(m.dtype))  # no copy: the tensor's memory
+        return m, t.numpy().view(_np_dtype(m.dtype))  # no copy: the tensor's memory
+
+    def write(self, layer: int, start: int, data: torch.Tensor) -> None:
+        import numpy as np
+
+        block = self._block(layer, start, data)
+        if block is None:
+            return
+        m, arr = block
+        cr, hidden, n = m.chunk_rows, self.spec.layers[layer].hidden_dim, arr.shape[0]
         adir = self.path / m.name
 
         def one(s: int) -> None:

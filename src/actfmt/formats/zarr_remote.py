@@ -234,25 +234,12 @@ class RemoteZarrWriter(ZarrWriter):
 
     def write(self, layer: int, start: int, data: torch.Tensor) -> None:
         import numpy as np
-        import torch
 
-        m = self._meta(layer)
-        info = self.spec.layers[layer]
-        cr, rows, hidden = m.chunk_rows, info.rows, info.hidden_dim
-        n = int(data.shape[0])
-        if n == 0:
+        block = self._block(layer, start, data)
+        if block is None:
             return
-        if start % cr or (start + n != rows and n % cr) or start + n > rows:
-            raise ValueError(
-                f"zarr writer: block at row {start} of {n} rows is not made of whole chunks of {cr} rows "
-                f"(layer of {rows} rows)"
-            )
-        if tuple(data.shape) != (n, hidden):
-            raise ValueError(f"zarr writer: block of shape {tuple(data.shape)}, expected ({n}, {hidden})")
-        t = data.contiguous()
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        arr = t.numpy().view(_np_dtype(m.dtype))
+        m, arr = block
+        cr, hidden, n = m.chunk_rows, self.spec.layers[layer].hidden_dim, arr.shape[0]
 
         def one(s: int) -> tuple[RemotePath, bytes]:
             part = arr[s : s + cr]
