@@ -166,3 +166,25 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path: Path, to: str) -> None:
         for pos, li in enumerate(r.layers):
             assert torch.equal(bits(r.read(pos)), bits(data[li.name]))
     assert verify(tmp_path / "ds" / "EM", final).equal
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_verification_catches_a_bad_write_and_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: int
+) -> None:
+    from actfmt.formats.pt import PtWriter
+
+    make_split(tmp_path / "ds" / "EM", total=200, hidden=8, layers=3)
+    real_write = PtWriter.write
+
+    def corrupting_write(self: PtWriter, layer: int, start: int, data: torch.Tensor) -> None:
+        if layer == 2 and start == 0:
+            data = data.clone()
+            data[3, 1] = data[3, 1] + 1  # what a flaky disk or a buggy writer would do
+        real_write(self, layer, start, data)
+
+    monkeypatch.setattr(PtWriter, "write", corrupting_write)
+    with pytest.raises(ConversionError, match="layer_02: checksum of the written data"):
+        convert(tmp_path / "ds" / "EM", tmp_path / "out", to="pt", force=True, jobs=jobs)
+    assert not (tmp_path / "out" / "EM").exists()
+    assert find_splits(tmp_path / "out") == []

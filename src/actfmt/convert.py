@@ -395,7 +395,7 @@ def _convert_split(
         finally:
             writer.close()  # some formats (HDF5) lock the file: close before reading it back
         if verify:
-            _verify_written(job, tmp, to, spec, done, progress)
+            _verify_written(job, tmp, to, spec, done, progress, runner=runner, workers=workers)
         writer = writer_cls.open(tmp, spec, options)
         try:
             writer.finalize(_actfmt_block(job, spec, done, options, cast_from))  # the completeness mark, last
@@ -523,6 +523,7 @@ class LayerTask:
     options: WriteOptions
     layers: tuple[int, ...]
     key: str  # human-readable: "<split location>/<layer names>"
+    verify: bool = False  # re-read the written layers from the partial store and hash them instead of copying
 
 
 #: Runs layer tasks somewhere; yields each task's per-layer results as the tasks finish, in any order.
@@ -531,6 +532,12 @@ LayerRunner = Callable[[list[LayerTask]], Iterator[list[tuple[str, str, int]]]]
 
 def run_layer_task(task: LayerTask) -> list[tuple[str, str, int]]:
     """Run one :class:`LayerTask` (in a worker): ``[(layer name, checksum, nbytes), ...]``."""
+    if task.verify:
+        with get_format(task.to).open_reader(task.partial) as written:
+            return [
+                (written.layers[pos].name, layer_checksum(written, pos), written.layers[pos].nbytes)
+                for pos in task.layers
+            ]
     writer = get_format(task.to).writer_class().open(task.partial, task.spec, task.options)
     try:
         with open_reader(task.source, task.source_format) as reader:
@@ -600,7 +607,11 @@ def _verify_written(
     spec: SplitSpec,
     done: dict[str, str],
     progress: ProgressCallback | None,
+    runner: LayerRunner | None = None,
+    workers: int = 1,
 ) -> None:
+    """Re-read every written layer and compare its checksum with the source's; layers in parallel (threads, or
+    the executor's workers), since reading back is as much work as writing."""
     total = sum(info.nbytes for info in spec.layers)
     emit(progress, ProgressEvent("start", "verify", total=total, description=job.location))
     with get_format(to).open_reader(tmp) as r:
@@ -610,15 +621,50 @@ def _verify_written(
             raise ConversionError(
                 f"{tmp}: wrote layers {names}, expected {expected}; the destination is not kept."
             )
-        for pos, info in enumerate(r.layers):
-            got = layer_checksum(
-                r, pos, lambda n: emit(progress, ProgressEvent("advance", "verify", advance=n, nbytes=n))
-            )
-            if got != done[info.name]:
-                raise ConversionError(
-                    f"{job.destination}/{info.name}: checksum of the written data {got} differs from the "
-                    f"source's {done[info.name]}; the conversion is not published. Check the disk and retry."
+
+        def advance(n: int) -> None:
+            emit(progress, ProgressEvent("advance", "verify", advance=n, nbytes=n))
+
+        def one(pos: int) -> tuple[str, str, int]:
+            return names[pos], layer_checksum(r, pos, advance), r.layers[pos].nbytes
+
+        results: Iterator[tuple[str, str, int]]
+        if runner is not None:
+            tasks = [
+                LayerTask(
+                    job.source,
+                    job.source_format,
+                    tmp,
+                    to,
+                    spec,
+                    WriteOptions(),
+                    (pos,),
+                    f"{job.location}/{name}/verify",
+                    verify=True,
                 )
+                for pos, name in enumerate(names)
+            ]
+            results = (item for batch in runner(tasks) for item in batch)
+        elif workers > 1 and len(names) > 1:
+            pool = ThreadPoolExecutor(
+                max_workers=min(workers, len(names)), thread_name_prefix="actfmt-verify"
+            )
+            results = pool.map(one, range(len(names)))
+        else:
+            pool = None
+            results = map(one, range(len(names)))
+        try:
+            for name, got, nbytes in results:
+                if runner is not None:
+                    advance(nbytes)
+                if got != done[name]:
+                    raise ConversionError(
+                        f"{job.destination}/{name}: checksum of the written data {got} differs from the "
+                        f"source's {done[name]}; the conversion is not published. Check the disk and retry."
+                    )
+        finally:
+            if runner is None and pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
     emit(progress, ProgressEvent("end", "verify", description=job.location))
 
 
