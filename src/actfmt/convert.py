@@ -484,17 +484,18 @@ def copy_layer(
 
     def load(k: int) -> torch.Tensor:
         block = reader.read(pos, *bounds[k])
-        return block if block.dtype == target else block.to(target)
+        block = block if block.dtype == target else block.to(target)
+        h.update(tensor_bytes(block))  # one reader thread runs the loads in order: the hash sees row order
+        return block
 
-    # read block k+1 on a helper thread while block k is hashed and written: reads and writes overlap
-    # (both release the GIL), and at most two blocks are in memory
+    # read and hash block k+1 on a helper thread while block k is written: reads, hashing and writes overlap
+    # (all release the GIL), and at most two blocks are in memory
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="actfmt-read") as pre:
         ahead = pre.submit(load, 0) if bounds else None
         for k, (a, _) in enumerate(bounds):
             assert ahead is not None
             block = ahead.result()
             ahead = pre.submit(load, k + 1) if k + 1 < len(bounds) else None
-            h.update(tensor_bytes(block))
             writer.write(pos, a, block)
             if on_bytes:
                 on_bytes(block.nbytes)
