@@ -87,6 +87,9 @@ def test_rejects_bad_options(tmp_path: Path) -> None:
         convert(tmp_path / "ds", tmp_path / "out", to="pt", dtype="int8", force=True)
     with pytest.raises(ConversionError, match="source"):
         convert(tmp_path / "ds", tmp_path / "ds", to="pt", force=True)
+    with pytest.raises(ConversionError, match="inside the source"):
+        convert(tmp_path / "ds", tmp_path / "ds" / "zarr", to="zarr", force=True)
+    assert not (tmp_path / "ds" / "zarr").exists()
 
 
 def test_explicit_dtype_cast_is_recorded_and_warned(tmp_path: Path) -> None:

@@ -292,6 +292,13 @@ def convert(
         j.destination.resolve() == j.source.resolve() for j in jobs_list
     ):
         raise ConversionError(f"{dst}: the destination is the source; choose another destination.")
+    if not is_remote(src_path) and not is_remote(dst_path):
+        inside = Path(dst_path).resolve()
+        if inside.is_relative_to(Path(src_path).resolve()):
+            raise ConversionError(
+                f"{dst}: the destination is inside the source {src}, which actfmt never modifies; choose a "
+                f"destination outside it."
+            )
     if not force:
         _validate_source(src_path)
     result = ConvertResult()
