@@ -108,6 +108,11 @@ class SplitJob:
     destination: Path
     location: str  # relative to the source root, "/"-separated
 
+    @property
+    def label(self) -> str:
+        """What progress shows for this split: its location, or its name when the source is the split."""
+        return self.source.name if self.location == "." else self.location
+
 
 def plan(src: str | Path, dst: str | Path, to: str) -> list[SplitJob]:
     """Map every split under ``src`` to its destination under ``dst`` (the tree is mirrored).
@@ -437,7 +442,7 @@ def _write_layers(
 ) -> None:
     todo = [pos for pos, info in enumerate(spec.layers) if info.name not in done]
     total_bytes = sum(spec.layers[p].nbytes for p in todo)
-    emit(progress, ProgressEvent("start", "convert", total=total_bytes, description=job.location))
+    emit(progress, ProgressEvent("start", "convert", total=total_bytes, description=job.label))
 
     def one_layer(pos: int) -> tuple[str, str, int]:
         return copy_layer(
@@ -463,7 +468,7 @@ def _write_layers(
     else:
         for pos in todo:
             record(*one_layer(pos))
-    emit(progress, ProgressEvent("end", "convert", description=job.location))
+    emit(progress, ProgressEvent("end", "convert", description=job.label))
 
 
 def copy_layer(
@@ -591,7 +596,7 @@ def _run_layer_tasks(
     result: ConvertResult,
 ) -> None:
     total_bytes = sum(spec.layers[p].nbytes for t in tasks for p in t.layers)
-    emit(progress, ProgressEvent("start", "convert", total=total_bytes, description=job.location))
+    emit(progress, ProgressEvent("start", "convert", total=total_bytes, description=job.label))
     for results in runner(tasks):
         for name, digest, nbytes in results:
             done[name] = digest
@@ -599,7 +604,7 @@ def _run_layer_tasks(
             result.layers += 1
             result.bytes += nbytes
             emit(progress, ProgressEvent("advance", "convert", advance=nbytes, nbytes=nbytes))
-    emit(progress, ProgressEvent("end", "convert", description=job.location))
+    emit(progress, ProgressEvent("end", "convert", description=job.label))
 
 
 def torch_dtype_of(name: str) -> torch.dtype:
@@ -621,7 +626,7 @@ def _verify_written(
     """Re-read every written layer and compare its checksum with the source's; layers in parallel (threads, or
     the executor's workers), since reading back is as much work as writing."""
     total = sum(info.nbytes for info in spec.layers)
-    emit(progress, ProgressEvent("start", "verify", total=total, description=job.location))
+    emit(progress, ProgressEvent("start", "verify", total=total, description=job.label))
     with get_format(to).open_reader(tmp) as r:
         names = [li.name for li in r.layers]
         expected = [li.name for li in spec.layers]
@@ -673,7 +678,7 @@ def _verify_written(
         finally:
             if runner is None and pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-    emit(progress, ProgressEvent("end", "verify", description=job.location))
+    emit(progress, ProgressEvent("end", "verify", description=job.label))
 
 
 def _actfmt_block(
@@ -771,7 +776,10 @@ def _compare_split(
     for name in sorted(set(la) ^ set(lb)):
         res.differences.append(f"{key}/{name}: only in {'A' if name in la else 'B'}")
     total = sum(li.nbytes for _, li in la.values())
-    emit(progress, ProgressEvent("start", "verify", total=total, description=key))
+    emit(
+        progress,
+        ProgressEvent("start", "verify", total=total, description=ra.path.name if key == "." else key),
+    )
     for name in sorted(set(la) & set(lb)):
         (pa, ia), (pb, ib) = la[name], lb[name]
         if (ia.rows, ia.hidden_dim, ia.dtype) != (ib.rows, ib.hidden_dim, ib.dtype):
