@@ -184,10 +184,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
+    """The resume state, after every layer.  Atomic but not fsynced: it guards against a killed process (the
+    page cache survives it); the layers' data is not fsynced either, so an fsync here would promise nothing
+    more after a power loss, and on a busy disk it cost tens of ms per layer."""
     if is_remote(path):  # object storage: one PUT replaces an object atomically
         path.write_text(json.dumps(data, indent=2))
         return
-    write_json(path, data)
+    write_json(path, data, fsync=False)
 
 
 # ----------------------------------------------------------------------------------------------------------

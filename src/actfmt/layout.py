@@ -255,17 +255,19 @@ def load_metadata(path: str | Path) -> Metadata:
     return Metadata.from_dict(data, source=str(p))
 
 
-def write_json(path: str | Path, data: Any) -> None:
+def write_json(path: str | Path, data: Any, fsync: bool = True) -> None:
     """Write JSON atomically (temporary file, fsync, rename), as the producer formats ``metadata.json``:
-    ``json.dump(indent=2)``, no trailing newline."""
+    ``json.dump(indent=2)``, no trailing newline.  ``fsync=False`` when only a killed process matters (the
+    page cache survives it), not a power loss."""
     import os
 
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, p)
 
 
