@@ -263,6 +263,16 @@ def _(c: Path) -> None:
 
 
 @case(
+    "ACT005_link_cycle",
+    "toy_ds/again is a link back to org_tiny-model, a directory the walk already entered (a loop)",
+    [("ACT005", "Activations/org_tiny-model/toy_ds/again")],
+)
+def _(c: Path) -> None:
+    s = base(c)
+    (s.parent / "again").symlink_to("..")
+
+
+@case(
     "ACT002_truncated_shard",
     "layer_02/shard_001.pt cut in half (an interrupted copy)",
     [("ACT002", f"{EM}/layer_02/shard_001.pt")],
@@ -583,7 +593,24 @@ def _(c: Path) -> None:
     make_split(c, {**BASE, "split": "Neutral", "total_examples": 44}, torch.bfloat16, 14)
 
 
+def write_case(invalid: Path, name: str) -> None:
+    doc, fn, findings, deep = INVALID[name]
+    c = invalid / name
+    c.mkdir(parents=True)
+    fn(c)
+    out: dict[str, Any] = {"mutation": doc}
+    if deep:
+        out["deep"] = True
+    out["findings"] = [{"code": code, "location": loc} for code, loc in sorted(findings)]
+    write_json(c / "expected.json", out)
+
+
 def main() -> int:
+    if len(sys.argv) > 1:  # only the named invalid cases (the others stay byte for byte as they are)
+        for name in sys.argv[1:]:
+            shutil.rmtree(ROOT / "invalid" / name, ignore_errors=True)
+            write_case(ROOT / "invalid", name)
+        return 0
     valid, invalid = ROOT / "valid", ROOT / "invalid"
     if valid.exists():
         for p in valid.iterdir():
@@ -593,15 +620,8 @@ def main() -> int:
     valid_cases(valid)
     if REAL.is_dir():
         real_slice(valid)
-    for name, (doc, fn, findings, deep) in INVALID.items():
-        c = invalid / name
-        c.mkdir(parents=True)
-        fn(c)
-        out: dict[str, Any] = {"mutation": doc}
-        if deep:
-            out["deep"] = True
-        out["findings"] = [{"code": code, "location": loc} for code, loc in sorted(findings)]
-        write_json(c / "expected.json", out)
+    for name in INVALID:
+        write_case(invalid, name)
     return 0
 
 

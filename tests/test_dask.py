@@ -26,7 +26,7 @@ import distributed
 
 import actfmt
 from actfmt.cli import cli
-from actfmt.convert import _layer_tasks, convert, plan, verify
+from actfmt.convert import convert, layer_tasks, plan, spec_for, verify
 from actfmt.errors import ConversionError
 from actfmt.formats import FORMATS, find_splits, get_format
 from actfmt.layout import expected_shard_rows
@@ -178,15 +178,26 @@ def test_scheduler_without_dask_executor_and_unknown_executor_are_refused(tree: 
 
 @pytest.mark.parametrize("to", list(FORMATS))
 def test_tasks_never_share_a_file_hdf5_runs_as_one_task(tree: Path, tmp_path: Path, to: str) -> None:
-    job = plan(tree, tmp_path / "o", to)[0]
-    from actfmt.convert import _spec_for
     from actfmt.formats import open_reader
     from actfmt.formats.base import WriteOptions
+    from actfmt.storage import resolve
 
+    job = plan(resolve(tree), resolve(tmp_path / "o"), to)[0]
     with open_reader(job.source) as r:
-        spec = _spec_for(r, job.source_format, None)
-    writer_cls = get_format(to).writer_class()
-    tasks = _layer_tasks(job, tmp_path / "p", to, spec, WriteOptions(), writer_cls, {"layer_01": "x"})
+        spec = spec_for(r, job.source_format, None)
+    todo = [0, 2]  # layer_01 is done
+    tasks = layer_tasks(
+        job.source,
+        job.source_format,
+        resolve(tmp_path / "p"),
+        to,
+        spec,
+        WriteOptions(),
+        todo,
+        "x",
+        True,
+        None,
+    )
     if to == "hdf5":  # one file: one sequential task with every layer still to do
         assert [t.layers for t in tasks] == [(0, 2)]
     else:  # one layer per task: layers never share a chunk, shard or file
@@ -210,12 +221,12 @@ class _Flaky:
         self.failures: dict[tuple[str, str], int] = {}
         self.lock = threading.Lock()
 
-        def write(writer: Any, layer: int, start: int, data: torch.Tensor) -> None:
+        def write(writer: Any, layer: int, start: int, data: np.ndarray, runs: Any = None) -> None:
             self.write(writer, layer, start, data)
 
         monkeypatch.setattr(cls, "write", write)
 
-    def write(self, writer: Any, layer: int, start: int, data: torch.Tensor) -> None:
+    def write(self, writer: Any, layer: int, start: int, data: np.ndarray) -> None:
         name = writer.spec.layers[layer].name
         key = (str(writer.path), name)
         with self.lock:
@@ -225,7 +236,7 @@ class _Flaky:
             if fail:
                 self.failures[key] = self.failures.get(key, 0) + 1
         if fail:
-            garbage = torch.full_like(data, float("nan")) if data.dtype.is_floating_point else data
+            garbage = np.full_like(data, 0x7FC1 if data.dtype == np.uint16 else np.nan)  # NaN bits
             self.original(writer, layer, start, garbage)
             raise RuntimeError(f"injected failure writing {name} at row {start}")
         self.original(writer, layer, start, data)
@@ -261,7 +272,7 @@ def test_retries_exhausted_fail_cleanly_then_resume_finishes(
     local_outputs: dict[str, tuple[Path, Any]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from actfmt import _dask
+    from actfmt.convert import executors as _dask
 
     writer_cls = get_format("zarr").writer_class()
     flaky = _Flaky(monkeypatch, writer_cls, fail_times=100, layers={"layer_01"})
@@ -272,8 +283,9 @@ def test_retries_exhausted_fail_cleanly_then_resume_finishes(
     assert max(flaky.failures.values()) == _dask.TASK_RETRIES + 1
     assert not out.exists() or not list(out.rglob("*.zarr"))  # nothing published
     partial = out / "org_Tiny-Model" / "SP_test" / ".EM.zarr.actfmt-partial"
-    state = json.loads((partial.parent / ".EM.zarr.actfmt-state.json").read_text())
-    assert set(state["layers"]) == {"layer_00", "layer_02"}  # the layers that finished are kept
+    journal = (partial.parent / ".EM.zarr.actfmt-state.jsonl").read_text().splitlines()
+    layers = {json.loads(line).get("layer") for line in journal} - {None}
+    assert layers <= {"layer_00", "layer_02"} and partial.is_dir()  # the layers that finished are kept
     monkeypatch.undo()
     res = convert(tree, out, to="zarr", executor="dask", scheduler=inproc_client, resume=True)
     assert res.layers == 1 + LAYERS  # layer_01 of EM, then all of Neutral

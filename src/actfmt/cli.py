@@ -20,8 +20,10 @@ from typing import IO, Any
 
 import click
 
-from actfmt import __version__
+from actfmt._version import __version__
 from actfmt.errors import ActfmtError
+from actfmt.formats import FORMATS, all_compressions, get_format
+from actfmt.layout import SUPPORTED_DTYPES
 
 OUTPUT_FORMATS = ("text", "json", "github", "junit", "sarif")
 #: Without ``--deep``, a progress bar appears only once a run has lasted this long (seconds).
@@ -122,7 +124,7 @@ class PathOrURL(click.ParamType):
         self._path = click.Path(exists=exists)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from actfmt.remote import is_url
+        from actfmt.storage import is_url
 
         if isinstance(value, str) and is_url(value):
             return value
@@ -130,7 +132,7 @@ class PathOrURL(click.ParamType):
 
 
 def _storage_options(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
-    from actfmt.remote import parse_storage_options
+    from actfmt.storage import parse_storage_options
 
     try:
         return parse_storage_options(value)
@@ -356,8 +358,16 @@ def rule_command(rule_id: str, output_format: str) -> None:
 
 # --------------------------------------------------------------------------------------------- convert
 
-COMPRESSIONS = ("none", "zstd", "blosc-zstd", "lz4", "gzip", "lzf")
-TARGETS = ("zarr", "hdf5", "safetensors", "pt")
+TARGETS = tuple(FORMATS)
+
+
+def _compression_help() -> str:
+    parts = [
+        f"{name}: {' '.join(get_format(name).compressions)}"
+        for name in FORMATS
+        if get_format(name).compressions != ("none",)
+    ]
+    return f"Codec ({'; '.join(parts)}). Default: each format's first, its measured default."
 
 
 @cli.command("convert")
@@ -366,12 +376,7 @@ TARGETS = ("zarr", "hdf5", "safetensors", "pt")
 @storage_options_option
 @click.option("--to", "to", type=click.Choice(TARGETS), required=True, help="The destination format.")
 @click.option("--chunk-rows", type=click.IntRange(min=1), metavar="N", help="Rows per chunk (zarr, hdf5).")
-@click.option(
-    "--compression",
-    type=click.Choice(COMPRESSIONS),
-    help="Codec (zarr: none zstd blosc-zstd lz4 gzip; hdf5: none gzip lzf, plugins zstd blosc-zstd lz4). "
-    "Default: each format's measured default.",
-)
+@click.option("--compression", type=click.Choice(all_compressions()), help=_compression_help())
 @click.option("--level", type=int, metavar="N", help="Compression level (the codec's own scale).")
 @click.option(
     "-j",
@@ -398,12 +403,10 @@ TARGETS = ("zarr", "hdf5", "safetensors", "pt")
 @click.option("--overwrite", is_flag=True, help="Replace a destination that exists.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted conversion (complete splits are kept).")
 @click.option("--no-verify", is_flag=True, help="Skip re-reading the destination to check its checksums.")
-@click.option(
-    "--zarr-format", type=click.Choice(["2", "3"]), default="3", show_default=True, help="Zarr version."
-)
+@click.option("--zarr-format", type=click.Choice(["2", "3"]), help="Zarr version (default 3).")
 @click.option(
     "--dtype",
-    type=click.Choice(["float16", "bfloat16", "float32"]),
+    type=click.Choice(SUPPORTED_DTYPES),
     help="Cast the values (explicit and warned: the result is no longer bit-exact).",
 )
 @click.option("--force", is_flag=True, help="Convert a source that fails validation.")
@@ -421,7 +424,7 @@ def convert_command(
     overwrite: bool,
     resume: bool,
     no_verify: bool,
-    zarr_format: str,
+    zarr_format: str | None,
     dtype: str | None,
     force: bool,
     quiet: bool,
@@ -461,7 +464,7 @@ def convert_command(
             overwrite=overwrite,
             resume=resume,
             verify=not no_verify,
-            zarr_format=int(zarr_format),
+            zarr_format=int(zarr_format) if zarr_format else None,
             dtype=dtype,
             force=force,
             progress=progress,

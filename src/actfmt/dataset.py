@@ -13,12 +13,12 @@ format allows; nothing loads a whole shard to return a few rows.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import NotASplitError
 from actfmt.formats import find_splits, open_reader
 from actfmt.formats.base import LayerInfo, Reader, torch_dtype
+from actfmt.storage import Location, PathLike, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -137,7 +137,7 @@ class LayerView:
         """
         from actfmt._dask import layer_to_dask
 
-        return layer_to_dask(self._reader.path, self._reader.format, self._pos, self.info, chunk_rows, dtype)
+        return layer_to_dask(self._reader, self._pos, chunk_rows, dtype)
 
 
 class Split:
@@ -148,8 +148,9 @@ class Split:
         self._by_index = {li.index: pos for pos, li in enumerate(reader.layers)}
 
     @property
-    def path(self) -> Path:
-        return self._reader.path
+    def path(self) -> Location:
+        """Where the split is (``str()`` gives its path or URL)."""
+        return self._reader.location
 
     @property
     def format(self) -> str:
@@ -229,33 +230,33 @@ class Split:
         self.close()
 
 
-def open(path: str | Path, format: str | None = None, storage_options: dict[str, Any] | None = None) -> Split:
+def open(path: PathLike, format: str | None = None, storage_options: dict[str, Any] | None = None) -> Split:
     """Open one split in any format (``.pt`` directory, ``.zarr``, ``.h5``, safetensors directory).
 
-    ``path`` may be an fsspec URL (``s3://bucket/.../EM``, ``memory://...``) of a ``.pt`` split or a zarr store,
-    with ``storage_options`` for its filesystem (credentials, ``endpoint_url``); rows are then read with ranged
+    ``path`` may be an fsspec URL (``s3://bucket/.../EM``, ``memory://...``) of a split in any format, with
+    ``storage_options`` for its filesystem (credentials, ``endpoint_url``); rows are then read with ranged
     requests (a few rows never fetch a whole shard or an uncompressed chunk)."""
     return Split(open_reader(path, format, storage_options))
 
 
 def open_tree(
-    root: str | Path, storage_options: dict[str, Any] | None = None
+    root: PathLike, storage_options: dict[str, Any] | None = None
 ) -> dict[tuple[str, str, str], Split]:
     """Every split under ``root`` (a directory or an fsspec URL), keyed by ``(model_name, dataset_name,
     split)`` from its metadata."""
     out: dict[tuple[str, str, str], Split] = {}
-    for p, fmt in find_splits(root, storage_options):
-        s = Split(open_reader(p, fmt))
+    for loc, fmt in find_splits(resolve(root, storage_options)):
+        s = Split(open_reader(loc, fmt))
         meta = s.metadata
-        parts = Path(p).parts
         key = (
-            str(meta.get("model_name", parts[-3] if len(parts) >= 3 else "")),
-            str(meta.get("dataset_name", parts[-2] if len(parts) >= 2 else "")),
-            str(meta.get("split", Path(p).stem)),
+            str(meta.get("model_name", loc.parent.parent.name)),
+            str(meta.get("dataset_name", loc.parent.name)),
+            str(meta.get("split", loc.stem)),
         )
         out[key] = s
     return out
 
 
-def _as_paths(splits: Sequence[Any]) -> list[str]:
-    return [str(s.path) if isinstance(s, Split) else str(s) for s in splits]
+def as_locations(splits: Sequence[Any]) -> list[Location]:
+    """Splits, paths or URLs as locations (picklable, with their storage options)."""
+    return [s.path if isinstance(s, Split) else resolve(s) for s in splits]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "ActfmtError",
+    "ChangedError",
     "ConversionError",
     "CorruptShardError",
     "DestinationExistsError",
@@ -19,6 +20,7 @@ __all__ = [
     "NotATensorError",
     "RemoteStorageError",
     "ShardNotFoundError",
+    "TruncatedError",
     "UnsafeShardError",
     "ValidationFailedError",
 ]
@@ -42,6 +44,17 @@ class MetadataError(ActfmtError, ValueError):
 
 class CorruptShardError(ActfmtError, ValueError):
     """A file is not a loadable tensor file (empty, truncated, garbage)."""
+
+
+class TruncatedError(CorruptShardError):
+    """A file ends before the bytes its header (or the plan) promises: a partial copy, a full disk."""
+
+
+class ChangedError(ActfmtError, OSError):
+    """A file changed (rewritten, replaced, resized) while actfmt was reading it, or since it was opened."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class UnsafeShardError(ActfmtError, ValueError):

@@ -44,11 +44,13 @@ __all__ = [
 ]
 
 METADATA_FILE = "metadata.json"
-#: Loose patterns: anything that looks like a layer / shard.  Exact names are checked by ``layer_index``.
+#: The names, as the producer spells them (``layer_index`` / ``shard_index`` also check the zero padding).
 LAYER_RE = re.compile(r"^layer_(\d+)$")
 SHARD_RE = re.compile(r"^shard_(\d+)\.pt$")
-LOOSE_LAYER_RE = re.compile(r"^layer[_-]?\d+", re.IGNORECASE)
-LOOSE_SHARD_RE = re.compile(r"^shard[_-]?\d+", re.IGNORECASE)
+#: Names spelled off the pattern that still stand for an index (``layer_3``, ``Layer-03``, ``shard_1.pt``,
+#: ``shard_000.pth``): a directory holding such layers is a split, and validation reports the spelling.
+LOOSE_LAYER_RE = re.compile(r"^layer[_-]?(\d+)$", re.IGNORECASE)
+LOOSE_SHARD_RE = re.compile(r"^shard[_-]?(\d+)\.(?:pt|pth)$", re.IGNORECASE)
 
 #: dtype names actfmt stores (torch spelling).
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")

@@ -77,7 +77,7 @@ class Report:
         return 0
 
     def to_dict(self) -> dict[str, Any]:
-        from actfmt import __version__
+        from actfmt._version import __version__
 
         return {
             "schema_version": SCHEMA_VERSION,

@@ -404,7 +404,7 @@ def _sarif_level(severity: str) -> str:
 
 def render_sarif(reports: Sequence[Report], rules: Iterable[RuleInfo] | None = None) -> str:
     """SARIF 2.1.0: the rule catalogue as ``tool.driver.rules``; one result per finding."""
-    from actfmt import __version__
+    from actfmt._version import __version__
 
     if rules is None:
         from actfmt.checks import RULES

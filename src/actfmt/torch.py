@@ -11,15 +11,15 @@ The dataset holds paths only and opens files lazily in each worker, so it pickle
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from actfmt.dataset import Split, _as_paths
+from actfmt.dataset import Split, as_locations
 from actfmt.dataset import open as open_split
+from actfmt.storage import PathLike
 
 __all__ = ["ActivationDataset"]
 
@@ -32,9 +32,9 @@ class ActivationDataset(Dataset):
     """
 
     def __init__(
-        self, splits: Sequence[str | Path | Split], layer: int, labels: Sequence[Any] | None = None
+        self, splits: Sequence[PathLike | Split], layer: int, labels: Sequence[Any] | None = None
     ) -> None:
-        self.paths = _as_paths(splits)
+        self.paths = as_locations(splits)
         self.layer = layer
         self._splits: list[Split] | None = None
         sizes = []

@@ -16,6 +16,7 @@ from actfmt.checks import validate
 from actfmt.errors import NotASplitError
 from actfmt.progress import ProgressEvent
 from actfmt.report import Report
+from tests._faults import actfmt_cmd, run, run_json, world_readable
 from tests._trees import make_split
 from tests.conftest import INVALID, VALID
 
@@ -148,22 +149,25 @@ def test_select_and_ignore_count_ignored_findings() -> None:
 
 
 # -- I/O failures: ACT001 -----------------------------------------------------------------------------
-# Tests run as root, where `chmod 000` does not block reads: permission errors are simulated by patching
-# `open` (for one file only), and by putting a directory where a file belongs.
-def test_permission_denied_on_a_shard_is_act001(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    case = copy_case("bf16_batch_rounds", tmp_path)
+# Real permission errors: the tree is made unreadable in part, and validated by an unprivileged user (root
+# reads everything), through the command line.
+def test_permission_denied_on_a_shard_is_act001(open_tmp: Path) -> None:
+    case = copy_case("bf16_batch_rounds", open_tmp)
+    world_readable(case)
     victim = next(case.rglob("layer_01/shard_001.pt"))
-    real_open = open
+    victim.chmod(0)
+    out = _validate_as_nobody(case)
+    (f,) = out["issues"]
+    assert (f["code"], f["location"]) == (
+        "ACT001",
+        "Activations/org_tiny-bf16/toy_ds/EM/layer_01/shard_001.pt",
+    )
+    assert "Permission denied" in f["message"]
+    assert out["summary"]["errors"] == 1
 
-    def fake_open(file: object, *args: object, **kwargs: object) -> object:
-        if Path(str(file)) == victim:
-            raise PermissionError(13, "Permission denied", str(file))
-        return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
 
-    monkeypatch.setattr("builtins.open", fake_open)
-    (f,) = validate(case).findings
-    assert (f.code, f.location) == ("ACT001", "Activations/org_tiny-bf16/toy_ds/EM/layer_01/shard_001.pt")
-    assert "Permission denied" in f.message
+def _validate_as_nobody(case: Path) -> dict:
+    return run_json(actfmt_cmd("validate", str(case), "--output-format", "json"), unprivileged=True)
 
 
 def test_directory_where_a_shard_belongs_is_act001(tmp_path: Path) -> None:
@@ -176,19 +180,41 @@ def test_directory_where_a_shard_belongs_is_act001(tmp_path: Path) -> None:
     assert "directory" in f.message
 
 
-def test_unlistable_layer_directory_is_act001(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    case = copy_case("bf16_batch_rounds", tmp_path)
+def test_unlistable_layer_directory_is_act001(open_tmp: Path) -> None:
+    case = copy_case("bf16_batch_rounds", open_tmp)
+    world_readable(case)
     victim = next(case.rglob("layer_01"))
-    real = os.scandir
+    victim.chmod(0)
+    out = _validate_as_nobody(case)
+    assert [(f["code"], f["location"]) for f in out["issues"]] == [
+        ("ACT001", "Activations/org_tiny-bf16/toy_ds/EM/layer_01")
+    ]
 
-    def fake_scandir(path: object) -> object:
-        if Path(str(path)) == victim:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real(path)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ctxmod.os, "scandir", fake_scandir)
-    (f,) = validate(case).findings
-    assert (f.code, f.location) == ("ACT001", "Activations/org_tiny-bf16/toy_ds/EM/layer_01")
+def test_unlistable_directory_above_the_splits_never_validates_ok(open_tmp: Path) -> None:
+    case = copy_case("em_neutral_pair", open_tmp)
+    world_readable(case)
+    hidden = case / "Activations" / "org_tiny-pair" / "pair_ds"
+    hidden.chmod(0)
+    res = run(actfmt_cmd("validate", str(case)), unprivileged=True)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "ACT001" in res.stdout and "pair_ds" in res.stdout and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("victim", ["layer_01/shard_001.pt", "metadata.json"])
+def test_a_fifo_is_a_finding_never_a_hang(tmp_path: Path, victim: str) -> None:
+    case = copy_case("bf16_batch_rounds", tmp_path)
+    split = next(case.rglob("EM"))
+    (split / victim).unlink()
+    os.mkfifo(split / victim)  # opening it for reading would block until a writer comes
+    for deep in ("", "--deep"):
+        out = run_json(
+            actfmt_cmd("validate", str(case), "--output-format", "json", *([deep] if deep else []))
+        )
+        assert ("ACT006", f"{BASE_EM.replace('org_tiny-model', 'org_tiny-bf16')}/{victim}") in [
+            (f["code"], f["location"]) for f in out["issues"]
+        ], out["issues"]
+        assert out["summary"]["errors"] >= 1
 
 
 def test_unreadable_metadata_is_act001_and_skips(tmp_path: Path) -> None:
@@ -275,26 +301,32 @@ def test_api_is_exported_lazily() -> None:
 
 
 def test_header_probe_without_torch_matches_torch() -> None:
-    from actfmt.checks.header import fast_probe
-    from actfmt.formats.pt import probe_shard
+    from actfmt.formats.pt.header import _data_offset, fast_probe, load_shard
+    from actfmt.storage import LocalLocation
 
     fast = slow = 0
     for shard in sorted((VALID.parent).rglob("*.pt")):
         if shard.is_symlink() or not shard.is_file():
             continue
-        header = fast_probe(shard)
+        header = fast_probe(LocalLocation(shard))
         try:
-            reference = probe_shard(shard)
+            t = load_shard(LocalLocation(shard))  # torch's own reading, the reference
         except Exception:
             assert header is None, shard  # damaged or unsafe files are left to torch
             slow += 1
             continue
         if header is None:
-            assert reference.legacy, shard  # only the legacy format needs torch among loadable files
+            assert shard.read_bytes()[:2] != b"PK", (
+                shard
+            )  # only the legacy format needs torch among loadable files
             slow += 1
-        else:
-            assert header == reference, shard
-            fast += 1
+            continue
+        assert header.shape == tuple(t.shape) and header.dtype == str(t.dtype).removeprefix("torch."), shard
+        assert header.tensor_nbytes == t.numel() * t.element_size(), shard
+        assert header.storage_nbytes == t.untyped_storage().nbytes(), shard
+        assert header.file_nbytes == shard.stat().st_size and not header.legacy, shard
+        assert header.data_offset == _data_offset(shard, t), shard
+        fast += 1
     assert fast > 300 and slow >= 6
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from actfmt.formats.pt import PtReader
+from actfmt.storage import Location, resolve
 
 from .conformance import FormatConformance, bits
 
@@ -21,6 +22,9 @@ class TestPtFormat(FormatConformance):
 
     def independent_read(self, path: Path, layer_name: str, dtype: str) -> np.ndarray:
         return bits(seed_loader(path, layer_name))
+
+    def a_piece_of(self, store: Location, layer_name: str) -> Location:
+        return store / layer_name / "shard_001.pt"
 
     def test_shard_boundaries_follow_source(self, tmp_path: Path) -> None:
         path, spec, _ = self.roundtrip(tmp_path, "bfloat16")
@@ -41,7 +45,7 @@ class TestPtFormat(FormatConformance):
 
         path, spec, _ = self.roundtrip(tmp_path, "float16")
         assert json.loads((path / "metadata.json").read_text()) == spec.metadata
-        r = PtReader(path)
+        r = PtReader(resolve(path))
         assert r.actfmt is not None and r.actfmt["complete"] is True
 
 
@@ -69,7 +73,7 @@ def test_reader_handles_legacy_views_and_non_contiguous_shards(tmp_path: Path) -
     torch.save(big[:80], split / "layer_00" / "shard_000.pt")  # a saved view (bloated file)
     torch.save(full[80:160].T.contiguous().T, split / "layer_00" / "shard_001.pt")  # non-contiguous strides
     torch.save(full[160:].clone(), split / "layer_00" / "shard_002.pt", _use_new_zipfile_serialization=False)
-    with PtReader(split) as r:
+    with PtReader(resolve(split)) as r:
         assert r.layers[0].shard_rows == (80, 80, 40)
         np.testing.assert_array_equal(bits(r.read(0)), bits(full))
         np.testing.assert_array_equal(bits(r.read(0, 70, 170)), bits(full[70:170]))

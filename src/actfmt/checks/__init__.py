@@ -1,30 +1,37 @@
 """The validation engine: the rule registry, rule selection and :func:`validate`.
 
 Rules are classes (see :mod:`actfmt.checks.base`) collected from the modules ``io`` (ACT0xx), ``layout``
-(ACT1xx), ``metadata`` (ACT2xx), ``shards`` (ACT3xx), ``tensors`` (ACT4xx) and ``cross`` (ACT5xx).  Each split
-is scanned once into a :class:`~actfmt.checks.context.SplitContext` (listing, metadata, shard headers; values
-with ``deep``) and every rule reads it.
+(ACT1xx), ``metadata`` (ACT2xx), ``shards`` (ACT3xx), ``tensors`` (ACT4xx), ``cross`` (ACT5xx) and ``stores``
+(ACT6xx).  The tree is walked once (:func:`actfmt.formats.walk_splits`: what it cannot read is a finding
+too), each split is scanned once into a :class:`~actfmt.checks.context.SplitContext` (listing, metadata,
+shard headers; values with ``deep``) and every rule reads it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from actfmt.checks import cross, io, layout, metadata, shards, stores, tensors  # noqa: F401 - registers the rules
 from actfmt.checks.base import Finding, Rule
-from actfmt.checks.context import SplitContext, SplitRule, TreeRule, deep_pass, discover_splits, scan_split
-from actfmt.errors import FormatError
-from actfmt.progress import ProgressCallback
-from actfmt.remote import as_path
+from actfmt.checks.context import (
+    SplitContext,
+    SplitRule,
+    TreeRule,
+    WalkRule,
+    deep_bytes,
+    deep_read,
+    scan_split,
+)
+from actfmt.checks.stores import store_checksums
+from actfmt.errors import FormatError, NotASplitError
+from actfmt.formats import walk_splits
+from actfmt.progress import ProgressCallback, ProgressEvent, emit
 from actfmt.report import Report, SkippedChecks
+from actfmt.storage import PathLike, resolve
 
 __all__ = ["RULES", "UnknownRuleError", "get_rule", "resolve_selection", "validate"]
-
-_OPTIONAL_RULE_MODULES: tuple[str, ...] = ()
 
 
 class UnknownRuleError(FormatError, KeyError):
@@ -34,16 +41,7 @@ class UnknownRuleError(FormatError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def _load_optional() -> None:
-    import importlib
-
-    for name in _OPTIONAL_RULE_MODULES:
-        with contextlib.suppress(ImportError):
-            importlib.import_module(name)
-
-
 def _collect() -> dict[str, type[Rule]]:
-    _load_optional()
     found: dict[str, type[Rule]] = {}
     todo = list(Rule.__subclasses__())
     while todo:
@@ -128,6 +126,8 @@ def _skip_reason(ctx: SplitContext, needed: set[str]) -> str:
         return "metadata.json is missing (ACT101)"
     if ctx.metadata_state == "unreadable":
         return f"metadata.json cannot be read: {ctx.metadata_detail} (ACT001)"
+    if ctx.metadata_state == "special":
+        return f"metadata.json is {ctx.metadata_detail} (ACT006)"
     if ctx.metadata_state == "unparseable":
         return f"metadata.json cannot be parsed: {ctx.metadata_detail} (ACT201)"
     bad = sorted(needed - set(ctx.good))
@@ -136,7 +136,7 @@ def _skip_reason(ctx: SplitContext, needed: set[str]) -> str:
 
 
 def validate(
-    path: str | Path,
+    path: PathLike,
     deep: bool = False,
     select: str | Iterable[str] | None = None,
     ignore: str | Iterable[str] | None = None,
@@ -147,45 +147,72 @@ def validate(
     """Validate every split at or below ``path``; return a :class:`~actfmt.report.Report`.
 
     ``path`` may be an ``Activations`` root, a model or dataset directory, or one split.  Header-only by
-    default; ``deep`` reads the values too (ACT406, ACT407, ACT501), reporting progress through ``progress``.
-    ``jobs`` threads probe (and read) shards in parallel; the result does not depend on it.  Raises
-    :class:`~actfmt.errors.NotASplitError` when ``path`` does not exist or holds no split, and
-    :class:`UnknownRuleError` for an unknown ``select`` / ``ignore`` item.
+    default; ``deep`` reads the values too (ACT406, ACT407, ACT501, ACT602), reporting progress through
+    ``progress``.  ``jobs`` threads probe (and read) shards in parallel; the result does not depend on it.
+    Raises :class:`~actfmt.errors.NotASplitError` when ``path`` does not exist or holds no split (and no part of
+    it that could not be read), and :class:`UnknownRuleError` for an unknown ``select`` / ``ignore`` item.
 
     ``path`` may be an fsspec URL (``s3://bucket/Activations``, ``gs://...``, ``memory://...``), with
     ``storage_options`` for its filesystem: the tree is listed once and each shard's header is read with two
-    small ranged reads (``--deep`` downloads the shards).
+    small ranged reads.
     """
     start = time.perf_counter()
     selected = resolve_selection(select, ignore)
-    root = as_path(path, storage_options)
+    root = resolve(path, storage_options)
+    jobs = max(1, int(jobs))
     report = Report(root=str(path), deep=deep)
-    contexts = [scan_split(p, root, fmt, jobs=max(1, int(jobs))) for p, fmt in discover_splits(root)]
-    if deep:
-        deep_pass(contexts, jobs=max(1, int(jobs)), progress=progress)
-    found: list[Finding] = []
-    for ctx in contexts:
-        report.splits.append(ctx.location)
-        report.layers += sum(layer.is_dir for layer in ctx.layers)
-        report.shards += len(ctx.all_shards())
-        skipped: list[str] = []
-        needed: set[str] = set()
-        for code, rule in RULES.items():
-            if not issubclass(rule, SplitRule) or (rule.deep and not deep):
-                continue
-            if rule.pt_only and ctx.format != "pt":
-                continue
-            if not ctx.has(*rule.needs):
-                if code in selected:
-                    skipped.append(code)
-                    needed |= set(rule.needs)
-                continue
-            found.extend(rule.check(ctx))
-        if skipped:
-            report.skipped.append(SkippedChecks(ctx.location, tuple(skipped), _skip_reason(ctx, needed)))
-    for rule in RULES.values():
-        if issubclass(rule, TreeRule) and not (rule.deep and not deep):
-            found.extend(rule.check_tree(contexts))
+    walk = walk_splits(root)
+    if not walk.splits and not walk.problems:
+        raise NotASplitError(
+            f"{root}: no split found (a split is a directory with metadata.json and layer_XX/ directories, "
+            f"or a converted .zarr / .h5 / safetensors store); point actfmt at an Activations tree or a split."
+        )
+    contexts = [scan_split(split, root, jobs=jobs) for split in walk.splits]
+    try:
+        if deep:
+            total = deep_bytes(contexts)
+            emit(
+                progress,
+                ProgressEvent("start", "validate", total=total or None, description="reading values"),
+            )
+
+            def on_bytes(n: int) -> None:
+                emit(progress, ProgressEvent("advance", "validate", advance=n, nbytes=n))
+
+            deep_read(contexts, jobs, on_bytes)
+            for ctx in contexts:
+                if ctx.reader is not None:
+                    store_checksums(ctx, on_bytes)
+            emit(progress, ProgressEvent("end", "validate"))
+        found: list[Finding] = []
+        for rule in RULES.values():
+            if issubclass(rule, WalkRule):
+                found.extend(rule.check_walk(walk.problems))
+        for ctx in contexts:
+            report.splits.append(ctx.location)
+            report.layers += sum(layer.is_dir for layer in ctx.layers)
+            report.shards += len(ctx.all_shards())
+            skipped: list[str] = []
+            needed: set[str] = set()
+            for code, rule in RULES.items():
+                if not issubclass(rule, SplitRule) or (rule.deep and not deep):
+                    continue
+                if rule.pt_only and ctx.format != "pt":
+                    continue
+                if not ctx.has(*rule.needs):
+                    if code in selected:
+                        skipped.append(code)
+                        needed |= set(rule.needs)
+                    continue
+                found.extend(rule.check(ctx))
+            if skipped:
+                report.skipped.append(SkippedChecks(ctx.location, tuple(skipped), _skip_reason(ctx, needed)))
+        for rule in RULES.values():
+            if issubclass(rule, TreeRule) and not (rule.deep and not deep):
+                found.extend(rule.check_tree(contexts))
+    finally:
+        for ctx in contexts:
+            ctx.close()
     for f in found:
         if f.code in selected:
             report.findings.append(f)

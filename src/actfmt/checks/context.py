@@ -1,28 +1,26 @@
-"""The per-split context: everything the rules read, gathered once (one directory listing, one header probe per
-shard, one metadata parse; with ``deep``, one pass over the values).
+"""The per-split context: everything the rules read, gathered once (one listing per directory, one batch of
+header reads per split, one metadata parse; with ``deep``, one pass over the values).
 
-Rules never do I/O of their own: they read a :class:`SplitContext` (or, for cross-split rules, all of them).
-
-Split discovery
-    A directory is a split when it holds ``metadata.json`` or ``layer_XX``-like subdirectories, or when one of
-    the converted-store formats (``.zarr``, ``.h5``, ``layer_XX.safetensors``) recognises it.  The walk starts
-    at PATH, stops descending at a split, skips hidden entries and does not follow symlinked directories.
+Rules never do I/O of their own: they read a :class:`SplitContext` (or, for cross-split rules, all of them;
+for walk rules, the :class:`~actfmt.formats.walk.Walk`).  Splits are found by the one walker,
+:func:`actfmt.formats.walk_splits`.  Nothing here opens a file that ``stat`` says is not a regular file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from actfmt.checks.base import Finding, Rule
-from actfmt.errors import NotASplitError
+from actfmt.formats import Split, WalkProblem, get_format
+from actfmt.formats.pt.header import ShardHeader, load_shard, probe_shard, read_heads
 from actfmt.layout import (
+    LOOSE_LAYER_RE,
+    LOOSE_SHARD_RE,
     METADATA_FILE,
     REQUIRED_KEYS,
     SUPPORTED_DTYPES,
@@ -32,15 +30,15 @@ from actfmt.layout import (
     layer_index,
     layer_name,
     parse_metadata,
-    rel,
     shard_index,
     shard_name,
 )
-from actfmt.progress import ProgressCallback, ProgressEvent, emit
-from actfmt.remote import as_path, is_remote
+from actfmt.storage import DIR, MISSING, SPECIAL, Entry, Location, read_into
 
 if TYPE_CHECKING:  # pragma: no cover
-    from actfmt.formats.pt import ShardHeader
+    import numpy as np
+
+    from actfmt.formats.base import Reader
 
 __all__ = [
     "LayerEntry",
@@ -48,17 +46,16 @@ __all__ = [
     "SplitContext",
     "SplitRule",
     "TreeRule",
-    "deep_pass",
-    "discover_splits",
+    "WalkRule",
+    "deep_bytes",
+    "deep_read",
     "scan_split",
 ]
 
-#: Names that recover an index but are spelled off the pattern (``layer_3``, ``Layer-03``, ``shard_1.pt``,
-#: ``shard_000.pth``): ACT104, and the entry still stands for its index in the structural checks.
-BAD_LAYER_RE = re.compile(r"^layer[_-]?(\d+)$", re.IGNORECASE)
-BAD_SHARD_RE = re.compile(r"^shard[_-]?(\d+)\.(?:pt|pth)$", re.IGNORECASE)
 #: Files a split may hold besides metadata.json and the layer directories (a converted .pt split's sidecar).
 ALLOWED_SPLIT_FILES = {METADATA_FILE, ".actfmt.json"}
+#: Rows read per step by the deep pass (bounded memory whatever the shard size).
+DEEP_BLOCK_BYTES = 16 << 20
 
 
 # -- rule kinds ----------------------------------------------------------------------------------------------
@@ -83,17 +80,43 @@ class TreeRule(Rule):
         return ()
 
 
+class WalkRule(Rule):
+    """A rule about the parts of a tree the walk could not read or did not follow."""
+
+    @classmethod
+    def check_walk(cls, problems: list[WalkProblem]) -> Iterable[Finding]:  # pragma: no cover - overridden
+        return ()
+
+
 # -- entries -------------------------------------------------------------------------------------------------
+def _kind_detail(e: Entry) -> str:
+    """Why an entry that is not a regular file cannot be read as one."""
+    if e.kind == MISSING:
+        target = ""
+        if e.location.local_path is not None:
+            import os
+
+            try:
+                target = f" (to {os.readlink(e.location.path)})"
+            except OSError:
+                target = ""
+        return f"a dangling symlink{target}"
+    if e.kind == SPECIAL:
+        return "not a regular file (a FIFO, socket or device); not opened"
+    return "is a directory, not a file"
+
+
 @dataclass
 class ShardEntry:
     """One file in a layer directory that stands for a shard (exactly or badly named)."""
 
     index: int
-    path: Path
+    path: Location
     location: str
     exact: bool
     #: A correctly named shard with the same index exists: this one is ignored by the structural checks.
     shadowed: bool = False
+    kind: str = "file"
     header: ShardHeader | None = None
     error: BaseException | None = None
     # deep results
@@ -102,6 +125,10 @@ class ShardEntry:
     inf: int = 0
     zero_rows: list[int] = field(default_factory=list)
     digest: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
     @property
     def readable(self) -> bool:
@@ -134,7 +161,7 @@ class LayerEntry:
     """One entry of a split that stands for a layer (exactly or badly named)."""
 
     index: int
-    path: Path
+    path: Location
     location: str
     exact: bool
     is_dir: bool
@@ -167,12 +194,12 @@ class LayerEntry:
 class SplitContext:
     """Everything known about one split; built once by :func:`scan_split`, read by every rule."""
 
-    path: Path
-    root: Path
+    path: Location
+    root: Location
     location: str
     format: str = "pt"
     metadata_raw: Any = None
-    #: ``missing``, ``unreadable``, ``unparseable`` or ``None`` (the file was read and decoded).
+    #: ``missing``, ``unreadable``, ``special``, ``unparseable`` or ``None`` (the file was read and decoded).
     metadata_state: str | None = None
     metadata_detail: str = ""
     metadata: Metadata | None = None
@@ -184,6 +211,9 @@ class SplitContext:
     list_error: OSError | None = None
     deep: bool = False
     layer_digests: dict[int, str] = field(default_factory=dict)
+    #: A converted store's reader (opened once by the scan, closed by :meth:`close`) or why it failed.
+    reader: Reader | None = None
+    reader_error: BaseException | None = None
     cache: dict[str, Any] = field(default_factory=dict)
 
     def loc(self, *parts: str) -> str:
@@ -224,101 +254,25 @@ class SplitContext:
     def all_shards(self) -> list[ShardEntry]:
         return [s for layer in self.layers for s in layer.shards]
 
-
-# -- discovery -----------------------------------------------------------------------------------------------
-def _store_format(p: Path) -> str | None:
-    """The converted-store format that recognises ``p`` (zarr / hdf5 / safetensors), tolerating missing
-    format modules (they are optional and may fail to import)."""
-    try:
-        from actfmt.formats import FORMATS, get_format
-    except Exception:  # pragma: no cover - registry itself broken
-        return None
-    for name in FORMATS:
-        if name == "pt":
-            continue
-        try:
-            fmt = get_format(name)
-            if fmt.can_open(p):
-                return name
-        except Exception:
-            continue
-    return None
-
-
-def _scandir(p: Path) -> Any:
-    """``os.scandir``, or the listing of a :class:`~actfmt.remote.RemotePath` (entries of the same shape)."""
-    scan = getattr(p, "scandir", None)
-    return scan() if scan is not None else os.scandir(p)
-
-
-def _entry_path(e: Any) -> Path:
-    return e.path if isinstance(e.path, PurePath) else Path(e.path)  # type: ignore[return-value]
-
-
-def _is_pt_split(p: Path) -> bool:
-    try:
-        if not p.is_dir():
-            return False
-        if (p / METADATA_FILE).exists() or (p / METADATA_FILE).is_symlink():
-            return True
-        with _scandir(p) as it:
-            return any(BAD_LAYER_RE.match(e.name) and e.is_dir() for e in it)
-    except OSError:
-        return False
-
-
-def split_format(p: Path) -> str | None:
-    """``"pt"``, a store format name, or ``None`` when ``p`` is not a split."""
-    store = _store_format(p)
-    if store is not None:
-        return store
-    return "pt" if _is_pt_split(p) else None
-
-
-def discover_splits(root: str | Path) -> list[tuple[Path, str]]:
-    """Every split at or below ``root`` as ``(path, format)``, sorted; raise :class:`NotASplitError` if none."""
-    top = as_path(root)
-    if is_remote(top):
-        top.prefetch()  # type: ignore[attr-defined]  # one listing of the prefix: the walk then costs no request
-    if not top.exists() and not top.is_symlink():
-        raise NotASplitError(f"{top}: no such file or directory; check the path.")
-    found: list[tuple[Path, str]] = []
-
-    def walk(p: Path, depth: int) -> None:
-        fmt = split_format(p)
-        if fmt is not None:
-            found.append((p, fmt))
-            return
-        if depth > 8 or not p.is_dir() or (p.is_symlink() and p != top):
-            return
-        try:
-            children = sorted(p.iterdir(), key=lambda c: c.name)
-        except OSError:
-            return
-        for child in children:
-            if not child.name.startswith("."):
-                walk(child, depth + 1)
-
-    walk(top, 0)
-    if not found:
-        raise NotASplitError(
-            f"{top}: no split found (a split is a directory with metadata.json and layer_XX/ directories, "
-            f"or a converted .zarr / .h5 / safetensors store); point actfmt at an Activations tree or a split."
-        )
-    return found
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
 
 
 # -- scanning ------------------------------------------------------------------------------------------------
-def _read_metadata(ctx: SplitContext) -> None:
-    p = ctx.path / METADATA_FILE
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        if p.is_symlink():
-            ctx.metadata_state, ctx.metadata_detail = "unreadable", "a dangling symlink"
-        else:
-            ctx.metadata_state = "missing"
+def _read_metadata(ctx: SplitContext, entries: dict[str, Entry]) -> None:
+    e = entries.get(METADATA_FILE)
+    if e is None:
+        ctx.metadata_state = "missing"
         return
+    if e.kind == SPECIAL:
+        ctx.metadata_state, ctx.metadata_detail = "special", _kind_detail(e)
+        return
+    if e.kind != "file":
+        ctx.metadata_state, ctx.metadata_detail = "unreadable", _kind_detail(e)
+        return
+    try:
+        raw = e.location.read_bytes()
     except OSError as exc:
         ctx.metadata_state, ctx.metadata_detail = "unreadable", exc.strerror or str(exc)
         return
@@ -349,10 +303,9 @@ def _set_metadata(ctx: SplitContext, data: Any) -> None:
     ctx.good = {k: data[k] for k in REQUIRED_KEYS if k not in bad}
 
 
-def _scan_layer(ctx: SplitContext, layer: LayerEntry) -> None:
+def _scan_layer(layer: LayerEntry) -> None:
     try:
-        with _scandir(layer.path) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        entries = layer.path.list_dir()
     except OSError as exc:
         layer.list_error = exc
         return
@@ -361,66 +314,54 @@ def _scan_layer(ctx: SplitContext, layer: LayerEntry) -> None:
         loc = f"{layer.location}/{e.name}"
         i = shard_index(e.name)
         if i is not None:
-            layer.shards.append(ShardEntry(i, _entry_path(e), loc, exact=True))
+            layer.shards.append(ShardEntry(i, e.location, loc, exact=True, kind=e.kind))
             continue
-        m = BAD_SHARD_RE.match(e.name)
+        m = LOOSE_SHARD_RE.match(e.name)
         if m is not None:
             j = int(m.group(1))
-            layer.shards.append(ShardEntry(j, _entry_path(e), loc, exact=False, shadowed=j in exact_indices))
+            layer.shards.append(
+                ShardEntry(j, e.location, loc, exact=False, shadowed=j in exact_indices, kind=e.kind)
+            )
             continue
-        layer.strays.append((loc, _is_dir(e)))
-
-
-def _is_dir(e: os.DirEntry[str]) -> bool:
-    try:
-        return e.is_dir()
-    except OSError:
-        return False
+        layer.strays.append((loc, e.kind == DIR))
+    for s in layer.shards:
+        if s.kind != "file":
+            e = next(x for x in entries if x.location == s.path)
+            s.error = OSError(_kind_detail(e))
 
 
 def _scan_pt(ctx: SplitContext) -> None:
-    _read_metadata(ctx)
     try:
-        with _scandir(ctx.path) as it:
-            entries = sorted(it, key=lambda e: e.name)
+        entries = ctx.path.list_dir()
     except OSError as exc:
         ctx.list_error = exc
+        ctx.metadata_state, ctx.metadata_detail = "unreadable", exc.strerror or str(exc)
         return
-    exact_indices = {layer_index(e.name) for e in entries if _is_dir(e)} - {None}
+    _read_metadata(ctx, {e.name: e for e in entries})
+    exact_indices = {layer_index(e.name) for e in entries if e.is_dir()} - {None}
     for e in entries:
         if e.name in ALLOWED_SPLIT_FILES:
             continue
         loc = ctx.loc(e.name)
-        is_dir = _is_dir(e)
+        is_dir = e.is_dir()
         i = layer_index(e.name)
         if i is not None:
-            ctx.layers.append(LayerEntry(i, _entry_path(e), loc, exact=True, is_dir=is_dir))
+            ctx.layers.append(LayerEntry(i, e.location, loc, exact=True, is_dir=is_dir))
             continue
-        m = BAD_LAYER_RE.match(e.name)
+        m = LOOSE_LAYER_RE.match(e.name)
         if m is not None and is_dir:
             j = int(m.group(1))
             ctx.layers.append(
-                LayerEntry(j, _entry_path(e), loc, exact=False, is_dir=True, shadowed=j in exact_indices)
+                LayerEntry(j, e.location, loc, exact=False, is_dir=True, shadowed=j in exact_indices)
             )
             continue
         ctx.strays.append((loc, is_dir))
     for layer in ctx.layers:
         if layer.is_dir:
-            _scan_layer(ctx, layer)
+            _scan_layer(layer)
 
 
-def _probe(entry: ShardEntry) -> None:
-    from actfmt.checks.header import fast_probe
-    from actfmt.formats.pt import probe_shard
-
-    try:
-        # torch-free for the plain pattern; anything else (legacy, damaged, unsafe) is torch's to judge
-        entry.header = fast_probe(entry.path) or probe_shard(entry.path)
-    except Exception as exc:  # a broken file is a finding, never a crash (classified by the ACT0xx rules)
-        entry.error = exc
-
-
-def _map(fn: Callable[[ShardEntry], None], items: list[ShardEntry], jobs: int) -> None:
+def _map(fn: Callable[[Any], None], items: list[Any], jobs: int) -> None:
     """Run ``fn`` on every item (results are stored on the items, so the order of completion is irrelevant)."""
     if jobs > 1 and len(items) > 1:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -430,99 +371,15 @@ def _map(fn: Callable[[ShardEntry], None], items: list[ShardEntry], jobs: int) -
             fn(item)
 
 
-def _deep_read(entry: ShardEntry) -> None:
-    """Read the values once: non-finite count, all-zero rows, and a digest of the bytes."""
-    import torch
-    import xxhash
-
-    from actfmt.formats.pt import load_shard
-
-    try:
-        t = load_shard(entry.path, mmap=True)
-    except Exception as exc:  # changed since the probe: report it like a probe failure
-        entry.header, entry.error = None, exc
-        return
-    if t.dim() != 2:
-        return
-    t = t.contiguous()
-    # One pass: the per-row max of |x| is NaN/Inf iff the row holds one, and 0 iff the row is all zeros.
-    rowmax = torch.zeros(t.shape[0], dtype=t.dtype) if t.shape[1] == 0 else t.abs().amax(dim=1)
-    if not bool(torch.isfinite(rowmax).all()):
-        nan = int(torch.isnan(t).sum())
-        inf = int(torch.isinf(t).sum())
-        entry.nan, entry.inf, entry.nonfinite = nan, inf, nan + inf
-    zero = rowmax == 0
-    if bool(zero.any()):
-        entry.zero_rows = [int(i) for i in torch.nonzero(zero).flatten().tolist()]
-    h = xxhash.xxh3_64()
-    h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    if t.numel():
-        h.update(t.view(torch.uint8).numpy().data if t.element_size() else b"")
-    entry.digest = h.hexdigest()
-
-
-def scan_split(path: Path, root: Path, fmt: str, jobs: int = 1) -> SplitContext:
-    """Build the context of one split: list it, parse its metadata, probe every shard's header."""
-    ctx = SplitContext(path=path, root=root, location=rel(path, root), format=fmt)
-    if fmt != "pt":
-        _scan_store(ctx)
-        return ctx
-    _scan_pt(ctx)
-    shards = ctx.all_shards()
-    if is_remote(path):
-        from actfmt.remote import prefetch_shards
-
-        prefetch_shards([s.path for s in shards])  # type: ignore[misc]  # heads + tails, one concurrent batch
-    _map(_probe, shards, jobs)
-    return ctx
-
-
-def deep_pass(contexts: list[SplitContext], jobs: int = 1, progress: ProgressCallback | None = None) -> None:
-    """Read every usable shard's values once (ACT406, ACT407, ACT501), with one progress bar for all splits."""
-    import xxhash
-
-    todo = [s for ctx in contexts if ctx.format == "pt" for s in ctx.all_shards() if s.usable]
-    nbytes = sum(s.header.tensor_nbytes for s in todo if s.header is not None)
-    emit(progress, ProgressEvent("start", "validate", total=nbytes, description="reading values"))
-
-    def read_one(s: ShardEntry) -> None:
-        n = s.header.tensor_nbytes if s.header is not None else 0
-        _deep_read(s)
-        emit(progress, ProgressEvent("advance", "validate", advance=n, nbytes=n))
-
-    _map(read_one, todo, jobs)
-    stores = [ctx for ctx in contexts if ctx.format != "pt" and "reader" in ctx.cache]
-    if stores:
-        from actfmt.checks.stores import store_checksums
-
-        def on_bytes(n: int) -> None:
-            emit(progress, ProgressEvent("advance", "validate", advance=n, nbytes=n))
-
-        for ctx in stores:
-            store_checksums(ctx, on_bytes)
-    emit(progress, ProgressEvent("end", "validate"))
-    for ctx in contexts:
-        ctx.deep = True
-        for layer in ctx.layers:
-            live = layer.live_shards()
-            if live and all(s.digest is not None for s in live):
-                h = xxhash.xxh3_64()
-                for s in live:
-                    h.update(f"{s.index}:{s.digest};".encode())
-                ctx.layer_digests[layer.index] = h.hexdigest()
-
-
 def _scan_store(ctx: SplitContext) -> None:
-    """Converted stores: metadata only here (store rules open their reader themselves, once, via the cache)."""
+    """Converted stores: the reader is opened once here; the store rules read what it says."""
     try:
-        from actfmt.formats import get_format
-
         reader = get_format(ctx.format).open_reader(ctx.path)
-    except Exception as exc:
+    except Exception as exc:  # a damaged store is a finding, never a crash
         ctx.metadata_state, ctx.metadata_detail = "unreadable", f"{type(exc).__name__}: {exc}"
-        ctx.cache["reader_error"] = exc
+        ctx.reader_error = exc
         return
-    ctx.cache["reader"] = reader
+    ctx.reader = reader
     try:
         data = reader.metadata
     except Exception as exc:
@@ -534,3 +391,122 @@ def _scan_store(ctx: SplitContext) -> None:
             ctx.layers.append(LayerEntry(info.index, ctx.path / info.name, ctx.loc(info.name), True, True))
     except Exception:  # reported by the store rules (ACT603)
         pass
+
+
+def scan_split(split: Split, root: Location, jobs: int = 1) -> SplitContext:
+    """Build the context of one split: list it, parse its metadata, probe every shard's header."""
+    ctx = SplitContext(path=split.location, root=root, location=split.rel, format=split.format)
+    if split.format != "pt":
+        _scan_store(ctx)
+        return ctx
+    _scan_pt(ctx)
+    shards = [s for s in ctx.all_shards() if s.error is None]
+    heads = read_heads([s.path for s in shards])  # one batch of ranged reads for the split
+
+    def probe(entry: ShardEntry) -> None:
+        try:
+            # torch-free for the plain pattern; anything else (legacy, damaged, unsafe) is torch's to judge
+            entry.header = probe_shard(entry.path, heads.get(entry.path))
+        except Exception as exc:  # a broken file is a finding, never a crash (classified by the ACT0xx rules)
+            entry.error = exc
+
+    _map(probe, shards, jobs)
+    return ctx
+
+
+# -- the deep pass -------------------------------------------------------------------------------------------
+#: Per stored dtype: (unsigned view, sign mask, exponent mask) -- all-ones exponent = Inf (zero mantissa) or NaN.
+_BITS = {
+    "bfloat16": ("<u2", 0x7FFF, 0x7F80),
+    "float16": ("<u2", 0x7FFF, 0x7C00),
+    "float32": ("<u4", 0x7FFFFFFF, 0x7F800000),
+}
+
+
+def _blocks(entry: ShardEntry) -> Iterable[np.ndarray]:
+    """The shard's rows as stored-dtype arrays of bounded size (by offset when plain, else through torch)."""
+    import numpy as np
+
+    from actfmt.formats.base import as_array
+
+    h = entry.header
+    assert h is not None
+    rows, width = h.shape[0], h.shape[1]
+    dtype = h.dtype
+    if h.data_offset is None:
+        yield as_array(load_shard(entry.path, mmap=True), dtype)
+        return
+    row_bytes = width * (4 if dtype == "float32" else 2)
+    step = max(1, DEEP_BLOCK_BYTES // max(1, row_bytes))
+    where = entry.path.pinned(h.identity)
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        buf = np.empty((n, width), dtype=_BITS[dtype][0])
+        read_into([(where, h.data_offset + start * row_bytes, buf.reshape(-1).view(np.uint8))])
+        yield buf
+
+
+def _deep_read(entry: ShardEntry) -> None:
+    """Read the values once: NaN / Inf counts, all-zero rows, and a digest of the bytes."""
+    import numpy as np
+    import xxhash
+
+    h = entry.header
+    assert h is not None
+    _, magnitude, exponent = _BITS[h.dtype]
+    digest = xxhash.xxh3_64()
+    digest.update(f"{tuple(h.shape)}|torch.{h.dtype}|".encode())
+    row = 0
+    try:
+        for block in _blocks(entry):
+            bits = block.view(_BITS[h.dtype][0])
+            special = (bits & exponent) == exponent
+            if special.any():
+                nan = int(np.count_nonzero(special & ((bits & (magnitude ^ exponent)) != 0)))
+                entry.nan += nan
+                entry.inf += int(np.count_nonzero(special)) - nan
+            if bits.shape[1]:
+                nonzero = np.any(bits & magnitude, axis=1)
+                entry.zero_rows += (np.flatnonzero(~nonzero) + row).tolist()
+            else:
+                entry.zero_rows += list(range(row, row + bits.shape[0]))
+            digest.update(np.ascontiguousarray(bits).data.cast("B"))
+            row += bits.shape[0]
+    except Exception as exc:  # changed since the probe: report it like a probe failure
+        entry.header, entry.error = None, exc
+        return
+    entry.nonfinite = entry.nan + entry.inf
+    entry.digest = digest.hexdigest()
+
+
+def deep_read(contexts: list[SplitContext], jobs: int, on_bytes: Callable[[int], None]) -> None:
+    """Read every usable shard's values once (ACT406, ACT407, ACT501) and digest each layer."""
+    import xxhash
+
+    todo = [s for ctx in contexts if ctx.format == "pt" for s in ctx.all_shards() if s.usable]
+
+    def read_one(s: ShardEntry) -> None:
+        n = s.header.tensor_nbytes if s.header is not None else 0
+        _deep_read(s)
+        on_bytes(n)
+
+    _map(read_one, todo, jobs)
+    for ctx in contexts:
+        ctx.deep = True
+        for layer in ctx.layers:
+            live = layer.live_shards()
+            if live and all(s.digest is not None for s in live):
+                h = xxhash.xxh3_64()
+                for s in live:
+                    h.update(f"{s.index}:{s.digest};".encode())
+                ctx.layer_digests[layer.index] = h.hexdigest()
+
+
+def deep_bytes(contexts: list[SplitContext]) -> int:
+    """What the deep pass reads: every usable shard's tensor bytes and every store layer's bytes."""
+    total = sum(s.header.tensor_nbytes for ctx in contexts for s in ctx.all_shards() if s.usable and s.header)
+    for ctx in contexts:
+        if ctx.reader is not None:
+            with contextlib.suppress(Exception):  # a damaged store: reported by the store rules
+                total += sum(li.nbytes for li in ctx.reader.layers)
+    return total

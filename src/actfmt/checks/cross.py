@@ -70,7 +70,7 @@ class SplitMismatch(TreeRule):
     def check_tree(cls, contexts: list[SplitContext]) -> Iterable[Finding]:
         families: dict[str, list[SplitContext]] = defaultdict(list)
         for ctx in contexts:
-            families[str(ctx.path.absolute().parent)].append(ctx)
+            families[str(ctx.path.parent)].append(ctx)
         for family in families.values():
             if len(family) < 2:
                 continue

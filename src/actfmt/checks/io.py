@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from actfmt.checks.base import Finding
-from actfmt.checks.context import ShardEntry, SplitContext, SplitRule
+from actfmt.checks.base import WARNING, Finding
+from actfmt.checks.context import ShardEntry, SplitContext, SplitRule, WalkRule
 from actfmt.errors import CorruptShardError, NotATensorError, UnsafeShardError
+from actfmt.formats import WalkProblem
+from actfmt.storage import SPECIAL
 
-__all__ = ["CorruptShard", "NotATensor", "UnreadableFile", "UnsafeShard"]
+__all__ = ["CorruptShard", "NotATensor", "SpecialFile", "UnfollowedLink", "UnreadableFile", "UnsafeShard"]
 
 
 def _short(exc: BaseException, entry: ShardEntry) -> str:
@@ -22,18 +24,19 @@ def _short(exc: BaseException, entry: ShardEntry) -> str:
 
 
 def _oserror_text(exc: OSError) -> str:
-    return exc.strerror or type(exc).__name__
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
-class UnreadableFile(SplitRule):
+class UnreadableFile(SplitRule, WalkRule):
     """A file or directory cannot be opened or read.
 
-    Checks that every shard file, every layer directory and `metadata.json` can be opened and read
-    (permissions, I/O errors, a dangling symlink, a directory where a file is expected), and that a
-    converted store (`.zarr`, `.h5`, safetensors) opens.
+    Checks that every directory of the tree can be listed, that every shard file, every layer directory and
+    `metadata.json` can be opened and read (permissions, I/O errors, a dangling symlink, a directory where a
+    file is expected), and that a converted store (`.zarr`, `.h5`, safetensors) opens.
 
-    Why: an unreadable file makes every reader fail halfway through a job; the rest of the file's checks are
-    skipped (one root cause, one finding).
+    Why: an unreadable file makes every reader fail halfway through a job, and a directory that cannot be
+    listed hides the splits below it: a tree that cannot be read whole never validates as OK.  The rest of the
+    file's checks are skipped (one root cause, one finding).
 
     Fix: restore read permission (`chmod a+r`), re-copy the file from a good source, or replace the
     directory / dangling link by the file it should be.
@@ -44,15 +47,20 @@ class UnreadableFile(SplitRule):
     pt_only = False
 
     @classmethod
+    def check_walk(cls, problems: list[WalkProblem]) -> Iterable[Finding]:
+        for p in problems:
+            if p.kind in ("unreadable", "dangling", "too-deep"):
+                yield cls.finding(p.rel, p.detail)
+
+    @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
         if ctx.format != "pt":
-            err = ctx.cache.get("reader_error")
-            if err is not None:
-                yield cls.finding(ctx.loc(), f"cannot open the {ctx.format} store: {err}")
+            if ctx.reader_error is not None:
+                yield cls.finding(ctx.loc(), f"cannot open the {ctx.format} store: {ctx.reader_error}")
             return
         if ctx.list_error is not None:
             yield cls.finding(ctx.loc(), f"cannot list the split directory: {_oserror_text(ctx.list_error)}")
-        if ctx.metadata_state == "unreadable" and ctx.format == "pt":
+        if ctx.metadata_state == "unreadable" and ctx.list_error is None:
             yield cls.finding(
                 ctx.metadata_location,
                 f"cannot read metadata.json: {ctx.metadata_detail}; the checks that need it are skipped",
@@ -63,11 +71,8 @@ class UnreadableFile(SplitRule):
                     layer.location, f"cannot list {layer.name}/: {_oserror_text(layer.list_error)}"
                 )
             for s in layer.shards:
-                if isinstance(s.error, OSError):
-                    what = "is a directory, not a file" if s.path.is_dir() else _oserror_text(s.error)
-                    if s.path.is_symlink() and not s.path.exists():
-                        what = f"a dangling symlink (to {s.path.readlink()})"
-                    yield cls.finding(s.location, f"cannot read {s.path.name}: {what}")
+                if isinstance(s.error, OSError) and s.kind != SPECIAL:
+                    yield cls.finding(s.location, f"cannot read {s.name}: {_oserror_text(s.error)}")
 
 
 class CorruptShard(SplitRule):
@@ -135,3 +140,59 @@ class NotATensor(SplitRule):
         for s in ctx.all_shards():
             if isinstance(s.error, NotATensorError):
                 yield cls.finding(s.location, _short(s.error, s))
+
+
+class UnfollowedLink(WalkRule):
+    """A directory link the walk did not follow: it leaves the tree, or leads back into it (a cycle).
+
+    A link to a directory inside the tree is followed like any directory; one that points outside the tree,
+    or to a directory already walked (a loop), is not, and is reported instead of being skipped silently.
+
+    Why: splits behind such a link are not checked (outside), or would be checked twice or forever (a
+    cycle).
+
+    Fix: validate the link's target itself, or replace the link by the directory it stands for; remove a
+    link that loops.
+    """
+
+    code = "ACT005"
+    name = "unfollowed-link"
+    severity = WARNING
+
+    @classmethod
+    def check_walk(cls, problems: list[WalkProblem]) -> Iterable[Finding]:
+        for p in problems:
+            if p.kind in ("outside", "cycle"):
+                yield cls.finding(p.rel, p.detail)
+
+
+class SpecialFile(SplitRule, WalkRule):
+    """A FIFO, socket or device where a file or directory belongs (found with `stat`, never opened).
+
+    Opening a FIFO blocks until something writes to it: actfmt looks at every entry's type first and never
+    opens anything but regular files and directories.
+
+    Why: such an entry is never a shard or a metadata file; a reader that opens it hangs.
+
+    Fix: remove it, or replace it by the file it stands for.
+    """
+
+    code = "ACT006"
+    name = "special-file"
+    pt_only = False
+
+    @classmethod
+    def check_walk(cls, problems: list[WalkProblem]) -> Iterable[Finding]:
+        for p in problems:
+            if p.kind == "special":
+                yield cls.finding(p.rel, p.detail)
+
+    @classmethod
+    def check(cls, ctx: SplitContext) -> Iterable[Finding]:
+        if ctx.metadata_state == "special":
+            yield cls.finding(ctx.metadata_location, f"metadata.json is {ctx.metadata_detail}")
+        for s in ctx.all_shards():
+            if s.kind == SPECIAL:
+                yield cls.finding(
+                    s.location, f"{s.name} is not a regular file (a FIFO, socket or device); not opened"
+                )

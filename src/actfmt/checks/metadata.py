@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from pathlib import Path
 
 from actfmt.checks.base import WARNING, Finding
 from actfmt.checks.context import SplitContext, SplitRule
+from actfmt.storage import Location
 
 __all__ = ["MetadataBadValue", "MetadataMissingKey", "MetadataPathMismatch", "MetadataUnparseable"]
 
@@ -135,13 +135,12 @@ class MetadataPathMismatch(SplitRule):
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
-        split_dir = Path(ctx.path).absolute()
-        root = Path(ctx.root).absolute()
+        split_dir, root = ctx.path, ctx.root
         dataset_dir, model_dir = split_dir.parent, split_dir.parent.parent
         in_layout = model_dir.parent.name == "Activations"
 
-        def inside(p: Path) -> bool:
-            return p != root and root in p.parents
+        def inside(p: Location) -> bool:
+            return p != root and p.is_relative_to(root)
 
         pairs = [("split", _store_stem(split_dir.name), ctx.good["split"])]
         if inside(split_dir) or in_layout:

@@ -2,7 +2,7 @@
 (with ``deep``) the data still matching the checksums recorded at conversion.
 
 The scan opens each store's Reader once (:func:`actfmt.checks.context.scan_split`); the deep pass hashes each
-layer the way ``actfmt convert`` did (:func:`actfmt.convert.layer_checksum`).  The metadata and layer-layout
+layer the way ``actfmt convert`` did (:func:`actfmt.checksum.layer_checksum`).  The metadata and layer-layout
 rules (ACT2xx, ACT102, ACT103, ACT502) also apply to stores; shard rules do not.
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 
 from actfmt.checks.base import Finding
 from actfmt.checks.context import SplitContext, SplitRule
+from actfmt.checksum import layer_checksum
 
 __all__ = ["ChecksumMismatch", "Incomplete", "MissingChunk", "store_checksums", "store_info"]
 
@@ -24,18 +25,16 @@ def store_info(ctx: SplitContext) -> dict[str, Any]:
         return cached  # type: ignore[no-any-return]
     info: dict[str, Any] = {"layers": [], "missing": {}, "block": None, "error": None}
     ctx.cache["store"] = info
-    reader = ctx.cache.get("reader")
+    reader = ctx.reader
     if reader is None:
         return info
     try:
         info["block"] = reader.actfmt
         info["layers"] = list(reader.layers)
-        finder = getattr(reader, "missing_chunks", None)
-        if finder is not None:
-            for pos, layer in enumerate(info["layers"]):
-                missing = list(finder(pos))
-                if missing:
-                    info["missing"][layer.name] = missing
+        for pos, layer in enumerate(info["layers"]):
+            missing = list(reader.missing_chunks(pos))
+            if missing:
+                info["missing"][layer.name] = missing
     except Exception as exc:  # a damaged store is a finding, never a crash
         info["error"] = exc
     return info
@@ -43,10 +42,8 @@ def store_info(ctx: SplitContext) -> dict[str, Any]:
 
 def store_checksums(ctx: SplitContext, on_bytes: Any = None) -> None:
     """Hash every layer with no missing chunk (deep pass); results in ``ctx.cache["checksums"]``."""
-    from actfmt.convert import layer_checksum
-
     info = store_info(ctx)
-    reader = ctx.cache.get("reader")
+    reader = ctx.reader
     sums: dict[str, str | BaseException] = {}
     ctx.cache["checksums"] = sums
     if reader is None or info["error"] is not None:
@@ -156,7 +153,7 @@ class Incomplete(_StoreRule):
 
     @classmethod
     def check_store(cls, ctx: SplitContext, info: dict[str, Any]) -> Iterable[Finding]:
-        if "reader" not in ctx.cache:
+        if ctx.reader is None:
             return
         if info["error"] is not None:
             yield cls.finding(

@@ -1,8 +1,15 @@
-"""The Format protocol: every storage format is one module with a Reader and a Writer.
+"""The Format protocol: every storage format is one module with a Reader and a Writer over :mod:`actfmt.storage`.
 
 A *split* is ``num_layers`` 2-D arrays ``[total_examples, hidden_dim]`` plus the producer's metadata.  Readers
-expose it row-wise as torch tensors (bfloat16 restored); writers receive row blocks.  Shared logic (planning,
-checksums, atomic rename, locking, resume, verification) lives in :mod:`actfmt.convert`, never here.
+return rows as numpy arrays of the *stored* dtype (:func:`stored_dtype`: bfloat16 as its ``uint16`` bits, since
+numpy has none) and, for the public API, as torch tensors with bfloat16 restored; writers receive numpy row
+blocks.  Nothing on the conversion path needs torch.  Shared logic (planning, checksums, commit, resume,
+verification) lives in :mod:`actfmt.convert`, never here.
+
+Rows stored raw (a ``.pt`` shard's tensor, a safetensors file, an uncompressed zarr chunk) are all read by one
+piece of code, :class:`RowStore`: segments of whole rows at known byte offsets, read with batched
+:func:`~actfmt.storage.read_into` calls (``preadv`` locally, concurrent ranged GETs remotely).  Its
+:meth:`RowStore.runs` gives the byte runs a writer may copy in the kernel.
 
 This module imports neither torch nor numpy at import time.
 """
@@ -12,8 +19,9 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from actfmt.storage import Entry, Location, read_into
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -21,20 +29,38 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ACTFMT_KEY",
+    "ByteRun",
     "Format",
     "LayerInfo",
     "Reader",
+    "RowStore",
+    "Segment",
     "SplitSpec",
     "WriteOptions",
     "Writer",
-    "numpy_dtype",
-    "storage_numpy_dtype",
-    "tensor_bytes",
+    "as_array",
+    "dtype_name",
+    "fingerprint_of",
+    "stored_dtype",
+    "to_torch",
     "torch_dtype",
 ]
 
 #: Name of the actfmt block in a store's attributes / metadata.
 ACTFMT_KEY = "actfmt"
+#: Stored numpy dtype of each supported dtype (little-endian; bfloat16 as its bits).
+_STORED = {"bfloat16": "<u2", "float16": "<f2", "float32": "<f4"}
+_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def stored_dtype(name: str) -> np.dtype:
+    """The numpy dtype a layer of dtype ``name`` is stored and handed around as (bfloat16: ``<u2``)."""
+    import numpy as np
+
+    try:
+        return np.dtype(_STORED[name])
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; actfmt stores {', '.join(_STORED)}") from None
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -47,29 +73,55 @@ def torch_dtype(name: str) -> torch.dtype:
     return dt
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: Any) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")
 
 
-def storage_numpy_dtype(name: str) -> np.dtype:
-    """The numpy dtype a format stores ``name`` as: bfloat16 is kept as its uint16 bits."""
-    import numpy as np
-
-    return np.dtype("<u2") if name == "bfloat16" else np.dtype(name).newbyteorder("<")
-
-
-numpy_dtype = storage_numpy_dtype
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a tensor (one copy only if it is not contiguous; bf16 via int16)."""
+def to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
+    """A stored array as a torch tensor of its real dtype, sharing memory (bfloat16 bits viewed back)."""
     import torch
 
-    t = t.detach().contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def as_array(data: Any, dtype: str) -> np.ndarray:
+    """A row block as a C-contiguous array of the stored dtype: a numpy array as is (bits reinterpreted when
+    needed), a torch tensor without a copy when it is contiguous."""
+    import numpy as np
+
+    want = stored_dtype(dtype)
+    if type(data).__module__.startswith("torch"):
+        import torch
+
+        t = data.detach()
+        if dtype_name(t.dtype) != dtype:
+            raise ValueError(f"a {dtype_name(t.dtype)} block for a {dtype} layer")
+        t = t.contiguous()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        return np.ascontiguousarray(t.numpy()).view(want)
+    arr = np.ascontiguousarray(data)
+    if arr.dtype != want:
+        if arr.dtype.itemsize != want.itemsize or arr.dtype.kind not in "fiu":
+            raise ValueError(f"a {arr.dtype} block for a {dtype} layer (stored as {want})")
+        arr = arr.view(want)
+    return arr
+
+
+def fingerprint_of(locations: Sequence[Location]) -> str:
+    """A digest of the current identities of ``locations`` (a missing one counts as missing)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for loc in locations:
+        try:
+            ident = repr(loc.stat().identity)
+        except FileNotFoundError:
+            ident = "missing"
+        h.update(f"{loc.name}={ident};".encode())
+    return h.hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -85,11 +137,15 @@ class LayerInfo:
 
     @property
     def itemsize(self) -> int:
-        return 4 if self.dtype == "float32" else 2
+        return _ITEMSIZE.get(self.dtype, 2)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.hidden_dim * self.itemsize
 
     @property
     def nbytes(self) -> int:
-        return self.rows * self.hidden_dim * self.itemsize
+        return self.rows * self.row_bytes
 
 
 @dataclass
@@ -111,14 +167,160 @@ class WriteOptions:
     zarr_format: int = 3
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chunk_rows": self.chunk_rows,
+            "compression": self.compression,
+            "level": self.level,
+            "zarr_format": self.zarr_format,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# raw rows
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``rows`` whole rows stored raw in ``location`` from byte ``offset`` -- or, when ``array`` is given,
+    rows that had to be loaded another way (a legacy ``.pt`` shard), held in memory."""
+
+    location: Location
+    offset: int
+    rows: int
+    array: Any = field(default=None, compare=False, repr=False)
+
+
+#: ``(location, byte offset, byte count)``: a run of raw bytes a writer may copy as is.
+ByteRun = tuple[Location, int, int]
+
+
+class RowStore:
+    """A layer whose rows are stored raw, in segments of whole rows (shards, files or chunks).
+
+    ``missing_ok``: a missing file reads as zeros (a zarr chunk that was never written reads as the fill value).
+    """
+
+    def __init__(
+        self, segments: Sequence[Segment], hidden_dim: int, dtype: str, missing_ok: bool = False
+    ) -> None:
+        import numpy as np
+
+        self.segments = list(segments)
+        self.hidden_dim = hidden_dim
+        self.dtype = stored_dtype(dtype)
+        self.row_bytes = hidden_dim * self.dtype.itemsize
+        self.missing_ok = missing_ok
+        self.offsets = np.zeros(len(self.segments) + 1, dtype=np.int64)
+        np.cumsum([s.rows for s in self.segments], out=self.offsets[1:])
+
+    @property
+    def rows(self) -> int:
+        return int(self.offsets[-1])
+
+    def _pieces(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """``(segment index, first row in it, last row + 1 in it)`` covering rows ``[start, stop)``."""
+        import numpy as np
+
+        out = []
+        k = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while start < stop and k < len(self.segments):
+            lo, hi = int(self.offsets[k]), int(self.offsets[k + 1])
+            a, b = max(start, lo), min(stop, hi)
+            if a < b:
+                out.append((k, a - lo, b - lo))
+            start = max(start, hi)
+            k += 1
+        return out
+
+    def runs(self, start: int, stop: int) -> list[ByteRun] | None:
+        """The byte runs holding rows ``[start, stop)``, in order (``None`` if some rows are not stored raw)."""
+        rb = self.row_bytes
+        pieces = self._pieces(start, stop)
+        if any(self.segments[k].array is not None for k, _, _ in pieces):
+            return None
+        return [
+            (self.segments[k].location, self.segments[k].offset + a * rb, (b - a) * rb) for k, a, b in pieces
+        ]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        import numpy as np
+
+        start, stop = max(0, start), min(max(start, stop), self.rows)
+        out = np.empty((max(0, stop - start), self.hidden_dim), dtype=self.dtype)
+        reqs, pos = [], 0
+        for k, a, b in self._pieces(start, stop):
+            seg, dst = self.segments[k], out[pos : pos + b - a]
+            if seg.array is not None:
+                dst[...] = seg.array[a:b]
+            else:
+                reqs.append((seg.location, seg.offset + a * self.row_bytes, dst.reshape(-1).view(np.uint8)))
+            pos += b - a
+        for ok, (_, _, buf) in zip(read_into(reqs, self.missing_ok), reqs, strict=True):
+            if not ok:
+                buf[:] = 0
+        return out
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows at sorted-or-not, repeated-or-not indices; runs of nearby rows are one request each."""
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
+            raise IndexError(f"row index out of range for {self.rows} rows")
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        got = np.empty((uniq.size, self.hidden_dim), dtype=self.dtype)
+        if uniq.size == 0:
+            return got[inverse.reshape(-1)]
+        which = np.searchsorted(self.offsets, uniq, side="right") - 1
+        reqs: list[tuple[Location, int, Any]] = []
+        scatter: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for k in np.unique(which).tolist():
+            seg = self.segments[k]
+            sel = np.flatnonzero(which == k)
+            local = uniq[sel] - int(self.offsets[k])
+            if seg.array is not None:
+                got[sel] = seg.array[local]
+                continue
+            gap = max(1, seg.location.merge_gap // max(1, self.row_bytes))
+            cuts = np.flatnonzero(np.diff(local) > gap) + 1
+            for part in np.split(np.arange(sel.size), cuts):
+                a, b = int(local[part[0]]), int(local[part[-1]]) + 1
+                off = seg.offset + a * self.row_bytes
+                if b - a == part.size:  # consecutive rows: straight into the output
+                    lo = int(sel[part[0]])
+                    reqs.append((seg.location, off, got[lo : lo + part.size].reshape(-1).view(np.uint8)))
+                else:
+                    buf = np.empty((b - a, self.hidden_dim), dtype=self.dtype)
+                    reqs.append((seg.location, off, buf.reshape(-1).view(np.uint8)))
+                    scatter.append((buf, sel[part], local[part] - a))
+        oks = read_into(reqs, self.missing_ok)
+        for ok, (_, _, buf) in zip(oks, reqs, strict=True):
+            if not ok:
+                buf[:] = 0
+        for buf, dst, src in scatter:
+            got[dst] = buf[src]
+        if uniq.size == rows.size and np.array_equal(uniq, rows):
+            return got
+        return got[inverse.reshape(-1)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# readers and writers
+
 
 class Reader(abc.ABC):
     """Read-only access to one split in one format.  Use as a context manager."""
 
     format: ClassVar[str]
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, location: Location) -> None:
+        self.location = location
+
+    @property
+    def path(self) -> Location:
+        """The split's location (``str()`` gives its path or URL)."""
+        return self.location
 
     # -- description ---------------------------------------------------------------------------------------
     @property
@@ -136,30 +338,67 @@ class Reader(abc.ABC):
     def layers(self) -> Sequence[LayerInfo]:
         """The layers present, sorted by index."""
 
+    def layer_info(self, layer: int) -> LayerInfo:
+        """One layer's description (formats that describe layers lazily need not look at the others)."""
+        return self.layers[layer]
+
+    def position(self, name: str) -> int | None:
+        """The position of the layer called ``name`` (``layer_03``), or ``None``."""
+        names = [li.name for li in self.layers]
+        return names.index(name) if name in names else None
+
+    def describe(self) -> dict[str, Any]:
+        """Chunks, compression and the like, for ``actfmt info``."""
+        return {}
+
+    def missing_chunks(self, layer: int) -> list[str]:
+        """Parts of layer position ``layer`` the store lacks (they would read back as zeros)."""
+        return []
+
     # -- data ----------------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def read(self, layer: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Rows ``[start, stop)`` of layer *position* ``layer`` as a contiguous tensor in its real dtype."""
+    def read_array(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of layer *position* ``layer``, in the stored dtype (an array of its own)."""
 
-    def take(self, layer: int, rows: np.ndarray) -> torch.Tensor:
-        """Rows at the given (sorted or not, repeated or not) indices, in the given order."""
+    def take_array(self, layer: int, rows: Any) -> np.ndarray:
+        """Rows at the given indices (any order, repeats allowed), in the stored dtype."""
         import numpy as np
-        import torch
 
-        rows = np.asarray(rows, dtype=np.int64)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         info = self.layers[layer]
-        if rows.size == 0:
-            return torch.empty((0, info.hidden_dim), dtype=torch_dtype(info.dtype))
-        order = np.argsort(rows, kind="stable")
-        srt = rows[order]
-        out = torch.empty((rows.size, info.hidden_dim), dtype=torch_dtype(info.dtype))
-        # group sorted ids into runs of consecutive rows and read each run once
-        breaks = np.flatnonzero(np.diff(srt) > 1) + 1
-        for run in np.split(np.arange(srt.size), breaks):
-            lo, hi = int(srt[run[0]]), int(srt[run[-1]]) + 1
-            block = self.read(layer, lo, hi)
-            out[torch.from_numpy(order[run])] = block[torch.from_numpy(srt[run] - lo)]
-        return out
+        if rows.size and (rows.min() < 0 or rows.max() >= info.rows):
+            raise IndexError(f"row index out of range for {info.rows} rows of {info.name}")
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        out = np.empty((uniq.size, info.hidden_dim), dtype=stored_dtype(info.dtype))
+        breaks = np.flatnonzero(np.diff(uniq) > 1) + 1
+        for run in np.split(np.arange(uniq.size), breaks):
+            if run.size:
+                lo, hi = int(uniq[run[0]]), int(uniq[run[-1]]) + 1
+                out[run] = self.read_array(layer, lo, hi)
+        return out[inverse.reshape(-1)]
+
+    def chunk_rows_of(self, layer: int) -> int | None:
+        """Rows per stored chunk of layer position ``layer`` (reads of whole chunks are cheapest), or
+        ``None`` when the format has no chunks."""
+        return None
+
+    def fingerprint(self, layer: int) -> str | None:
+        """A digest of the identities (size, mtime, inode; ETag remotely) of the files layer position ``layer``
+        is read from, taken now: it changes when they are rewritten or replaced.  ``None``: cannot say."""
+        return None
+
+    def runs(self, layer: int, start: int, stop: int) -> list[ByteRun] | None:
+        """The raw byte runs holding rows ``[start, stop)`` when the rows are stored as is (then a writer
+        may copy them in the kernel), else ``None``."""
+        return None
+
+    def read(self, layer: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` as a torch tensor of the real dtype."""
+        return to_torch(self.read_array(layer, start, stop), self.layers[layer].dtype)
+
+    def take(self, layer: int, rows: Any) -> torch.Tensor:
+        """Rows at the given indices as a torch tensor of the real dtype."""
+        return to_torch(self.take_array(layer, rows), self.layers[layer].dtype)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
@@ -172,31 +411,33 @@ class Reader(abc.ABC):
 
 
 class Writer(abc.ABC):
-    """Writes one split into a (temporary) path.  ``convert`` handles atomicity, locking and checksums.
+    """Writes one split into a (temporary) location.  ``convert`` handles the commit, checksums and resume.
 
-    Life cycle: ``create`` once (makes every array / file, in the parent process), then ``open`` in each
-    process that writes, ``write`` row blocks (each inside one layer, aligned to ``block_rows``), ``close``,
-    and finally ``finalize`` once with the actfmt block (written last: the completeness mark).
+    Life cycle: ``create`` once (makes every array / file, in the driver process), then ``open`` in each
+    process that writes, ``write`` row blocks (each inside one layer, as ``block_rows`` says), ``finish_layer``,
+    ``close``, and finally ``finalize`` once with the actfmt block (written last: the completeness mark).
     """
 
     format: ClassVar[str]
-    #: May different processes write different layers of one split at the same time?
-    parallel_layers: ClassVar[bool] = True
 
-    def __init__(self, path: str | Path, spec: SplitSpec, options: WriteOptions) -> None:
-        self.path = Path(path)
+    def __init__(self, location: Location, spec: SplitSpec, options: WriteOptions) -> None:
+        self.location = location
         self.spec = spec
         self.options = options
 
-    @classmethod
-    @abc.abstractmethod
-    def create(cls, path: str | Path, spec: SplitSpec, options: WriteOptions) -> Writer:
-        """Create the empty store at ``path`` (which does not exist yet) and return a writer on it."""
+    @property
+    def path(self) -> Location:
+        return self.location
 
     @classmethod
-    def open(cls, path: str | Path, spec: SplitSpec, options: WriteOptions) -> Writer:
+    @abc.abstractmethod
+    def create(cls, location: Location, spec: SplitSpec, options: WriteOptions) -> Writer:
+        """Create the empty store at ``location`` (which does not exist yet) and return a writer on it."""
+
+    @classmethod
+    def open(cls, location: Location, spec: SplitSpec, options: WriteOptions) -> Writer:
         """Open an existing (partial) store for writing more layers."""
-        return cls(path, spec, options)
+        return cls(location, spec, options)
 
     def block_rows(self, layer: int) -> list[int]:
         """Row counts of the blocks ``write`` wants for ``layer``, in order (chunks, shards, ...)."""
@@ -205,8 +446,10 @@ class Writer(abc.ABC):
         return [min(step, info.rows - s) for s in range(0, info.rows, step)] or [0]
 
     @abc.abstractmethod
-    def write(self, layer: int, start: int, data: torch.Tensor) -> None:
-        """Write ``data`` (rows ``start .. start+len(data)`` of ``layer``) in its real dtype."""
+    def write(self, layer: int, start: int, data: Any, runs: list[ByteRun] | None = None) -> None:
+        """Write ``data`` (rows ``start .. start+len(data)`` of ``layer``; an array of the stored dtype, or a
+        torch tensor).  ``runs``, when given, are the source's raw bytes of exactly these rows: a writer that
+        stores rows raw may copy them in the kernel instead."""
 
     def finish_layer(self, layer: int) -> None:  # noqa: B027 - optional hook
         """Called once every block of ``layer`` is written (flush, close a per-layer file...)."""
@@ -220,31 +463,40 @@ class Writer(abc.ABC):
 
 
 class Format(abc.ABC):
-    """A storage format: a name, how its splits are recognised, its Reader and Writer classes."""
+    """A storage format: a name, how its splits are recognised, its Reader and Writer, what it supports."""
 
     name: ClassVar[str]
     #: What a split's path ends with (``.zarr``, ``.h5``) or ``""`` for a plain directory.
     suffix: ClassVar[str]
     #: Compression names this format accepts; the first is the default.
     compressions: ClassVar[tuple[str, ...]] = ("none",)
+    #: Capabilities, consulted instead of refusing in scattered places.
+    remote_read: ClassVar[bool] = True
+    #: Can the writer write object storage in place?  (If not, convert stages the store locally and uploads.)
+    remote_write: ClassVar[bool] = True
+    #: May different processes write different layers of one split at the same time?
+    parallel_layers: ClassVar[bool] = True
+    #: Is a split one file (``True``) or a directory?
+    single_file: ClassVar[bool] = False
 
     @classmethod
     @abc.abstractmethod
-    def can_open(cls, path: Path) -> bool:
-        """Is ``path`` a split of this format?  Cheap: looks at names and a few bytes only."""
+    def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
+        """Is ``location`` a split of this format?  Cheap: names and a few bytes.  ``entries``: its listing,
+        when the caller has it (a walk), so nothing is listed twice."""
 
     @classmethod
     @abc.abstractmethod
-    def open_reader(cls, path: str | Path) -> Reader: ...
+    def open_reader(cls, location: Location) -> Reader: ...
 
     @classmethod
     @abc.abstractmethod
     def writer_class(cls) -> type[Writer]: ...
 
     @classmethod
-    def destination(cls, split_dir: Path) -> Path:
-        """The path a split named ``split_dir.name`` gets in this format (``EM`` -> ``EM.zarr``)."""
-        name = split_dir.name
+    def destination(cls, split: Location) -> Location:
+        """Where a split named like ``split`` goes in this format (``EM`` -> ``EM.zarr``)."""
+        name = split.name
         for other in (".zarr", ".h5", ".hdf5"):
             name = name.removesuffix(other)
-        return split_dir.with_name(name + cls.suffix)
+        return split.with_name(name + cls.suffix)

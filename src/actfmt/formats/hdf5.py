@@ -1,4 +1,4 @@
-"""One split as one HDF5 file (``EM`` -> ``EM.h5``), written and read with h5py.
+"""One split as one HDF5 file (``EM`` -> ``EM.h5``), written with h5py and read with h5py or by byte offset.
 
 Layout (the contract, readable by stock ``h5ls`` / ``h5dump`` / h5py):
 
@@ -14,32 +14,23 @@ Layout (the contract, readable by stock ``h5ls`` / ``h5dump`` / h5py):
 * Datasets ``layer_00`` ... of shape ``[total_examples, hidden_dim]``, chunked ``(chunk_rows, hidden_dim)``.
   float16 / float32 are stored native little-endian; bfloat16 as its ``<u2`` bits.  Each dataset carries
   ``actfmt_dtype`` (``"bfloat16"``, ...) and, when the source was sharded, ``actfmt_shard_rows``.
+* Compression: ``gzip`` (the default: level 1 with the shuffle filter), ``none``, ``lzf``, and the plugin codecs
+  ``zstd``, ``blosc-zstd`` and ``lz4`` (through ``hdf5plugin``).
 
-Defaults:
+Defaults: ``chunk_rows`` is the largest power of two with a chunk of at most 1 MiB, capped at the layer's rows
+(small chunks keep single-row reads from a compressed file cheap); gzip level 1 + shuffle because shuffle is
+what compresses bf16 (its exponent bytes) and higher levels buy a few percent for several times the time.
 
-* ``chunk_rows``: the largest power of two with a chunk of at most 1 MiB (256 rows at 4096 x bf16, 2048 rows at
-  384 x bf16), capped at the layer's rows.  1 MiB (the low end of 1-4 MiB) keeps single-row reads from a
-  compressed file cheap; deflate's 32 KiB window makes the ratio insensitive to the chunk size.
-* compression ``gzip`` level 1 with the shuffle filter, chosen on the real sample
-  (``real-minilm-bf16``, 12 layers 600 x 384 bf16, 5.5 MB; h5py write / read MB/s, one core)::
+Writing (local files only: ``convert`` writes HDF5 into a local staging directory and uploads it): uncompressed
+and gzip blocks are stored as whole chunks with ``write_direct_chunk`` (actfmt shuffles + deflates the chunks
+itself on a thread pool, as HDF5's filters would); ``block_rows`` hands out chunk-aligned blocks of about
+48 MiB.  HDF5 files cannot be written by two processes at once: ``parallel_layers = False``.
 
-      none        1.00x  1059 / 2017      gzip1+shuf  1.38x    62 / 350   <- default
-      gzip1       1.23x    45 /  194      gzip2+shuf  1.38x    59 / 349
-      gzip2       1.23x    41 /  189      gzip3+shuf  1.40x    47 / 393
-      gzip4       1.25x    27 /  214      gzip4+shuf  1.40x    48 / 376
-      gzip6       1.25x    16 /  210      gzip6+shuf  1.42x    16 / 367
-      lzf         1.00x   142 /  399      lzf+shuf    1.20x   173 / 432
-      plugins:  zstd3 1.26x 522/872, blosc-zstd3+shuffle 1.34x 160/677, lz4 0.99x 702/2609
-
-  Shuffle is what matters on bf16 (the exponent bytes compress, the mantissa bytes hardly); higher gzip levels
-  add 1-3 % for 1.3-4x the time.  The writer deflates + shuffles whole chunks itself on a thread pool (zlib
-  releases the GIL) and stores them with ``write_direct_chunk``, so both cores compress.
-
-Speed: uncompressed and gzip blocks are written as whole chunks with ``write_direct_chunk`` (no copy, no chunk
-cache); ``block_rows`` hands out chunk-aligned blocks of about 48 MiB.  The reader reads into preallocated arrays
-with ``read_direct``; uncompressed datasets get no chunk cache (HDF5 then reads just the selected rows straight
-from the file), compressed ones a 64 MiB cache.  HDF5 files cannot be written by two processes at once:
-``parallel_layers = False``.
+Reading, locally (``h5py.File(path)``) or from object storage (h5py over a file object of the storage): an
+uncompressed layer whose chunks are all stored raw (the writer lays them back to back, in a few runs between
+HDF5's own metadata blocks) is read by byte offset through :class:`~actfmt.formats.base.RowStore` -- ``preadv``
+locally, concurrent ranged GETs remotely, and byte runs a writer may copy as is; other layers with
+``read_direct`` (compressed ones through a 64 MiB chunk cache each, a few datasets open at a time).
 """
 
 from __future__ import annotations
@@ -49,31 +40,39 @@ import math
 import os
 from collections.abc import Sequence
 from functools import cached_property
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 from actfmt.errors import ConversionError, FormatError, MetadataError, NotASplitError
 from actfmt.formats.base import (
     ACTFMT_KEY,
+    ByteRun,
     Format,
     LayerInfo,
     Reader,
+    RowStore,
+    Segment,
     SplitSpec,
     WriteOptions,
     Writer,
-    storage_numpy_dtype,
-    torch_dtype,
+    as_array,
+    stored_dtype,
 )
 from actfmt.layout import SUPPORTED_DTYPES, layer_index
+from actfmt.storage import FILE, Entry, Location
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
     import h5py
     import numpy as np
-    import torch
 
 __all__ = ["HDF5_SIGNATURE", "HDF5Format", "HDF5Reader", "HDF5Writer", "default_chunk_rows"]
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+#: Where the signature may be: at 0, or after a user block of 512, 1024 or 2048 bytes.
+SIGNATURE_OFFSETS = (0, 512, 1024, 2048)
+#: Names a file on object storage must have to be probed (a request per file would cost too much).
+REMOTE_SUFFIXES = (".h5", ".hdf5")
 #: Root attribute holding the producer's metadata as one exact JSON document.
 METADATA_ATTR = "actfmt_metadata"
 #: Dataset attributes.
@@ -105,16 +104,12 @@ def default_chunk_rows(rows: int, hidden_dim: int, itemsize: int) -> int:
     return max(1, min(n, rows))
 
 
-def _import_hdf5plugin(path: Path | str, what: str) -> Any:
+def _import_hdf5plugin(where: object, what: str) -> Any:
     try:
         import hdf5plugin
     except ImportError:
-        raise ConversionError(f"{path}: {what} needs the hdf5plugin package; {_PIP_HINT}.") from None
+        raise ConversionError(f"{where}: {what} needs the hdf5plugin package; {_PIP_HINT}.") from None
     return hdf5plugin
-
-
-def _jsonable(value: Any) -> bool:
-    return value is None or isinstance(value, (list, dict, tuple))
 
 
 def _attr_value(value: Any) -> Any:
@@ -153,20 +148,31 @@ def _from_attr(value: Any) -> Any:
     return None  # h5py.Empty and the like
 
 
+def _json_attr(raw: Any) -> Any:
+    """A JSON string attribute, decoded (``ValueError`` / ``TypeError`` when it is not JSON)."""
+    return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+
+
 class _Codec:
     """A resolved compression choice: h5py dataset keywords and, when actfmt encodes chunks itself, how."""
 
-    def __init__(self, name: str, level: int | None, shuffle: bool, path: Path) -> None:
+    name: str
+    level: int | None
+    shuffle: bool
+    requires_plugins: list[str]
+    kwargs: dict[str, Any]
+
+    def __init__(self, name: str, level: int | None, shuffle: bool, where: object) -> None:
         self.name, self.level, self.shuffle = name, level, shuffle
-        self.requires_plugins: list[str] = []
-        self.kwargs: dict[str, Any] = {}
+        self.requires_plugins = []
+        self.kwargs = {}
         if name == "gzip":
             self.kwargs = {"compression": "gzip", "compression_opts": level, "shuffle": shuffle}
         elif name == "lzf":
             self.kwargs = {"compression": "lzf", "shuffle": shuffle}
             self.requires_plugins = ["lzf"]
         elif name in PLUGIN_CODECS:
-            hp = _import_hdf5plugin(path, f"compression {name!r}")
+            hp = _import_hdf5plugin(where, f"compression {name!r}")
             if name == "zstd":
                 self.kwargs = dict(hp.Zstd(clevel=level))
             elif name == "blosc-zstd":
@@ -184,28 +190,28 @@ class _Codec:
         return self.name in BUILTIN
 
     @classmethod
-    def resolve(cls, options: WriteOptions, path: Path) -> _Codec:
+    def resolve(cls, options: WriteOptions, where: object) -> _Codec:
         name = (options.compression or COMPRESSIONS[0]).lower()
         if name not in COMPRESSIONS:
             raise ConversionError(
-                f"{path}: the hdf5 format has no compression {options.compression!r}; "
+                f"{where}: the hdf5 format has no compression {options.compression!r}; "
                 f"choose one of: {', '.join(COMPRESSIONS)}."
             )
         level = options.level
         if level is not None and name not in LEVEL_RANGE:
-            raise ConversionError(f"{path}: compression {name!r} takes no --level (got {level}).")
+            raise ConversionError(f"{where}: compression {name!r} takes no --level (got {level}).")
         if level is None:
             level = DEFAULT_LEVEL.get(name)
         elif not LEVEL_RANGE[name][0] <= level <= LEVEL_RANGE[name][1]:
             lo, hi = LEVEL_RANGE[name]
-            raise ConversionError(f"{path}: --level {level} is out of range for {name!r} ({lo}..{hi}).")
+            raise ConversionError(f"{where}: --level {level} is out of range for {name!r} ({lo}..{hi}).")
         shuffle = bool(options.extra.get("shuffle", name in ("gzip", "lzf", "blosc-zstd")))
         if name == "none":
             shuffle = False
-        return cls(name, level, shuffle, path)
+        return cls(name, level, shuffle, where)
 
     @classmethod
-    def of_dataset(cls, dset: h5py.Dataset, path: Path) -> _Codec:
+    def of_dataset(cls, dset: h5py.Dataset) -> _Codec:
         """The codec an existing dataset was created with (for resuming and finalize)."""
         plist = dset.id.get_create_plist()
         ids = [plist.get_filter(k)[0] for k in range(plist.get_nfilters())]
@@ -233,18 +239,32 @@ def _encode_gzip(raw: np.ndarray, itemsize: int, shuffle: bool, level: int) -> b
     return zlib.compress(memoryview(buf), level)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# writing
+
+
 class HDF5Writer(Writer):
-    """Writes every layer of a split into one HDF5 file, whole chunks at a time."""
+    """Writes every layer of a split into one local HDF5 file, whole chunks at a time."""
 
     format = "hdf5"
-    parallel_layers = False
+    #: One file, one writer at a time (as :attr:`HDF5Format.parallel_layers`).
+    parallel_layers: ClassVar[bool] = False
 
-    def __init__(self, path: str | Path, spec: SplitSpec, options: WriteOptions) -> None:
-        super().__init__(path, spec, options)
+    def __init__(self, location: Location, spec: SplitSpec, options: WriteOptions) -> None:
+        if not location.is_local:
+            raise ConversionError(
+                f"{location}: the hdf5 writer writes local files only; write the file into a local "
+                f"directory and upload it (actfmt convert does that for you)."
+            )
+        super().__init__(location, spec, options)
         self._file: h5py.File | None = None
         self._pool: Any = None
         self._codecs: dict[int, _Codec] = {}
-        self._requested = _Codec.resolve(options, self.path)
+        self._requested = _Codec.resolve(options, location)
+
+    @property
+    def local_path(self) -> Path:
+        return self.location.local_path  # type: ignore[no-any-return]
 
     # pickling (a writer may be sent to a worker process): never ship the open h5py handle or the pool
     def __getstate__(self) -> dict[str, Any]:
@@ -259,39 +279,44 @@ class HDF5Writer(Writer):
         return default_chunk_rows(info.rows, info.hidden_dim, info.itemsize)
 
     @classmethod
-    def create(cls, path: str | Path, spec: SplitSpec, options: WriteOptions) -> HDF5Writer:
+    def create(cls, location: Location, spec: SplitSpec, options: WriteOptions) -> HDF5Writer:
         import h5py
         import numpy as np
 
-        self = cls(path, spec, options)
+        self = cls(location, spec, options)
         codec = self._requested
-        if self.path.exists():
-            raise ConversionError(f"{self.path}: already exists; the writer only creates new files.")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(self.path, "w", track_order=True) as f:
-            meta = {k: v for k, v in spec.metadata.items() if k not in RESERVED_ATTRS}
-            for key, value in meta.items():
-                f.attrs[key] = _attr_value(value)
-            f.attrs[METADATA_ATTR] = json.dumps(meta, ensure_ascii=False, allow_nan=True)
-            for pos, info in enumerate(spec.layers):
-                if info.dtype not in SUPPORTED_DTYPES:
-                    raise ConversionError(
-                        f"{self.path}: {info.name} has dtype {info.dtype}; hdf5 stores only "
-                        f"{', '.join(SUPPORTED_DTYPES)} (use --dtype to cast)."
-                    )
-                rows = max(0, info.rows)
-                dset = f.create_dataset(
-                    info.name,
-                    shape=(rows, info.hidden_dim),
-                    maxshape=(None if rows == 0 else rows, info.hidden_dim),
-                    dtype=storage_numpy_dtype(info.dtype),
-                    chunks=(self.chunk_rows(pos), max(1, info.hidden_dim)),
-                    fillvalue=0,
-                    **codec.kwargs,
+        for info in spec.layers:
+            if info.dtype not in SUPPORTED_DTYPES:
+                raise ConversionError(
+                    f"{location}: {info.name} has dtype {info.dtype}; hdf5 stores only "
+                    f"{', '.join(SUPPORTED_DTYPES)} (use --dtype to cast)."
                 )
-                dset.attrs[DTYPE_ATTR] = info.dtype
-                if info.shard_rows:
-                    dset.attrs[SHARD_ROWS_ATTR] = np.asarray(info.shard_rows, dtype=np.int64)
+        if location.exists():
+            raise ConversionError(f"{location}: already exists; the writer only creates new files.")
+        location.parent.mkdir()
+        try:
+            with h5py.File(self.local_path, "w", track_order=True) as f:
+                meta = {k: v for k, v in spec.metadata.items() if k not in RESERVED_ATTRS}
+                for key, value in meta.items():
+                    f.attrs[key] = _attr_value(value)
+                f.attrs[METADATA_ATTR] = json.dumps(meta, ensure_ascii=False, allow_nan=True)
+                for pos, info in enumerate(spec.layers):
+                    rows = max(0, info.rows)
+                    dset = f.create_dataset(
+                        info.name,
+                        shape=(rows, info.hidden_dim),
+                        maxshape=(None if rows == 0 else rows, info.hidden_dim),
+                        dtype=stored_dtype(info.dtype),
+                        chunks=(self.chunk_rows(pos), max(1, info.hidden_dim)),
+                        fillvalue=0,
+                        **codec.kwargs,
+                    )
+                    dset.attrs[DTYPE_ATTR] = info.dtype
+                    if info.shard_rows:
+                        dset.attrs[SHARD_ROWS_ATTR] = np.asarray(info.shard_rows, dtype=np.int64)
+        except BaseException:
+            location.delete()  # never leave a half-made file behind
+            raise
         return self
 
     # -- file handle ---------------------------------------------------------------------------------------
@@ -300,21 +325,23 @@ class HDF5Writer(Writer):
             import h5py
 
             try:
-                self._file = h5py.File(self.path, "r+")
+                self._file = h5py.File(self.local_path, "r+")
             except FileNotFoundError:
-                raise ConversionError(f"{self.path}: not found; create() the file before writing.") from None
+                raise ConversionError(
+                    f"{self.location}: not found; create() the file before writing."
+                ) from None
         return self._file
 
     def _dataset(self, layer: int) -> tuple[h5py.Dataset, _Codec]:
         info = self.spec.layers[layer]
         f = self._f()
         if info.name not in f:
-            raise ConversionError(f"{self.path}: dataset {info.name} is missing; re-create the file.")
+            raise ConversionError(f"{self.location}: dataset {info.name} is missing; re-create the file.")
         dset = f[info.name]
         if layer not in self._codecs:
-            self._codecs[layer] = _Codec.of_dataset(dset, self.path)
+            self._codecs[layer] = _Codec.of_dataset(dset)
             if "hdf5plugin" in self._codecs[layer].requires_plugins:
-                _import_hdf5plugin(self.path, f"{info.name} (compressed with a plugin filter)")
+                _import_hdf5plugin(self.location, f"{info.name} (compressed with a plugin filter)")
         return dset, self._codecs[layer]
 
     def block_rows(self, layer: int) -> list[int]:
@@ -327,25 +354,27 @@ class HDF5Writer(Writer):
         return [min(step, info.rows - s) for s in range(0, info.rows, step)]
 
     # -- writing -------------------------------------------------------------------------------------------
-    def write(self, layer: int, start: int, data: torch.Tensor) -> None:
+    def write(self, layer: int, start: int, data: Any, runs: list[ByteRun] | None = None) -> None:
+        """Write rows ``start ..`` of ``layer``.  ``runs`` is not used: chunks are written from ``data``."""
         import numpy as np
 
         info = self.spec.layers[layer]
-        n = int(data.shape[0]) if data.dim() else 0
+        try:
+            arr = as_array(data, info.dtype)
+        except ValueError as exc:
+            raise ConversionError(f"{self.location}: {info.name}: {exc}.") from None
+        n = int(arr.shape[0]) if arr.ndim else 0
         if n == 0:
             return
-        if data.dim() != 2 or data.shape[1] != info.hidden_dim:
+        if arr.ndim != 2 or arr.shape[1] != info.hidden_dim:
             raise ConversionError(
-                f"{self.path}: {info.name}: block of shape {tuple(data.shape)} does not fit "
+                f"{self.location}: {info.name}: block of shape {tuple(arr.shape)} does not fit "
                 f"[{info.rows}, {info.hidden_dim}]."
             )
-        if str(data.dtype).removeprefix("torch.") != info.dtype:
-            raise ConversionError(f"{self.path}: {info.name}: got {data.dtype}, the layer is {info.dtype}.")
         if start < 0 or start + n > info.rows:
             raise ConversionError(
-                f"{self.path}: {info.name}: rows {start}..{start + n} outside 0..{info.rows}."
+                f"{self.location}: {info.name}: rows {start}..{start + n} outside 0..{info.rows}."
             )
-        arr = _to_numpy(data)
         dset, codec = self._dataset(layer)
         chunk = int(dset.chunks[0])
         if not codec.direct or start % chunk:
@@ -362,8 +391,9 @@ class HDF5Writer(Writer):
             pad = np.zeros((chunk, info.hidden_dim), dtype=arr.dtype)
             pad[: pieces[-1].shape[0]] = pieces[-1]
             pieces[-1] = pad
+        encoded: Sequence[Any]
         if codec.name == "none":
-            encoded: Sequence[Any] = pieces
+            encoded = pieces
         else:
             itemsize, shuffle, level = arr.dtype.itemsize, codec.shuffle, int(codec.level or 0)
             encoded = list(self._executor().map(lambda p: _encode_gzip(p, itemsize, shuffle, level), pieces))
@@ -406,35 +436,37 @@ class HDF5Writer(Writer):
         self._codecs.clear()
 
 
-def _to_numpy(data: torch.Tensor) -> np.ndarray:
-    """The tensor's storage bits as a C-contiguous numpy array (bfloat16 -> ``<u2``), without a copy."""
-    import torch
-
-    t = data.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view("<u2")
-    return t.numpy()
+# ----------------------------------------------------------------------------------------------------------
+# reading
 
 
 class HDF5Reader(Reader):
-    """A split stored as one HDF5 file."""
+    """A split stored as one HDF5 file, on any storage (see the module docstring).
+
+    Picklable: the open file is never shipped; the row stores (byte offsets of raw layers) are, so a worker
+    reads an uncompressed layer without opening the file with h5py.
+    """
 
     format = "hdf5"
 
-    def __init__(self, path: str | Path) -> None:
-        super().__init__(path)
-        if not self.path.is_file():
-            raise NotASplitError(f"{self.path}: no such file; an hdf5 split is one .h5 file.")
+    def __init__(self, location: Location) -> None:
+        super().__init__(location)
+        try:
+            st = location.stat()
+        except FileNotFoundError:
+            st = None
+        if st is None or st.kind != FILE:
+            raise NotASplitError(f"{location}: no such file; an hdf5 split is one .h5 file.")
+        #: Where raw rows are read from: the file as it was when opened (a rewrite is a ChangedError).
+        self._pinned = location.pinned(st.identity) if st.identity else location
         self._file: h5py.File | None = None
+        self._fh: IO[bytes] | None = None
         self._dsets: dict[int, h5py.Dataset] = {}
-        self._maps: dict[int, np.ndarray | None] = {}
+        self._stores: dict[int, RowStore | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_file=None, _dsets={}, _maps={})
+        state.update(_file=None, _fh=None, _dsets={})
         return state
 
     @property
@@ -443,25 +475,29 @@ class HDF5Reader(Reader):
         if self._file is None:
             import h5py
 
+            # a storage error opening the object (missing, access denied) propagates as is, naming it
+            fh = None if self.location.is_local else self.location.open_input()
             try:
-                self._file = h5py.File(self.path, "r")
+                self._file = h5py.File(self.location.local_path if fh is None else fh, "r")
             except OSError as exc:
+                if fh is not None:
+                    fh.close()
                 raise FormatError(
-                    f"{self.path}: cannot be opened as HDF5 ({_first_line(exc)}); the file is damaged or "
+                    f"{self.location}: cannot be opened as HDF5 ({_first_line(exc)}); the file is damaged or "
                     f"still being written: re-create it."
                 ) from None
+            self._fh = fh
             block = self._block()
             if block and "hdf5plugin" in (block.get("requires_plugins") or []):
-                _import_hdf5plugin(self.path, "this file (compressed with a plugin codec)")
+                _import_hdf5plugin(self.location, "this file (compressed with a plugin codec)")
         return self._file
 
     def _block(self) -> dict[str, Any] | None:
         f = self._file
         if f is None or ACTFMT_KEY not in f.attrs:
             return None
-        raw = f.attrs[ACTFMT_KEY]
         try:
-            data = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+            data = _json_attr(f.attrs[ACTFMT_KEY])
         except (TypeError, ValueError, UnicodeDecodeError):
             return None
         return data if isinstance(data, dict) else None
@@ -470,15 +506,14 @@ class HDF5Reader(Reader):
     def metadata(self) -> dict[str, Any]:
         attrs = self.file.attrs
         if METADATA_ATTR in attrs:
-            raw = attrs[METADATA_ATTR]
             try:
-                data = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+                data = _json_attr(attrs[METADATA_ATTR])
             except (TypeError, ValueError, UnicodeDecodeError) as exc:
                 raise MetadataError(
-                    f"{self.path}: attribute {METADATA_ATTR} is not valid JSON ({exc})."
+                    f"{self.location}: attribute {METADATA_ATTR} is not valid JSON ({exc})."
                 ) from None
             if not isinstance(data, dict):
-                raise MetadataError(f"{self.path}: attribute {METADATA_ATTR} must hold a JSON object.")
+                raise MetadataError(f"{self.location}: attribute {METADATA_ATTR} must hold a JSON object.")
             return data
         return {k: _from_attr(attrs[k]) for k in attrs if k not in RESERVED_ATTRS}
 
@@ -502,7 +537,7 @@ class HDF5Reader(Reader):
         for pos, (i, name) in enumerate(self._names):
             dset = self._dataset(pos)
             if dset.ndim != 2:
-                raise FormatError(f"{self.path}: dataset {name} must be 2-D, got shape {dset.shape}.")
+                raise FormatError(f"{self.location}: dataset {name} must be 2-D, got shape {dset.shape}.")
             shard_rows = dset.attrs.get(SHARD_ROWS_ATTR)
             out.append(
                 LayerInfo(
@@ -514,6 +549,15 @@ class HDF5Reader(Reader):
                     shard_rows=tuple(int(x) for x in shard_rows) if shard_rows is not None else None,
                 )
             )
+        return out
+
+    @cached_property
+    def chunk_rows(self) -> list[int]:
+        """Rows per stored chunk of each layer (all its rows when it is not chunked)."""
+        out = []
+        for pos, info in enumerate(self.layers):
+            chunks = self._dataset(pos).chunks
+            out.append(int(chunks[0]) if chunks else max(1, info.rows))
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -536,12 +580,12 @@ class HDF5Reader(Reader):
             raw = raw.decode()
         if raw is not None:
             if raw not in SUPPORTED_DTYPES or dset.dtype.itemsize != (4 if raw == "float32" else 2):
-                raise FormatError(f"{self.path}: {name} has {DTYPE_ATTR}={raw!r} on {dset.dtype} data.")
+                raise FormatError(f"{self.location}: {name} has {DTYPE_ATTR}={raw!r} on {dset.dtype} data.")
             return str(raw)
         kind = {("f", 2): "float16", ("f", 4): "float32"}.get((dset.dtype.kind, dset.dtype.itemsize))
         if kind is None:
             raise FormatError(
-                f"{self.path}: {name} holds {dset.dtype} without an {DTYPE_ATTR} attribute; "
+                f"{self.location}: {name} holds {dset.dtype} without an {DTYPE_ATTR} attribute; "
                 f"expected float16, float32 or bfloat16 bits marked {DTYPE_ATTR}='bfloat16'."
             )
         return kind
@@ -567,51 +611,97 @@ class HDF5Reader(Reader):
             self._dsets[pos] = h5py.Dataset(h5py.h5d.open(f.id, name.encode(), dapl))
         return self._dsets[pos]
 
-    def _torch(self, arr: np.ndarray, dtype: str) -> torch.Tensor:
-        import torch
+    # -- raw rows --------------------------------------------------------------------------------------------
+    def _rows(self, pos: int) -> RowStore | None:
+        """The layer's rows by byte offset when every one of them is stored raw, else ``None``."""
+        if pos not in self._stores:
+            info = self.layers[pos]
+            segments = self._raw_segments(pos, info)
+            self._stores[pos] = None if segments is None else RowStore(segments, info.hidden_dim, info.dtype)
+        return self._stores[pos]
 
-        t = torch.from_numpy(arr)
-        return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+    def _raw_segments(self, pos: int, info: LayerInfo) -> list[Segment] | None:
+        """Segments of raw rows of an unfiltered layer, one per run of chunks lying back to back in the file
+        (a few for a layer the writer wrote); ``None`` when a chunk is missing or not stored raw."""
+        dset = self._dataset(pos)
+        did = dset.id
+        if (
+            info.hidden_dim == 0
+            or dset.dtype != stored_dtype(info.dtype)
+            or did.get_create_plist().get_nfilters()
+        ):
+            return None
+        if info.rows == 0:
+            return []
+        row_bytes = info.row_bytes
+        if dset.chunks is None:  # contiguous (another tool's file); compact storage has no offset
+            offset = did.get_offset()
+            if offset is None or did.get_storage_size() != info.nbytes:
+                return None
+            return [Segment(self._pinned, int(offset), info.rows)]
+        chunk, width = (int(x) for x in dset.chunks)
+        n_expected = -(-info.rows // chunk)
+        if width != info.hidden_dim or did.get_num_chunks() != n_expected:
+            return None
+        found: list[tuple[int, int | None, int, int]] = []
+        if hasattr(did, "chunk_iter"):
+            did.chunk_iter(lambda c: found.append((c.chunk_offset[0], c.byte_offset, c.size, c.filter_mask)))
+        else:  # pragma: no cover - HDF5 < 1.12.3
+            for k in range(n_expected):
+                c = did.get_chunk_info(k)
+                found.append((c.chunk_offset[0], c.byte_offset, c.size, c.filter_mask))
+        found.sort()
+        segments: list[Segment] = []
+        for k, (row, offset, size, mask) in enumerate(found):
+            if row != k * chunk or offset is None or size != chunk * row_bytes or mask != 0:
+                return None
+            rows = min(chunk, info.rows - row)
+            last = segments[-1] if segments else None
+            if last is not None and last.offset + last.rows * row_bytes == offset:
+                segments[-1] = Segment(self._pinned, last.offset, last.rows + rows)
+            else:
+                segments.append(Segment(self._pinned, int(offset), rows))
+        return segments
 
-    def read(self, layer: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    # -- data --------------------------------------------------------------------------------------------------
+    def read_array(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         import numpy as np
 
         info = self.layers[layer]
-        dset = self._dataset(layer)
         stop = info.rows if stop is None else min(stop, info.rows)
         start = max(0, start)
+        store = self._rows(layer)
+        if store is not None:
+            return store.read(start, stop)
         n = max(0, stop - start)
-        out = np.empty((n, info.hidden_dim), dtype=storage_numpy_dtype(info.dtype))
+        out = np.empty((n, info.hidden_dim), dtype=stored_dtype(info.dtype))
         if n:
-            with _plugin_hint(self.path, info.name):
-                dset.read_direct(out, source_sel=np.s_[start:stop])
-        return self._torch(out, info.dtype)
+            with _plugin_hint(self.location, info.name):
+                self._dataset(layer).read_direct(out, source_sel=np.s_[start:stop])
+        return out
 
-    def take(self, layer: int, rows: Any) -> torch.Tensor:
-        """Rows at any indices (any order, repeats allowed).
-
-        Uncompressed layers whose chunks lie back to back in the file (what the writer produces) are gathered
-        from a memory map of those bytes; otherwise each touched chunk is read once, as one contiguous run.
-        """
+    def take_array(self, layer: int, rows: Any) -> np.ndarray:
+        """Rows at any indices (any order, repeats allowed): by byte offset when the layer is stored raw,
+        otherwise each touched chunk is read once, as one contiguous run."""
         import numpy as np
-        import torch
 
         info = self.layers[layer]
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if rows.size == 0:
-            return torch.empty((0, info.hidden_dim), dtype=torch_dtype(info.dtype))
-        if rows.min() < 0 or rows.max() >= info.rows:
+        if rows.size and (rows.min() < 0 or rows.max() >= info.rows):
             raise IndexError(f"row index out of range for {info.rows} rows of {info.name}")
-        mapped = self._mapped(layer)
-        if mapped is not None:
-            return self._torch(np.asarray(mapped[rows]), info.dtype)  # fancy indexing copies: an owned array
+        store = self._rows(layer)
+        if store is not None:
+            return store.take(rows)
+        got_dtype = stored_dtype(info.dtype)
+        if rows.size == 0:
+            return np.empty((0, info.hidden_dim), dtype=got_dtype)
         uniq, inverse = np.unique(rows, return_inverse=True)
         dset = self._dataset(layer)
-        got = np.empty((uniq.size, info.hidden_dim), dtype=storage_numpy_dtype(info.dtype))
+        got = np.empty((uniq.size, info.hidden_dim), dtype=got_dtype)
         chunk = int(dset.chunks[0]) if dset.chunks else info.rows
         which = uniq // chunk
         cuts = np.flatnonzero(np.diff(which)) + 1
-        with _plugin_hint(self.path, info.name):
+        with _plugin_hint(self.location, info.name):
             for lo_i, hi_i in zip(np.r_[0, cuts], np.r_[cuts, uniq.size], strict=True):
                 sel = uniq[lo_i:hi_i]
                 lo, hi = int(sel[0]), int(sel[-1]) + 1
@@ -621,55 +711,21 @@ class HDF5Reader(Reader):
                     run = np.empty((hi - lo, info.hidden_dim), dtype=got.dtype)
                     dset.read_direct(run, source_sel=np.s_[lo:hi])
                     got[lo_i:hi_i] = run[sel - lo]
-        out = got if uniq.size == rows.size and np.array_equal(uniq, rows) else got[inverse]
-        return self._torch(np.ascontiguousarray(out), info.dtype)
+        if uniq.size == rows.size and np.array_equal(uniq, rows):
+            return got
+        return got[inverse.reshape(-1)]
 
-    def _mapped(self, layer: int) -> np.ndarray | None:
-        """A copy-on-write memory map of an uncompressed layer stored as one contiguous byte run, else None."""
-        if layer in self._maps:
-            return self._maps[layer]
-        import numpy as np
+    def runs(self, layer: int, start: int, stop: int) -> list[ByteRun] | None:
+        store = self._rows(layer)
+        return None if store is None else store.runs(start, stop)
 
-        info = self.layers[layer]
-        dset = self._dataset(layer)
-        view = None
-        if dset.chunks is not None and info.rows > 0 and dset.id.get_create_plist().get_nfilters() == 0:
-            chunk = int(dset.chunks[0])
-            chunk_bytes = chunk * info.hidden_dim * dset.dtype.itemsize
-            n_expected = -(-info.rows // chunk)
-            found: list[tuple[int, int, int, int]] = []
-            if dset.id.get_num_chunks() == n_expected:
-                dset.id.chunk_iter(
-                    lambda c: found.append((c.chunk_offset[0] // chunk, c.byte_offset, c.size, c.filter_mask))
-                )
-            found.sort()
-            if found and found[0][1] is not None:
-                base = found[0][1]
-                if (
-                    all(
-                        k == i and off == base + i * chunk_bytes and size == chunk_bytes and mask == 0
-                        for i, (k, off, size, mask) in enumerate(found)
-                    )
-                    and len(found) == n_expected
-                ):
-                    mm = np.memmap(
-                        self.path,
-                        dtype=dset.dtype,
-                        mode="c",
-                        offset=base,
-                        shape=(n_expected * chunk, info.hidden_dim),
-                    )
-                    view = mm[: info.rows]
-        self._maps[layer] = view
-        return view
-
-    def missing_chunks(self, layer_pos: int) -> list[str]:
+    def missing_chunks(self, layer: int) -> list[str]:
         """Chunks of a chunked layer that were never written, as ``"layer_03/chunk 12 (rows 6144-6655)"``.
 
         Those would read back as the fill value (zeros) silently.
         """
-        info = self.layers[layer_pos]
-        dset = self._dataset(layer_pos)
+        info = self.layers[layer]
+        dset = self._dataset(layer)
         if dset.chunks is None or info.rows == 0:
             return []
         chunk = int(dset.chunks[0])
@@ -687,19 +743,21 @@ class HDF5Reader(Reader):
 
     def close(self) -> None:
         self._dsets.clear()
-        self._maps.clear()
-        if self._file is not None:
-            try:
-                self._file.close()
-            finally:
-                self._file = None
+        file, fh = self._file, self._fh
+        self._file = self._fh = None
+        try:
+            if file is not None:
+                file.close()
+        finally:
+            if fh is not None:
+                fh.close()
 
 
 class _plugin_hint:
     """Turn HDF5's "filter not available" read errors into an actionable message."""
 
-    def __init__(self, path: Path, name: str) -> None:
-        self.path, self.name = path, name
+    def __init__(self, where: Location, name: str) -> None:
+        self.where, self.name = where, name
 
     def __enter__(self) -> None:
         return None
@@ -707,7 +765,7 @@ class _plugin_hint:
     def __exit__(self, typ: Any, exc: BaseException | None, tb: Any) -> None:
         if isinstance(exc, OSError) and "filter" in str(exc).lower():
             raise ConversionError(
-                f"{self.path}: {self.name} is compressed with an HDF5 filter that is not available "
+                f"{self.where}: {self.name} is compressed with an HDF5 filter that is not available "
                 f"({_first_line(exc)}); {_PIP_HINT}."
             ) from None
 
@@ -716,32 +774,36 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the format
+
+
 class HDF5Format(Format):
     name = "hdf5"
     suffix = ".h5"
     compressions = COMPRESSIONS
+    remote_read = True
+    remote_write = False  # convert writes into a local staging directory and uploads the file
+    parallel_layers = False
+    single_file = True
 
     @classmethod
-    def can_open(cls, path: Path) -> bool:
-        """A regular file with the HDF5 signature (at 0, or after a user block); the name does not matter."""
-        try:
-            if not path.is_file():
-                return False
-            with open(path, "rb") as fh:
-                for offset in (0, 512, 1024, 2048):
-                    fh.seek(offset)
-                    if fh.read(8) == HDF5_SIGNATURE:
-                        return True
-        except OSError:
+    def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
+        """A regular file with the HDF5 signature (at 0, or after a user block).  Locally the name does not
+        matter; on object storage only ``*.h5`` / ``*.hdf5`` objects are probed (one ranged read each)."""
+        if entries is not None:  # a listed directory is not a file
             return False
-        return False
+        if not location.is_local and location.suffix.lower() not in REMOTE_SUFFIXES:
+            return False
+        try:
+            head = location.read_range(0, SIGNATURE_OFFSETS[-1] + len(HDF5_SIGNATURE))
+        except OSError:  # missing, a directory, a FIFO (never opened), unreadable
+            return False
+        return any(head[o : o + len(HDF5_SIGNATURE)] == HDF5_SIGNATURE for o in SIGNATURE_OFFSETS)
 
     @classmethod
-    def open_reader(cls, path: str | Path) -> HDF5Reader:
-        from actfmt.remote import refuse_remote
-
-        refuse_remote(path, "hdf5")
-        return HDF5Reader(path)
+    def open_reader(cls, location: Location) -> HDF5Reader:
+        return HDF5Reader(location)
 
     @classmethod
     def writer_class(cls) -> type[Writer]:

@@ -1,0 +1,292 @@
+"""Converting one split: the one ``convert_split``, the same for every format and every storage.
+
+The steps, through :mod:`actfmt.storage.commit` (which knows local disks from object storage):
+
+1. take the destination's lock; a complete destination is skipped with ``--resume`` and refused otherwise
+   unless ``--overwrite``;
+2. start a partial store (or continue one with ``--resume``: its journal says which layers are done, with
+   which options and from which source files; layers whose source changed since are redone, other options
+   are refused with the exact command to use);
+3. run the layer tasks (threads here, or tasks on a dask cluster): each copies its layers, hashing as the bytes
+   pass, then re-reads them from the partial store and checks the checksums; each finished layer is a journal
+   line;
+4. check that the source is still what was read (every file's size, mtime and identity), that the lock is still
+   ours, write the actfmt block (the completeness mark) last, and publish (a rename, or nothing more on object
+   storage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from actfmt.checksum import ALGORITHM
+from actfmt.convert.plan import SplitJob
+from actfmt.convert.tasks import LayerResult, LayerRunner, layer_tasks
+from actfmt.errors import ActfmtError, ChangedError, ConversionError, DestinationExistsError
+from actfmt.formats import get_format, open_reader
+from actfmt.formats.base import LayerInfo, Reader, SplitSpec, WriteOptions
+from actfmt.progress import ProgressCallback, ProgressEvent, emit
+from actfmt.storage import Location
+from actfmt.storage.commit import Commit, commit_for
+
+__all__ = ["ConvertResult", "convert_split", "is_complete", "spec_for"]
+
+#: Version of the journal's records.
+JOURNAL_VERSION = 1
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion did."""
+
+    splits: list[SplitJob] = field(default_factory=list)
+    skipped: list[SplitJob] = field(default_factory=list)  # already complete (--resume)
+    layers: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    checksums: dict[str, dict[str, str]] = field(default_factory=dict)  # location -> layer -> checksum
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds else 0.0
+
+
+def spec_for(reader: Reader, source_format: str, dtype: str | None) -> SplitSpec:
+    """What the writer is asked to create: the source's metadata and layers (recorded shard rows kept)."""
+    block = reader.actfmt or {}
+    recorded = block.get("shard_rows") or {}
+    layers = []
+    for info in reader.layers:
+        shard_rows = info.shard_rows
+        if shard_rows is None and isinstance(recorded.get(info.name), list):
+            shard_rows = tuple(int(n) for n in recorded[info.name])
+        if shard_rows is not None and sum(shard_rows) != info.rows:
+            shard_rows = None
+        layers.append(replace(info, shard_rows=shard_rows, dtype=dtype or info.dtype))
+    return SplitSpec(metadata=dict(reader.metadata), layers=layers, source_format=source_format)
+
+
+def is_complete(location: Location, fmt: str) -> bool:
+    try:
+        with get_format(fmt).open_reader(location) as r:
+            block = r.actfmt
+            return bool(block and block.get("complete") is True)
+    except (ActfmtError, OSError, ValueError, KeyError):
+        return False
+
+
+def _fingerprints(reader: Reader, layers: list[LayerInfo]) -> dict[str, str | None]:
+    """Per layer, a digest of the identities of the files it is read from (``None`` when the format cannot
+    say), taken now."""
+    return {li.name: reader.fingerprint(pos) for pos, li in enumerate(layers)}
+
+
+def write_options(requested: dict[str, Any]) -> WriteOptions:
+    return WriteOptions(
+        chunk_rows=requested.get("chunk_rows"),
+        compression=requested.get("compression"),
+        level=requested.get("level"),
+        zarr_format=requested.get("zarr_format") or 3,
+    )
+
+
+def _flags(rec: dict[str, Any]) -> str:
+    """The command-line options that reproduce a recorded set of options."""
+    out = [f"--to {rec.get('to')}"]
+    if rec.get("compression") is not None:
+        out.append(f"--compression {rec['compression']}")
+    if rec.get("level") is not None:
+        out.append(f"--level {rec['level']}")
+    if rec.get("chunk_rows") is not None:
+        out.append(f"--chunk-rows {rec['chunk_rows']}")
+    if rec.get("to") == "zarr" and rec.get("zarr_format") not in (None, 3):
+        out.append(f"--zarr-format {rec['zarr_format']}")
+    if rec.get("dtype") is not None:
+        out.append(f"--dtype {rec['dtype']}")
+    return " ".join(out)
+
+
+def _resume_state(
+    commit: Commit, job: SplitJob, requested: dict[str, Any], fingerprints: dict[str, Any]
+) -> tuple[dict[str, LayerResult], list[str], dict[str, Any] | None]:
+    """The layers a partial store holds that are still good, notes about the rest, and the options it was
+    started with (``None``: it cannot be continued).  Options not given now are taken from the partial store;
+    options given differently are refused with the command that continues it."""
+    records = commit.read_journal()
+    header = records[0] if records else {}
+    recorded = header.get("options")
+    if header.get("journal") != JOURNAL_VERSION or not isinstance(recorded, dict):
+        return (
+            {},
+            [f"{job.destination}: the partial conversion has no usable journal; starting it again."],
+            None,
+        )
+    merged = {k: (recorded.get(k) if v is None else v) for k, v in requested.items()}
+    if merged != recorded:
+        raise ConversionError(
+            f"{job.destination}: the partial conversion was started with {_flags(recorded)}, not "
+            f"{_flags(merged)}; to continue it, rerun with --resume {_flags(recorded)}; to start again with the "
+            f"new options, rerun with --overwrite."
+        )
+    done: dict[str, LayerResult] = {}
+    redo: list[str] = []
+    for rec in records[1:]:
+        name = rec.get("layer")
+        if not isinstance(name, str) or not isinstance(rec.get("checksum"), str):
+            continue
+        if rec.get("source") != fingerprints.get(name):
+            redo.append(name)
+            done.pop(name, None)
+            continue
+        done[name] = LayerResult(name, rec["checksum"], int(rec.get("nbytes") or 0), rec.get("extra") or {})
+    notes = []
+    if redo:
+        notes.append(
+            f"{job.destination}: the source of {', '.join(sorted(set(redo)))} changed since the interrupted run; "
+            f"converting {'it' if len(set(redo)) == 1 else 'them'} again."
+        )
+    return done, notes, recorded
+
+
+def actfmt_block(
+    spec: SplitSpec, done: dict[str, LayerResult], options: WriteOptions, cast_from: dict[str, str]
+) -> dict[str, Any]:
+    """The completeness mark and what a store keeps about its conversion."""
+    from actfmt._version import __version__
+
+    block: dict[str, Any] = {
+        "version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source_format": spec.source_format,
+        "dtype": {li.name: li.dtype for li in spec.layers},
+        "shard_rows": {li.name: list(li.shard_rows) for li in spec.layers if li.shard_rows},
+        "checksum_algorithm": ALGORITHM,
+        "checksums": {li.name: done[li.name].checksum for li in spec.layers},
+    }
+    if cast_from:
+        block["cast_from"] = cast_from  # layer -> the source dtype before an explicit --dtype cast
+    block["complete"] = True  # last key: the completeness mark
+    return block
+
+
+def convert_split(
+    job: SplitJob,
+    requested: dict[str, Any],
+    *,
+    overwrite: bool,
+    resume: bool,
+    verify: bool,
+    progress: ProgressCallback | None,
+    result: ConvertResult,
+    runner_for: Callable[[Reader], LayerRunner],
+    per_layer_progress: bool,
+) -> None:
+    """Convert one split (see the module docstring).  ``requested``: ``to``, ``chunk_rows``, ``compression``,
+    ``level``, ``zarr_format``, ``dtype`` (``None``: not given)."""
+    to = requested["to"]
+    fmt = get_format(to)
+    final = job.destination
+    commit = commit_for(final, in_place=fmt.remote_write)
+    with commit:
+        result.warnings += commit.notes
+        if commit.final_exists():
+            if resume and is_complete(final, to):
+                result.skipped.append(job)
+                return
+            if not overwrite and not (resume and commit.has_partial()):
+                raise DestinationExistsError(
+                    f"{final}: already exists; pass --overwrite to replace it"
+                    + (
+                        " (it is not a complete conversion, so --resume cannot continue it)."
+                        if resume
+                        else "."
+                    )
+                )
+        with open_reader(job.source, job.source_format) as reader:
+            fingerprints = _fingerprints(reader, list(reader.layers))
+            done: dict[str, LayerResult] = {}
+            recorded = None
+            if resume and commit.has_partial():
+                done, notes, recorded = _resume_state(commit, job, requested, fingerprints)
+                result.warnings += notes
+            elif commit.has_partial():
+                result.warnings.append(
+                    f"{final}: an interrupted conversion was left here; it is discarded and the split converted "
+                    f"again (next time, --resume continues it layer by layer)."
+                )
+            chosen = recorded or requested
+            dtype, options = chosen.get("dtype"), write_options(chosen)
+            spec = spec_for(reader, job.source_format, dtype)
+            cast_from = {a.name: a.dtype for a in reader.layers if dtype is not None and a.dtype != dtype}
+            if cast_from:
+                casts = sorted({f"{a} -> {dtype}" for a in cast_from.values()})
+                result.warnings.append(
+                    f"{job.location}: values cast {', '.join(casts)} (--dtype); not bit-exact."
+                )
+            writer_cls = fmt.writer_class()
+            if recorded is not None:
+                writer = writer_cls.open(commit.work, spec, options)
+            else:
+                done = {}
+                commit.prepare(overwrite)
+                commit.start_journal(
+                    {"journal": JOURNAL_VERSION, "options": requested, "source": str(job.source)}
+                )
+                writer = writer_cls.create(commit.work, spec, options)
+            writer.close()  # the tasks open the store themselves
+            todo = [pos for pos, li in enumerate(spec.layers) if li.name not in done]
+            total = sum(spec.layers[p].nbytes for p in todo)
+            emit(progress, ProgressEvent("start", "convert", total=total, description=job.label))
+            tasks = layer_tasks(
+                job.source,
+                job.source_format,
+                commit.work,
+                to,
+                spec,
+                options,
+                todo,
+                job.location,
+                verify,
+                dtype,
+                str(final),
+            )
+            for results in runner_for(reader)(tasks):
+                for res in results:
+                    done[res.name] = res
+                    commit.append_journal(
+                        {
+                            "layer": res.name,
+                            "checksum": res.checksum,
+                            "nbytes": res.nbytes,
+                            "source": fingerprints.get(res.name),
+                            "extra": res.extra,
+                        }
+                    )
+                    result.layers += 1
+                    result.bytes += res.nbytes
+                    if per_layer_progress:
+                        emit(
+                            progress,
+                            ProgressEvent("advance", "convert", advance=res.nbytes, nbytes=res.nbytes),
+                        )
+            emit(progress, ProgressEvent("end", "convert", description=job.label))
+            now = _fingerprints(reader, spec.layers)
+        if now != fingerprints:
+            changed = sorted(k for k in fingerprints if now.get(k) != fingerprints[k])
+            raise ChangedError(
+                f"{job.source}: source changed during conversion ({', '.join(changed)}); nothing was published. "
+                f"Rerun when the source no longer changes (--resume redoes only what changed)."
+            )
+        commit.check_owner()  # still ours: only then write the completeness mark
+        writer = writer_cls.open(commit.work, spec, options)
+        try:
+            writer.finalize(actfmt_block(spec, done, options, cast_from))
+        finally:
+            writer.close()
+        commit.publish()
+    result.splits.append(job)
+    result.checksums[job.location] = {name: r.checksum for name, r in done.items()}

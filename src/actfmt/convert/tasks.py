@@ -1,0 +1,215 @@
+"""Layer tasks: the unit of work any executor runs (threads here, processes on a dask cluster).
+
+A :class:`LayerTask` copies some layers of one split into the partial store, then re-reads them from there and
+checks their checksums (the verification overlaps the other layers' copying instead of being a second pass).
+It holds locations and plain data only, so it pickles; each task opens the source and the partial store
+itself.  One task per layer when the format lets processes write different layers at once
+(``Format.parallel_layers``), else one task holding every layer (HDF5: one file, one writer).  No two tasks
+ever write the same chunk, shard or file, and a retried task rewrites its layers from row 0.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from actfmt.checksum import Hasher, layer_checksum
+from actfmt.errors import ConversionError
+from actfmt.formats import get_format, open_reader
+from actfmt.formats.base import Reader, SplitSpec, WriteOptions, Writer
+from actfmt.storage import Location
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+__all__ = [
+    "Cancelled",
+    "LayerResult",
+    "LayerRunner",
+    "LayerTask",
+    "copy_layer",
+    "layer_tasks",
+    "run_layer_task",
+]
+
+
+@dataclass(frozen=True)
+class LayerTask:
+    """Copy (and verify) some layers of one split into its partial store.  Picklable."""
+
+    source: Location
+    source_format: str
+    work: Location  # the partial store, created by the driver
+    to: str
+    spec: SplitSpec
+    options: WriteOptions
+    layers: tuple[int, ...]
+    key: str  # human-readable: "<split location>/<layer names>"
+    verify: bool = True
+    #: ``--dtype``: the dtype every layer is cast to (``spec`` already says so), else ``None``.
+    cast: str | None = None
+    #: The destination as the user named it (for messages).
+    final: str = ""
+
+
+@dataclass
+class LayerResult:
+    """What a task reports for one layer."""
+
+    name: str
+    checksum: str
+    nbytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: Runs layer tasks somewhere; yields each task's results as the tasks finish, in any order.
+LayerRunner = Callable[[list[LayerTask]], Iterator[list[LayerResult]]]
+
+
+def _cast(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """An explicit ``--dtype`` cast (torch's rounding: round to nearest even)."""
+    from actfmt.formats.base import as_array, to_torch, torch_dtype
+
+    return as_array(to_torch(arr, src).to(torch_dtype(dst)), dst)
+
+
+class Cancelled(Exception):
+    """Another task failed, or the user interrupted: stop between blocks."""
+
+
+def copy_layer(
+    reader: Reader,
+    writer: Writer,
+    pos: int,
+    spec: SplitSpec,
+    on_bytes: Callable[[int], None] | None = None,
+    cast: str | None = None,
+    stop: threading.Event | None = None,
+) -> LayerResult:
+    """Copy layer ``pos`` from row 0 (a retried copy rewrites the whole layer).
+
+    Blocks are the writer's (``Writer.block_rows``).  A helper thread reads and hashes block k+1 while block k
+    is written: reads, hashing and writes overlap (all release the GIL), and at most two blocks are in memory.
+    When the rows are stored raw in the source and no cast happens, the writer also gets their byte runs and
+    may copy them in the kernel.  The checksum is of the converted rows in row order, whatever runs the copy.
+    """
+    info = spec.layers[pos]
+    source_dtype = reader.layer_info(pos).dtype
+    bounds, start = [], 0
+    for n in writer.block_rows(pos):
+        bounds.append((start, start + n))
+        start += n
+    if start != info.rows:
+        raise ConversionError(
+            f"{writer.location}/{info.name}: the writer's blocks cover {start} rows, not {info.rows}."
+        )
+    h = Hasher()
+    convert = cast is not None and cast != source_dtype
+
+    def load(k: int) -> tuple[np.ndarray, list[Any] | None]:
+        a, b = bounds[k]
+        block = reader.read_array(pos, a, b)
+        runs = None
+        if convert:
+            block = _cast(block, source_dtype, info.dtype)
+        else:
+            runs = reader.runs(pos, a, b)
+        h.update(block)  # one loading thread runs the loads in order: the hash sees row order
+        return block, runs
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="actfmt-load") as pre:
+        ahead = pre.submit(load, 0) if bounds else None
+        for k, (a, _) in enumerate(bounds):
+            assert ahead is not None
+            block, runs = ahead.result()
+            if stop is not None and stop.is_set():
+                raise Cancelled
+            ahead = pre.submit(load, k + 1) if k + 1 < len(bounds) else None
+            writer.write(pos, a, block, runs)
+            if on_bytes:
+                on_bytes(block.nbytes)
+    writer.finish_layer(pos)
+    return LayerResult(info.name, h.digest(), info.nbytes)
+
+
+def _check(task: LayerTask, res: LayerResult, on_bytes: Callable[[int], None] | None) -> None:
+    """Re-read one layer from the partial store and compare its checksum with the source's."""
+    with get_format(task.to).open_reader(task.work) as written:
+        pos = written.position(res.name)
+        if pos is None:
+            raise ConversionError(f"{task.work}: {res.name} was written but cannot be found in the store.")
+        got = layer_checksum(written, pos, on_bytes)
+    if got != res.checksum:
+        raise ConversionError(
+            f"{task.final or task.work}/{res.name}: checksum of the written data {got} differs from the source's "
+            f"{res.checksum}; the conversion is not published. Check the disk and retry."
+        )
+
+
+def run_layer_task(
+    task: LayerTask,
+    reader: Reader | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    on_verify: Callable[[int], None] | None = None,
+    on_result: Callable[[LayerResult], None] | None = None,
+    stop: threading.Event | None = None,
+) -> list[LayerResult]:
+    """Run one :class:`LayerTask`, layer by layer: copy, close the writer (some formats lock their file), verify
+    from the partial store, report (``on_result``).  ``reader``: an open reader on the source to share
+    (threads); a worker process opens its own."""
+    writer = get_format(task.to).writer_class().open(task.work, task.spec, task.options)
+    own = reader is None
+    src = open_reader(task.source, task.source_format) if reader is None else reader
+    results = []
+    try:
+        for pos in task.layers:
+            res = copy_layer(src, writer, pos, task.spec, on_bytes, task.cast, stop)
+            writer.close()  # the next layer's first write opens it again
+            if task.verify:
+                _check(task, res, on_verify)
+            if on_result is not None:
+                on_result(res)
+            results.append(res)
+    finally:
+        writer.close()
+        if own:
+            src.close()
+    return results
+
+
+def layer_tasks(
+    source: Location,
+    source_format: str,
+    work: Location,
+    to: str,
+    spec: SplitSpec,
+    options: WriteOptions,
+    todo: list[int],
+    label: str,
+    verify: bool,
+    cast: str | None,
+    final: str = "",
+) -> list[LayerTask]:
+    """The tasks for layers ``todo``: one per layer, or one for all when the format has one writer."""
+    if not todo:
+        return []
+    groups = [(pos,) for pos in todo] if get_format(to).parallel_layers else [tuple(todo)]
+    return [
+        LayerTask(
+            source,
+            source_format,
+            work,
+            to,
+            spec,
+            options,
+            g,
+            f"{label}/{'+'.join(spec.layers[p].name for p in g)}",
+            verify,
+            cast,
+            final,
+        )
+        for g in groups
+    ]

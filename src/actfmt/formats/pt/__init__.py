@@ -1,0 +1,57 @@
+"""The seed's sharded ``.pt`` layout: ``{split}/layer_XX/shard_XXX.pt`` + ``metadata.json``.
+
+:mod:`~actfmt.formats.pt.header` probes shards without torch, :mod:`~actfmt.formats.pt.reader` reads rows by
+offset, :mod:`~actfmt.formats.pt.writer` writes ``torch.save``-compatible shards without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from actfmt.formats.base import Format, Writer
+from actfmt.formats.pt.header import ShardHeader, fast_probe, load_shard, probe_shard
+from actfmt.formats.pt.reader import SIDECAR, PtReader, list_layers, list_shards
+from actfmt.formats.pt.writer import PtWriter
+from actfmt.layout import LOOSE_LAYER_RE, METADATA_FILE
+from actfmt.storage import Entry, Location
+
+__all__ = [
+    "SIDECAR",
+    "PtFormat",
+    "PtReader",
+    "PtWriter",
+    "ShardHeader",
+    "fast_probe",
+    "list_layers",
+    "list_shards",
+    "load_shard",
+    "probe_shard",
+]
+
+
+class PtFormat(Format):
+    name = "pt"
+    suffix = ""
+    compressions = ("none",)
+
+    @classmethod
+    def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
+        """A directory with ``metadata.json`` (and no safetensors layer files), or with ``layer_XX``-like
+        subdirectories (a split whose metadata is missing is still a split: validation says what is wrong)."""
+        if entries is None:
+            try:
+                entries = location.list_dir()
+            except OSError:
+                return False
+        names = {e.name for e in entries}
+        if METADATA_FILE in names:
+            return not any(n.startswith("layer_") and n.endswith(".safetensors") for n in names)
+        return any(LOOSE_LAYER_RE.match(e.name) and e.is_dir() for e in entries)
+
+    @classmethod
+    def open_reader(cls, location: Location) -> PtReader:
+        return PtReader(location)
+
+    @classmethod
+    def writer_class(cls) -> type[Writer]:
+        return PtWriter

@@ -1,0 +1,179 @@
+"""Reading the seed's sharded ``.pt`` layout: ``{split}/layer_XX/shard_XXX.pt`` + ``metadata.json``.
+
+Opening a layer reads the head and tail of each shard (one batch of ranged reads for the layer) and parses
+each small pickle without torch (:mod:`actfmt.formats.pt.header`).  A plain shard's rows are then byte ranges
+of its file -- row ``i`` is at ``data_offset + i * row_bytes`` -- read by :class:`~actfmt.formats.base.RowStore`
+straight into the output buffer (``preadv`` locally; a few random rows from object storage cost a few small
+GETs, never a whole shard).  Shards that cannot be read that way (the legacy format, saved views) are loaded by
+``torch.load(weights_only=True)``, downloaded first when remote.
+
+Every shard's identity (size, mtime, inode) is pinned when the layer is opened: a shard replaced or rewritten
+afterwards is a :class:`~actfmt.errors.ChangedError`, never other rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from actfmt.errors import CorruptShardError, MetadataError, NotASplitError, ShardNotFoundError
+from actfmt.formats.base import (
+    ACTFMT_KEY,
+    ByteRun,
+    LayerInfo,
+    Reader,
+    RowStore,
+    Segment,
+    fingerprint_of,
+    stored_dtype,
+)
+from actfmt.formats.pt.header import ShardHeader, load_shard, probe_shard, read_heads
+from actfmt.layout import METADATA_FILE, layer_index, layer_name, shard_index
+from actfmt.storage import Location
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+__all__ = ["SIDECAR", "PtReader", "list_layers", "list_shards"]
+
+#: Where a converted ``.pt`` split keeps the actfmt block (metadata.json keeps the producer's keys only).
+SIDECAR = ".actfmt.json"
+
+
+def list_layers(split: Location) -> list[tuple[int, Location]]:
+    """Correctly named ``layer_XX`` directories, sorted by index."""
+    return [
+        (i, e.location) for e in split.list_dir() if (i := layer_index(e.name)) is not None and e.is_dir()
+    ]
+
+
+def list_shards(layer_dir: Location) -> list[tuple[int, Location]]:
+    """Correctly named ``shard_XXX.pt`` files, sorted by index."""
+    return sorted((j, e.location) for e in layer_dir.list_dir() if (j := shard_index(e.name)) is not None)
+
+
+def read_json_object(location: Location, what: str) -> dict[str, Any]:
+    """A JSON object file, with precise errors (missing, not JSON, not an object)."""
+    try:
+        data = json.loads(location.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise MetadataError(f"{location}: missing; {what}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MetadataError(f"{location}: not valid JSON ({exc}); fix the file.") from None
+    if not isinstance(data, dict):
+        raise MetadataError(f"{location}: must hold a JSON object.")
+    return data
+
+
+class PtReader(Reader):
+    """A split in the producer's ``.pt`` layout (see the module docstring)."""
+
+    format = "pt"
+
+    def __init__(self, location: Location) -> None:
+        super().__init__(location)
+        if not location.is_dir():
+            raise NotASplitError(f"{location}: not a directory; a .pt split is a directory with layer_XX/.")
+        self._layer_dirs = list_layers(location)
+        self._stores: dict[int, RowStore] = {}
+        self._headers: dict[int, list[ShardHeader]] = {}
+
+    @cached_property
+    def metadata(self) -> dict[str, Any]:
+        return read_json_object(self.location / METADATA_FILE, "every split needs a metadata.json")
+
+    @cached_property
+    def actfmt(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.location / SIDECAR).read_bytes())
+        except (OSError, ValueError):
+            return None
+        block = data.get(ACTFMT_KEY, data) if isinstance(data, dict) else None
+        return block if isinstance(block, dict) else None
+
+    def _store(self, pos: int) -> RowStore:
+        store = self._stores.get(pos)
+        if store is not None:
+            return store
+        _, layer_dir = self._layer_dirs[pos]
+        files = [loc for _, loc in list_shards(layer_dir)]
+        if not files:
+            raise ShardNotFoundError(f"{layer_dir}: no shard_XXX.pt files.")
+        heads = read_heads(files)
+        headers = [probe_shard(f, heads.get(f)) for f in files]
+        for f, h in zip(files, headers, strict=True):
+            if len(h.shape) != 2:
+                raise CorruptShardError(f"{f}: shards must be 2-D, got {list(h.shape)}.")
+        width, dtype = int(headers[0].shape[1]), headers[0].dtype
+        segments = []
+        for f, h in zip(files, headers, strict=True):
+            if h.shape[1] != width:
+                raise CorruptShardError(
+                    f"{f}: {h.shape[1]} columns, but the layer's first shard has {width}; re-create the shard."
+                )
+            if h.data_offset is not None and h.dtype == dtype:
+                segments.append(Segment(f.pinned(h.identity), h.data_offset, int(h.shape[0])))
+            else:  # legacy format, a saved view or a mismatched shard: torch loads it
+                segments.append(Segment(f, -1, int(h.shape[0]), _loaded(f, dtype)))
+        store = RowStore(segments, width, dtype)
+        self._stores[pos], self._headers[pos] = store, headers
+        return store
+
+    @cached_property
+    def layers(self) -> Sequence[LayerInfo]:
+        return [self.layer_info(pos) for pos in range(len(self._layer_dirs))]
+
+    def layer_info(self, layer: int) -> LayerInfo:
+        store = self._store(layer)
+        return LayerInfo(
+            name=layer_name(self._layer_dirs[layer][0]),
+            index=self._layer_dirs[layer][0],
+            rows=store.rows,
+            hidden_dim=store.hidden_dim,
+            dtype=self._headers[layer][0].dtype,
+            shard_rows=tuple(s.rows for s in store.segments),
+        )
+
+    def position(self, name: str) -> int | None:
+        i = layer_index(name)
+        return next((pos for pos, (j, _) in enumerate(self._layer_dirs) if j == i), None)
+
+    def fingerprint(self, layer: int) -> str | None:
+        _, layer_dir = self._layer_dirs[layer]
+        try:
+            return fingerprint_of([loc for _, loc in list_shards(layer_dir)])
+        except OSError:
+            return "unreadable"
+
+    def shard_headers(self, layer: int) -> list[ShardHeader]:
+        self._store(layer)
+        return self._headers[layer]
+
+    def read_array(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        store = self._store(layer)
+        return store.read(start, store.rows if stop is None else stop)
+
+    def take_array(self, layer: int, rows: Any) -> np.ndarray:
+        return self._store(layer).take(rows)
+
+    def runs(self, layer: int, start: int, stop: int) -> list[ByteRun] | None:
+        return self._store(layer).runs(start, stop)
+
+    def close(self) -> None:
+        self._stores.clear()
+        self._headers.clear()
+
+
+def _loaded(location: Location, dtype: str) -> np.ndarray:
+    """A shard torch had to load, as a stored-dtype array (cast to the layer's dtype when it differs)."""
+    import numpy as np
+    import torch
+
+    from actfmt.formats.base import torch_dtype
+
+    t = load_shard(location).to(torch_dtype(dtype)).contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return np.ascontiguousarray(t.numpy()).view(stored_dtype(dtype))

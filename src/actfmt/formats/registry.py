@@ -1,0 +1,74 @@
+"""The format registry: name -> "module:Class", imported lazily so ``import actfmt`` stays light."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from actfmt.errors import FormatError, NotASplitError
+from actfmt.storage import Entry, PathLike, resolve
+
+if TYPE_CHECKING:  # pragma: no cover
+    from actfmt.formats.base import Format, Reader
+
+__all__ = ["ALIASES", "FORMATS", "all_compressions", "get_format", "guess_format", "open_reader"]
+
+#: Registry, in detection order (the most specific signature first).
+FORMATS: dict[str, str] = {
+    "zarr": "actfmt.formats.zarr:ZarrFormat",
+    "hdf5": "actfmt.formats.hdf5:HDF5Format",
+    "safetensors": "actfmt.formats.safetensors:SafetensorsFormat",
+    "pt": "actfmt.formats.pt:PtFormat",
+}
+ALIASES = {"h5": "hdf5", "torch": "pt", "st": "safetensors"}
+
+
+def get_format(name: str) -> type[Format]:
+    """The Format class registered under ``name`` (``zarr``, ``hdf5``, ``safetensors``, ``pt``)."""
+    key = ALIASES.get(name.lower(), name.lower())
+    try:
+        target = FORMATS[key]
+    except KeyError:
+        raise FormatError(f"unknown format {name!r}; choose one of: {', '.join(FORMATS)}") from None
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+
+
+def all_compressions() -> tuple[str, ...]:
+    """Every compression name some format accepts, in a stable order."""
+    out: list[str] = []
+    for name in FORMATS:
+        out += [c for c in get_format(name).compressions if c not in out]
+    return tuple(out)
+
+
+def guess_format(location: PathLike, entries: Sequence[Entry] | None = None) -> str | None:
+    """The name of the format whose split ``location`` is, or ``None`` when it is not a split."""
+    loc = resolve(location)
+    for name in FORMATS:
+        if get_format(name).can_open(loc, entries):
+            return name
+    return None
+
+
+def open_reader(
+    path: PathLike, format: str | None = None, storage_options: dict[str, Any] | None = None
+) -> Reader:
+    """Open one split for reading, detecting its format unless given.
+
+    ``path`` may be an fsspec URL (``s3://...``); ``storage_options`` go to its filesystem.
+    """
+    loc = resolve(path, storage_options)
+    name = format or guess_format(loc)
+    if name is None:
+        if not loc.exists():
+            raise NotASplitError(f"{loc}: no such file or directory; check the path.")
+        raise NotASplitError(
+            f"{loc}: not a split in any known format (expected metadata.json + layer_XX/, a .zarr, "
+            f"a .h5 or layer_XX.safetensors files)."
+        )
+    fmt = get_format(name)
+    if not loc.is_local and not fmt.remote_read:  # pragma: no cover - every format reads object storage
+        raise FormatError(f"{loc}: {name} cannot be read from {loc.scheme}://; download it first.")
+    return fmt.open_reader(loc)

@@ -1,0 +1,61 @@
+"""One split as one Zarr group (``EM`` -> ``EM.zarr``): Zarr v3 by default, v2 on request, on any storage.
+
+Layout (the contract, readable by zarr-python, tensorstore and any Zarr v2/v3 reader):
+
+* Group attributes: every key of the producer's metadata, verbatim and in order, then the ``actfmt`` block,
+  written by ``finalize`` last (it holds ``complete: true``; until then the group has no ``actfmt`` key).
+* Arrays ``layer_00`` ... of shape ``[total_examples, hidden_dim]``, chunks ``(chunk_rows, hidden_dim)`` (the
+  full hidden dimension in every chunk), default chunk key encoding (v3 ``c/<i>/0``, v2 ``<i>.0``), fill value 0,
+  C order, v3 dimension names ``example`` / ``hidden``.  float16 / float32 are stored natively little-endian;
+  bfloat16 as its ``uint16`` bits.  Every array carries the attribute ``actfmt_dtype`` (``"bfloat16"``, ...)
+  and, when the source was sharded, ``actfmt_shard_rows``; the actfmt block records the dtypes too (``dtype``).
+* Only standard codecs: v3 ``bytes`` (little) + ``blosc`` / ``zstd`` / ``gzip``; v2 the same numcodecs ids.
+  Every chunk is whole: the edge chunk is padded to the full chunk.
+
+Compression names (:mod:`~actfmt.formats.zarr.codecs`): ``blosc-zstd`` (default: zstd level 1, byte shuffle,
+512 KiB blosc blocks), ``none``, ``zstd``, ``lz4`` (blosc-lz4 + bitshuffle), ``gzip``; ``level`` overrides the
+level.  Default ``chunk_rows``: the largest power of two whose chunk holds at most 2 MiB (256 rows at
+4096 x bf16), capped at the layer's rows.
+
+Neither the writer (:mod:`~actfmt.formats.zarr.writer`) nor the reader (:mod:`~actfmt.formats.zarr.reader`)
+needs zarr-python: the metadata documents are written and parsed by :mod:`~actfmt.formats.zarr.meta`, chunks are
+encoded and decoded with numcodecs and moved through :mod:`actfmt.storage` (one code path for a local
+directory and object storage).  Only a store with codecs actfmt does not write (sharding, filters...) is read
+through zarr-python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from actfmt.formats.base import Format, Writer
+from actfmt.formats.zarr.codecs import COMPRESSIONS
+from actfmt.formats.zarr.meta import probe_group
+from actfmt.formats.zarr.reader import ZarrReader
+from actfmt.formats.zarr.writer import ZarrWriter, default_chunk_rows
+from actfmt.storage import Entry, Location
+
+__all__ = ["COMPRESSIONS", "ZarrFormat", "ZarrReader", "ZarrWriter", "default_chunk_rows"]
+
+
+class ZarrFormat(Format):
+    name = "zarr"
+    suffix = ".zarr"
+    compressions = COMPRESSIONS
+    remote_read = True
+    remote_write = True
+    parallel_layers = True
+
+    @classmethod
+    def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
+        """A directory holding a v3 group's ``zarr.json`` (``node_type`` not ``array``; a damaged one still
+        counts: the reader says what is wrong) or a v2 ``.zgroup``.  zarr-python is not imported."""
+        return probe_group(location, entries) is not None
+
+    @classmethod
+    def open_reader(cls, location: Location) -> ZarrReader:
+        return ZarrReader(location)
+
+    @classmethod
+    def writer_class(cls) -> type[Writer]:
+        return ZarrWriter

@@ -1,0 +1,382 @@
+"""The Zarr metadata documents, read and written without zarr-python.
+
+Reading: a group is a directory with a v3 ``zarr.json`` whose ``node_type`` is not ``array`` (a damaged
+``zarr.json`` still makes a store: the reader says what is wrong) or a v2 ``.zgroup``; its attributes are in
+``zarr.json`` (v3) or ``.zattrs`` (v2).  An array's ``zarr.json`` / ``.zarray`` + ``.zattrs`` is parsed into an
+:class:`ArrayMeta`: what actfmt needs to find and decode chunks itself, and whether it can (``direct``: 2-D,
+chunks spanning the full second dimension, little-endian 16/32-bit data, fill value 0, C order, no filters,
+no transposes, no sharding, at most one compressor actfmt knows).  The documents of several arrays are read as
+one batch (concurrent GETs on object storage).
+
+Writing: the documents zarr-python 3.1 writes for the same group and arrays, key for key
+(``json.dumps(indent=2)``, ``NaN`` allowed as zarr-python allows it), so a store written by actfmt is
+byte-identical in its metadata to one made with ``zarr.create_group`` / ``create_array``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from actfmt.errors import MetadataError
+from actfmt.formats.zarr.codecs import codec_from_v2, codec_from_v3, stored_codecs
+from actfmt.storage import Entry, Location, read_objects
+
+__all__ = [
+    "DIMENSION_NAMES",
+    "DTYPE_ATTR",
+    "METADATA_NAMES",
+    "SHARD_ROWS_ATTR",
+    "ZARRAY",
+    "ZARR_JSON",
+    "ZATTRS",
+    "ZGROUP",
+    "ArrayMeta",
+    "GroupProbe",
+    "array_documents",
+    "encode_json",
+    "group_attributes",
+    "group_documents",
+    "probe_group",
+    "read_arrays",
+    "read_json",
+    "set_group_attribute",
+]
+
+#: Array attributes actfmt writes: the real dtype (bfloat16 is stored as uint16) and the source's shard rows.
+DTYPE_ATTR = "actfmt_dtype"
+SHARD_ROWS_ATTR = "actfmt_shard_rows"
+ZARR_JSON, ZGROUP, ZARRAY, ZATTRS = "zarr.json", ".zgroup", ".zarray", ".zattrs"
+#: Names of metadata documents (everything else in an array's directory is a chunk).
+METADATA_NAMES = frozenset({ZARR_JSON, ZGROUP, ZARRAY, ZATTRS})
+DIMENSION_NAMES = ("example", "hidden")
+#: v3 ``data_type`` -> the numpy spelling of the stored dtype.
+_V3_DTYPES = {"float16": "<f2", "float32": "<f4", "uint16": "<u2", "int16": "<i2", "bfloat16": "bfloat16"}
+_V3_NAMES = {"<f2": "float16", "<f4": "float32", "<u2": "uint16", "<i2": "int16"}
+#: Stored dtypes actfmt reads and writes chunks of itself.
+_DIRECT_DTYPES = ("<u2", "<f2", "<f4", "<i2")
+_FLOAT = ("<f2", "<f4")
+
+
+def encode_json(doc: Any) -> bytes:
+    """A metadata document as zarr-python writes it."""
+    return json.dumps(doc, indent=2, allow_nan=True).encode()
+
+
+def parse_json(location: Location, raw: bytes | None) -> Any:
+    """``raw`` parsed (``None`` when the document is missing); a damaged document is a
+    :class:`~actfmt.errors.MetadataError` naming it."""
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MetadataError(
+            f"{location}: not valid JSON ({exc}); the store is damaged: re-convert it."
+        ) from None
+
+
+def read_json(location: Location) -> Any:
+    """The document at ``location`` parsed, or ``None`` when it is missing."""
+    try:
+        raw = location.read_bytes()
+    except FileNotFoundError:
+        return None
+    return parse_json(location, raw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# groups
+
+
+@dataclass(frozen=True)
+class GroupProbe:
+    """What the listing and ``zarr.json`` of a directory say about it as a Zarr group."""
+
+    zarr_format: int
+    doc: Any = None  # v3: the parsed zarr.json
+    error: MetadataError | None = None  # v3: zarr.json is damaged
+
+
+def probe_group(location: Location, entries: Sequence[Entry] | None = None) -> GroupProbe | None:
+    """The group at ``location``, or ``None`` when it is not a Zarr group (zarr-python is not imported).
+    ``entries``: its listing, when the caller has it."""
+    if entries is None:
+        try:
+            entries = location.list_dir()
+        except OSError:
+            return None
+    kinds = {e.name: e for e in entries}
+    v3 = kinds.get(ZARR_JSON)
+    if v3 is not None and v3.is_file():
+        try:
+            doc = read_json(v3.location)
+        except MetadataError as exc:
+            return GroupProbe(3, None, exc)  # a damaged store is still a store
+        except OSError as exc:
+            return GroupProbe(3, None, MetadataError(f"{v3.location}: cannot be read ({exc})."))
+        if isinstance(doc, dict) and doc.get("node_type") == "array":
+            return None
+        return GroupProbe(3, doc)
+    v2 = kinds.get(ZGROUP)
+    if v2 is not None and v2.is_file():
+        return GroupProbe(2)
+    return None
+
+
+def group_attributes(location: Location, probe: GroupProbe) -> dict[str, Any]:
+    """The group's attributes (v3 from ``zarr.json``, v2 from ``.zattrs``)."""
+    if probe.error is not None:
+        raise probe.error
+    if probe.zarr_format == 3:
+        attrs = probe.doc.get("attributes") if isinstance(probe.doc, dict) else None
+        where = location / ZARR_JSON
+    else:
+        where = location / ZATTRS
+        attrs = read_json(where)
+    if attrs is None:
+        return {}
+    if not isinstance(attrs, dict):
+        raise MetadataError(f"{where}: the group attributes are not a JSON object; re-convert the store.")
+    return attrs
+
+
+def group_documents(attributes: Mapping[str, Any], zarr_format: int) -> dict[str, bytes]:
+    """The documents of a group with ``attributes`` (relative key -> bytes)."""
+    if zarr_format == 3:
+        return {
+            ZARR_JSON: encode_json({"attributes": dict(attributes), "zarr_format": 3, "node_type": "group"})
+        }
+    return {ZGROUP: encode_json({"zarr_format": 2}), ZATTRS: encode_json(dict(attributes))}
+
+
+def set_group_attribute(location: Location, key: str, value: Any) -> None:
+    """Set one group attribute, placed last: one atomic rewrite of ``zarr.json`` (v3) or ``.zattrs`` (v2)."""
+    v3 = location / ZARR_JSON
+    doc = read_json(v3)
+    if doc is not None:
+        if not isinstance(doc, dict):
+            raise MetadataError(f"{v3}: not a JSON object; the store is damaged: re-convert it.")
+        attrs = doc.get("attributes") or {}
+        if not isinstance(attrs, dict):
+            raise MetadataError(f"{v3}: the group attributes are not a JSON object; re-convert the store.")
+        attrs.pop(key, None)
+        attrs[key] = value
+        doc["attributes"] = attrs
+        v3.write_bytes(encode_json(doc), atomic=True)
+        return
+    v2 = location / ZATTRS
+    attrs = read_json(v2) or {}
+    if not isinstance(attrs, dict):
+        raise MetadataError(f"{v2}: not a JSON object; the store is damaged: re-convert it.")
+    attrs.pop(key, None)
+    attrs[key] = value
+    v2.write_bytes(encode_json(attrs), atomic=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# arrays
+
+
+def array_documents(
+    shape: tuple[int, int],
+    chunk_rows: int,
+    dtype: str,
+    compression: str,
+    level: int | None,
+    attributes: Mapping[str, Any],
+    zarr_format: int,
+) -> dict[str, bytes]:
+    """The documents of an array of ``shape`` stored as ``dtype`` (numpy spelling: ``<u2``, ``<f2``, ``<f4``),
+    chunks ``(chunk_rows, shape[1])``, fill value 0, C order, default chunk key encoding."""
+    itemsize = int(dtype[-1])
+    fill: int | float = 0.0 if dtype in _FLOAT else 0
+    chunks = [int(chunk_rows), int(shape[1])]
+    codecs = stored_codecs(compression, level, itemsize, zarr_format)
+    if zarr_format == 2:
+        zarray = {
+            "shape": list(shape),
+            "chunks": chunks,
+            "dtype": dtype,
+            "fill_value": fill,
+            "order": "C",
+            "filters": None,
+            "dimension_separator": ".",
+            "compressor": codecs,
+            "zarr_format": 2,
+        }
+        return {ZARRAY: encode_json(zarray), ZATTRS: encode_json(dict(attributes))}
+    doc = {
+        "shape": list(shape),
+        "data_type": _V3_NAMES[dtype],
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": fill,
+        "codecs": codecs,
+        "attributes": dict(attributes),
+        "dimension_names": list(DIMENSION_NAMES),
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
+    }
+    return {ZARR_JSON: encode_json(doc)}
+
+
+@dataclass(frozen=True)
+class ArrayMeta:
+    """What actfmt needs of one array's metadata."""
+
+    name: str
+    zarr_format: int
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str  # numpy spelling of the stored dtype, e.g. "<u2"
+    attributes: dict[str, Any]
+    separator: str
+    prefix: str  # v3 default encoding: "c"; v3 "v2" encoding and v2: ""
+    codec: Any  # numcodecs codec, None = raw bytes
+    direct: bool  # can actfmt read and write chunk objects itself?
+
+    def chunk_key(self, i: int) -> str:
+        """The key of row-chunk ``i`` relative to the array (``c/3/0`` or ``3.0``)."""
+        parts = [str(i)] + ["0"] * (len(self.shape) - 1)
+        if self.prefix:
+            parts.insert(0, self.prefix)
+        return self.separator.join(parts)
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.chunks[0]
+
+    @property
+    def nchunks(self) -> int:
+        return -(-self.shape[0] // self.chunks[0]) if self.shape and self.shape[0] and self.chunks[0] else 0
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in value):
+        raise TypeError(value)
+    return tuple(value)
+
+
+def _is_zero(fill: Any) -> bool:
+    return fill is None or (not isinstance(fill, bool) and isinstance(fill, (int, float)) and fill == 0)
+
+
+def parse_v3(adir: Location, doc: Any) -> ArrayMeta | None:
+    """An array's ``zarr.json`` (``None`` when it is not an array)."""
+    if not isinstance(doc, dict) or doc.get("node_type") != "array":
+        return None
+    try:
+        shape = _ints(doc["shape"])
+        grid = doc["chunk_grid"]
+        chunks = _ints(grid["configuration"]["chunk_shape"])
+        dt = doc["data_type"]
+        enc = doc.get("chunk_key_encoding") or {"name": "default"}
+        conf = enc.get("configuration") or {}
+        codecs = list(doc.get("codecs") or [])
+        attrs = doc.get("attributes") or {}
+    except (KeyError, TypeError, AttributeError):
+        raise MetadataError(f"{adir / ZARR_JSON}: incomplete array metadata; re-convert the store.") from None
+    if not isinstance(attrs, dict):
+        raise MetadataError(f"{adir / ZARR_JSON}: the array attributes are not a JSON object.")
+    default = enc.get("name") == "default"
+    sep = str(conf.get("separator", "/" if default else "."))
+    dtype = _V3_DTYPES.get(dt, dt) if isinstance(dt, str) else json.dumps(dt)
+    codec, direct = None, False
+    first = codecs[0] if codecs and isinstance(codecs[0], dict) else {}
+    bytes_conf = first.get("configuration")
+    endian = bytes_conf.get("endian", "little") if isinstance(bytes_conf, dict) else "little"
+    if first.get("name") == "bytes" and endian == "little":
+        rest = codecs[1:]
+        if not rest:
+            direct = True
+        elif len(rest) == 1:
+            codec = codec_from_v3(rest[0])
+            direct = codec is not None
+    direct = direct and grid.get("name") == "regular" and not doc.get("storage_transformers")
+    direct = direct and _is_zero(doc.get("fill_value", 0))
+    return _finish(
+        ArrayMeta(adir.name, 3, shape, chunks, dtype, attrs, sep, "c" if default else "", codec, direct)
+    )
+
+
+def parse_v2(adir: Location, zarray: Any, zattrs: Any) -> ArrayMeta | None:
+    """An array's ``.zarray`` and ``.zattrs`` (``None`` when there is no ``.zarray``)."""
+    if zarray is None:
+        return None
+    try:
+        if not isinstance(zarray, dict):
+            raise TypeError(zarray)
+        shape = _ints(zarray["shape"])
+        chunks = _ints(zarray["chunks"])
+        dtype = str(zarray["dtype"])
+    except (KeyError, TypeError):
+        raise MetadataError(f"{adir / ZARRAY}: incomplete array metadata; re-convert the store.") from None
+    attrs = zattrs if zattrs is not None else {}
+    if not isinstance(attrs, dict):
+        raise MetadataError(f"{adir / ZATTRS}: the array attributes are not a JSON object.")
+    if dtype[:1] in ("|", "="):
+        dtype = "<" + dtype[1:]
+    comp = zarray.get("compressor")
+    codec = codec_from_v2(comp) if comp else None
+    direct = (
+        (comp is None or codec is not None)
+        and not zarray.get("filters")
+        and zarray.get("order", "C") == "C"
+        and _is_zero(zarray.get("fill_value", 0))
+    )
+    sep = zarray.get("dimension_separator") or "."
+    return _finish(ArrayMeta(adir.name, 2, shape, chunks, dtype, attrs, str(sep), "", codec, direct))
+
+
+def _finish(m: ArrayMeta) -> ArrayMeta:
+    direct = (
+        m.direct
+        and len(m.shape) == 2
+        and len(m.chunks) == 2
+        and m.chunks[0] > 0
+        and m.chunks[1] == m.shape[1]
+        and m.dtype in _DIRECT_DTYPES
+    )
+    if direct == m.direct:
+        return m
+    return ArrayMeta(
+        m.name,
+        m.zarr_format,
+        m.shape,
+        m.chunks,
+        m.dtype,
+        m.attributes,
+        m.separator,
+        m.prefix,
+        m.codec,
+        direct,
+    )
+
+
+def read_arrays(group: Location, names: Sequence[str]) -> dict[str, ArrayMeta]:
+    """The arrays among ``names`` (directories of ``group``): their documents read in one batch (a second for
+    the v2 documents of those without ``zarr.json``).  Directories that hold no array are left out."""
+    out: dict[str, ArrayMeta] = {}
+    dirs = [group / n for n in names]
+    v3 = read_objects([d / ZARR_JSON for d in dirs], missing_ok=True)
+    rest = []
+    for d, raw in zip(dirs, v3, strict=True):
+        m = parse_v3(d, parse_json(d / ZARR_JSON, raw)) if raw is not None else None
+        if m is not None:
+            out[d.name] = m
+        elif raw is None:
+            rest.append(d)
+    if rest:
+        docs = read_objects([d / key for d in rest for key in (ZARRAY, ZATTRS)], missing_ok=True)
+        for i, d in enumerate(rest):
+            zarray = parse_json(d / ZARRAY, docs[2 * i])
+            if zarray is None:
+                continue
+            m = parse_v2(d, zarray, parse_json(d / ZATTRS, docs[2 * i + 1]))
+            if m is not None:
+                out[d.name] = m
+    return {n: out[n] for n in names if n in out}

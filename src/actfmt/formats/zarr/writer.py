@@ -1,0 +1,251 @@
+"""Writing a split as a Zarr group, on any storage, without zarr-python.
+
+``create`` writes the arrays' metadata documents and then the group's (:mod:`actfmt.formats.zarr.meta`: the
+documents zarr-python 3.1 writes), the group's attributes being the producer's metadata only.  ``write`` takes
+blocks of whole chunks (:meth:`ZarrWriter.block_rows`), encodes each chunk with the numcodecs codec the
+metadata names (on two threads; nothing at all when uncompressed: the block's memory is written as is), pads the
+edge chunk to the full chunk as Zarr requires, and writes the block's chunk objects with one
+:meth:`~actfmt.storage.Location.put_many` (concurrent PUTs on object storage).  An uncompressed store whose
+storage can copy ranges (:attr:`~actfmt.storage.Location.supports_copy_range`) copies the source's raw bytes
+into each chunk file in the kernel when the conversion hands over their byte runs.  ``finalize`` adds the
+``actfmt`` block to the group's attributes last: one atomic rewrite of ``zarr.json`` / ``.zattrs``, so an
+interrupted conversion never looks complete.
+
+Different layers may be written by different threads or processes at once: each layer's chunks are separate
+objects and nothing but ``finalize`` touches the group's document.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from actfmt.errors import ConversionError
+from actfmt.formats.base import (
+    ACTFMT_KEY,
+    ByteRun,
+    LayerInfo,
+    SplitSpec,
+    WriteOptions,
+    Writer,
+    as_array,
+    stored_dtype,
+)
+from actfmt.formats.zarr.codecs import resolve_compression
+from actfmt.formats.zarr.meta import (
+    DTYPE_ATTR,
+    SHARD_ROWS_ATTR,
+    ArrayMeta,
+    array_documents,
+    group_documents,
+    read_arrays,
+    set_group_attribute,
+)
+from actfmt.layout import SUPPORTED_DTYPES
+from actfmt.storage import Location
+
+__all__ = ["BLOCK_TARGET_BYTES", "CHUNK_TARGET_BYTES", "WRITE_THREADS", "ZarrWriter", "default_chunk_rows"]
+
+CHUNK_TARGET_BYTES = 2 << 20  # 2 MiB per chunk: written at copy speed, four blosc blocks each
+BLOCK_TARGET_BYTES = 32 << 20  # ~32 MiB of whole chunks per write() block
+WRITE_THREADS = 2  # encode threads (the target machine has two cores)
+
+
+def default_chunk_rows(rows: int, hidden_dim: int, itemsize: int) -> int:
+    """The largest power of two whose chunk stays within 2 MiB, capped at ``rows`` (at least 1)."""
+    row_bytes = max(1, hidden_dim * itemsize)
+    n = 1 << (max(1, CHUNK_TARGET_BYTES // row_bytes).bit_length() - 1)
+    return max(1, min(n, rows))
+
+
+def _chunk_rows(info: LayerInfo, options: WriteOptions) -> int:
+    if options.chunk_rows:
+        return min(int(options.chunk_rows), max(info.rows, 1))
+    return default_chunk_rows(info.rows, info.hidden_dim, info.itemsize)
+
+
+class ZarrWriter(Writer):
+    """Writes the group's documents and whole chunk objects itself (see the module docstring)."""
+
+    format = "zarr"
+
+    def __init__(self, location: Location, spec: SplitSpec, options: WriteOptions) -> None:
+        super().__init__(location, spec, options)
+        self._metas: dict[int, ArrayMeta] = {}
+        self._dirs: set[Location] = set()
+        self._pool: Any = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, location: Location, spec: SplitSpec, options: WriteOptions) -> ZarrWriter:
+        zf = options.zarr_format or 3
+        if zf not in (2, 3):
+            raise ConversionError(f"{location}: --zarr-format must be 2 or 3, not {options.zarr_format!r}.")
+        name, level = resolve_compression(location, options.compression, options.level)
+        if options.chunk_rows is not None and int(options.chunk_rows) < 1:
+            raise ConversionError(f"{location}: --chunk-rows must be at least 1, not {options.chunk_rows}.")
+        for info in spec.layers:
+            if info.dtype not in SUPPORTED_DTYPES:
+                raise ConversionError(
+                    f"{location / info.name}: dtype {info.dtype} is not supported; use float16, bfloat16 or float32."
+                )
+        if location.exists():
+            raise ConversionError(f"{location}: already exists; the zarr writer creates a new store.")
+        docs: dict[Location, bytes] = {}
+        location.mkdir()
+        for info in spec.layers:
+            attrs: dict[str, Any] = {DTYPE_ATTR: info.dtype}
+            if info.shard_rows:
+                attrs[SHARD_ROWS_ATTR] = list(info.shard_rows)
+            adir = location / info.name
+            adir.mkdir()
+            shape = (info.rows, info.hidden_dim)
+            dtype = stored_dtype(info.dtype).str
+            for key, raw in array_documents(
+                shape, _chunk_rows(info, options), dtype, name, level, attrs, zf
+            ).items():
+                docs[adir / key] = raw
+        location.put_many(docs)
+        # the group last: a directory is a store only once every array's metadata is there
+        attrs = {k: v for k, v in spec.metadata.items() if k != ACTFMT_KEY}
+        location.put_many({location / key: raw for key, raw in group_documents(attrs, zf).items()})
+        return cls(location, spec, options)
+
+    def _meta(self, layer: int) -> ArrayMeta:
+        m = self._metas.get(layer)
+        if m is not None:
+            return m
+        info = self.spec.layers[layer]
+        where = self.location / info.name
+        m = read_arrays(self.location, [info.name]).get(info.name)
+        if m is None:
+            raise ConversionError(f"{where}: no such array; the partial store is damaged.")
+        if not m.direct:
+            raise ConversionError(f"{where}: not written by actfmt's zarr writer; use --overwrite.")
+        if m.shape != (info.rows, info.hidden_dim) or stored_dtype(info.dtype).str != m.dtype:
+            raise ConversionError(
+                f"{where}: the partial store holds {list(m.shape)} {m.dtype}, the source "
+                f"[{info.rows}, {info.hidden_dim}] {info.dtype}; restart without --resume."
+            )
+        with self._lock:
+            self._metas[layer] = m
+        return m
+
+    def block_rows(self, layer: int) -> list[int]:
+        """Whole chunks of about 32 MiB; the source's shards when every shard but the last is whole chunks
+        (then each block is one source shard, whose raw bytes can be copied as they are)."""
+        info = self.spec.layers[layer]
+        cr = self._meta(layer).chunk_rows
+        shards = info.shard_rows
+        if shards and sum(shards) == info.rows and all(n > 0 and n % cr == 0 for n in shards[:-1]):
+            return list(shards)
+        step = max(1, BLOCK_TARGET_BYTES // max(1, cr * info.row_bytes)) * cr
+        return [min(step, info.rows - s) for s in range(0, info.rows, step)] or [0]
+
+    def write(self, layer: int, start: int, data: Any, runs: list[ByteRun] | None = None) -> None:
+        import numpy as np
+
+        info = self.spec.layers[layer]
+        m = self._meta(layer)
+        arr = as_array(data, info.dtype)
+        cr, rows, hidden = m.chunk_rows, info.rows, info.hidden_dim
+        if arr.ndim != 2 or arr.shape[1] != hidden:
+            raise ValueError(f"zarr writer: block of shape {tuple(arr.shape)}, expected (n, {hidden})")
+        n = int(arr.shape[0])
+        if n == 0:
+            return
+        if start % cr or (start + n != rows and n % cr) or start + n > rows:
+            raise ValueError(
+                f"zarr writer: block at row {start} of {n} rows is not made of whole chunks of {cr} rows "
+                f"(layer of {rows} rows)"
+            )
+        adir = self.location / m.name
+        starts = range(0, n, cr)
+        targets = [adir / m.chunk_key((start + s) // cr) for s in starts]
+        self._mkdirs(t.parent for t in targets)
+        codec = m.codec
+
+        def chunk(s: int) -> np.ndarray:
+            part = arr[s : s + cr]
+            if part.shape[0] < cr:  # the edge chunk: padded to the full chunk, as Zarr requires
+                full = np.zeros((cr, hidden), dtype=part.dtype)
+                full[: part.shape[0]] = part
+                part = full
+            return part
+
+        if codec is None and runs is not None and self.location.supports_copy_range:
+            whole = [(t, s) for t, s in zip(targets, starts, strict=True) if s + cr <= n]
+            self._copy(whole, runs, n, cr, info.row_bytes)
+            # the edge chunk from memory: LocalOutput.copy_range does not move the file position, so zero
+            # padding written after a copy would land on the copied rows
+            self.location.put_many({t: chunk(s) for t, s in zip(targets, starts, strict=True) if s + cr > n})
+            return
+
+        def one(s: int) -> Any:
+            # blosc / zstd / zlib release the GIL: the chunks of a block encode in parallel
+            return chunk(s) if codec is None else codec.encode(chunk(s))
+
+        if codec is not None and len(starts) > 1:
+            payloads = list(self._threads().map(one, starts))
+        else:
+            payloads = [one(s) for s in starts]
+        self.location.put_many(dict(zip(targets, payloads, strict=True)))
+
+    def _copy(
+        self, chunks: list[tuple[Location, int]], runs: list[ByteRun], n: int, cr: int, row_bytes: int
+    ) -> None:
+        """Whole chunk files ``(target, first row in the block)`` made of the source's raw bytes ``runs`` of
+        the block's ``n`` rows (in the kernel where the storage can)."""
+        if sum(length for _, _, length in runs) != n * row_bytes:
+            raise ValueError(
+                f"zarr writer: the byte runs hold {sum(r[2] for r in runs)} bytes, the block {n * row_bytes}"
+            )
+        pending: list[ByteRun] = [r for r in runs if r[2] > 0]
+        j, pos = 0, 0  # the current run, and the block byte where it starts
+        for target, first in chunks:
+            lo, need = first * row_bytes, cr * row_bytes
+            while pos + pending[j][2] <= lo:  # runs before this chunk
+                pos += pending[j][2]
+                j += 1
+            with target.open_output() as out:
+                at = lo
+                while need:
+                    src, off, length = pending[j]
+                    skip = at - pos
+                    take = min(need, length - skip)
+                    out.copy_range(src, off + skip, take)
+                    need -= take
+                    at += take
+                    if at == pos + length:
+                        pos += length
+                        j += 1
+
+    def _mkdirs(self, dirs: Iterable[Location]) -> None:
+        """Make the chunk directories (local storage; nothing to do on object storage)."""
+        for d in dirs:
+            if d not in self._dirs:
+                d.mkdir()
+                with self._lock:
+                    self._dirs.add(d)
+
+    def _threads(self) -> Any:
+        with self._lock:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                threads = int(self.options.extra.get("threads") or WRITE_THREADS)
+                self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="actfmt-zarr-w")
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def finalize(self, block: dict[str, Any]) -> None:
+        """Add the actfmt block to the group attributes (last: one atomic rewrite of the group's document)."""
+        out = dict(block)
+        out.setdefault("dtype", {li.name: li.dtype for li in self.spec.layers})
+        set_group_attribute(self.location, ACTFMT_KEY, out)

@@ -1,0 +1,139 @@
+"""The shape of the package: imports run one way, with no cycle, counting every import statement (function-local
+and ``TYPE_CHECKING`` ones included), and the layers depend only downward."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+PACKAGE = SRC / "actfmt"
+
+#: The floors, bottom first: a module may import only from its own floor or below.
+LAYERS = [
+    {"actfmt._version", "actfmt.errors", "actfmt.progress", "actfmt.layout"},
+    {"actfmt.storage"},
+    {"actfmt.formats", "actfmt.checksum"},
+    {"actfmt.checks", "actfmt.report", "actfmt.convert", "actfmt.stats"},
+    {"actfmt.dataset", "actfmt.torch", "actfmt._dask"},
+    {"actfmt.reporters", "actfmt._console"},
+    {"actfmt.cli", "actfmt.__main__"},
+]
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for f in PACKAGE.rglob("*.py"):
+        parts = list(f.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = f
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the actfmt modules its import statements name (``from pkg import mod`` names ``pkg.mod``)."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for mod, path in modules.items():
+        is_pkg = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    pkg = mod.split(".") if is_pkg else mod.split(".")[:-1]
+                    pkg = pkg[: len(pkg) - node.level + 1]
+                    base = ".".join([*pkg, base] if base else pkg)
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            for t in targets:
+                if t.startswith("actfmt"):
+                    while t not in modules and "." in t:
+                        t = t.rsplit(".", 1)[0]
+                    if t != mod:
+                        graph[mod].add(t)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _floor(mod: str) -> int:
+    for i, floor in enumerate(LAYERS):
+        if any(mod == f or mod.startswith(f + ".") for f in floor):
+            return i
+    return -1
+
+
+def test_no_import_cycle() -> None:
+    assert _cycles(import_graph()) == []
+
+
+def test_every_module_has_a_floor() -> None:
+    assert [m for m in _modules() if m != "actfmt" and _floor(m) < 0] == []
+
+
+def test_imports_run_downward_only() -> None:
+    wrong = [
+        f"{m} -> {t}"
+        for m, targets in import_graph().items()
+        for t in targets
+        if m != "actfmt" and t != "actfmt" and _floor(t) > _floor(m)
+    ]
+    assert wrong == []
+
+
+def test_no_remote_twin_modules() -> None:
+    assert not [p for p in PACKAGE.rglob("*remote*.py")]
+
+
+@pytest.mark.parametrize(
+    "command", ["import actfmt", "import actfmt.cli; actfmt.cli.cli(['--help'], standalone_mode=False)"]
+)
+def test_startup_imports_no_heavy_library(command: str) -> None:
+    code = (
+        f"import sys; {command}; "
+        "heavy = [m for m in ('torch', 'zarr', 'h5py', 'numpy', 'fsspec', 'dask') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
