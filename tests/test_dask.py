@@ -228,7 +228,7 @@ class _Flaky:
 
     def write(self, writer: Any, layer: int, start: int, data: np.ndarray) -> None:
         name = writer.spec.layers[layer].name
-        key = (str(writer.path), name)
+        key = (str(writer.location), name)
         with self.lock:
             fail = (self.layers is None or name in self.layers) and self.failures.get(
                 key, 0

@@ -154,6 +154,13 @@ storage_options_option = click.option(
 )
 
 
+def jobs_option(default: int, help: str) -> Any:
+    """``-j/--jobs N`` (0: one per CPU)."""
+    return click.option(
+        "-j", "--jobs", type=click.IntRange(min=0), default=default, show_default=True, metavar="N", help=help
+    )
+
+
 # --------------------------------------------------------------------------------------------- the group
 
 
@@ -174,15 +181,7 @@ def cli() -> None:
 @cli.command("validate")
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...", type=PathOrURL(exists=True))
 @click.option("--deep", is_flag=True, help="Also read the values: NaN/Inf, all-zero rows, duplicate layers.")
-@click.option(
-    "-j",
-    "--jobs",
-    type=click.IntRange(min=0),
-    default=1,
-    show_default=True,
-    metavar="N",
-    help="Check N files in parallel (0: one per CPU).",
-)
+@jobs_option(1, "Check N files in parallel (0: one per CPU).")
 @click.option(
     "--output-format",
     type=click.Choice(OUTPUT_FORMATS),
@@ -378,15 +377,10 @@ def _compression_help() -> str:
 @click.option("--chunk-rows", type=click.IntRange(min=1), metavar="N", help="Rows per chunk (zarr, hdf5).")
 @click.option("--compression", type=click.Choice(all_compressions()), help=_compression_help())
 @click.option("--level", type=int, metavar="N", help="Compression level (the codec's own scale).")
-@click.option(
-    "-j",
-    "--jobs",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    metavar="N",
-    help="Layers converted in parallel (0: one per CPU); with --executor dask and no --scheduler, the "
-    "number of local worker processes.",
+@jobs_option(
+    0,
+    "Layers converted in parallel (0: one per CPU); with --executor dask and no --scheduler, the number of "
+    "local worker processes.",
 )
 @click.option(
     "--executor",

@@ -33,18 +33,12 @@ class LayerView:
         self._reader = reader
         self._pos = pos
         self.info: LayerInfo = reader.layers[pos]
-
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def index(self) -> int:
-        return self.info.index
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.info.rows, self.info.hidden_dim)
+        #: ``layer_03``, 3, ``(rows, hidden_dim)``
+        self.name, self.index, self.shape = (
+            self.info.name,
+            self.info.index,
+            (self.info.rows, self.info.hidden_dim),
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -146,15 +140,9 @@ class Split:
     def __init__(self, reader: Reader) -> None:
         self._reader = reader
         self._by_index = {li.index: pos for pos, li in enumerate(reader.layers)}
-
-    @property
-    def path(self) -> Location:
-        """Where the split is (``str()`` gives its path or URL)."""
-        return self._reader.location
-
-    @property
-    def format(self) -> str:
-        return self._reader.format
+        #: Where the split is (``str()`` gives its path or URL) and its format's name.
+        self.path: Location = reader.location
+        self.format: str = reader.format
 
     @property
     def metadata(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,22 +80,19 @@ def shard_name(index: int) -> str:
     return f"shard_{index:03d}.pt"
 
 
+def _exact_index(pattern: re.Pattern[str], spell: Callable[[int], str], name: str) -> int | None:
+    m = pattern.match(name)
+    return None if m is None or spell(int(m.group(1))) != name else int(m.group(1))
+
+
 def layer_index(name: str) -> int | None:
     """The index of a correctly spelled layer directory name, else ``None`` (``layer_3`` is not)."""
-    m = LAYER_RE.match(name)
-    if m is None:
-        return None
-    i = int(m.group(1))
-    return i if layer_name(i) == name else None
+    return _exact_index(LAYER_RE, layer_name, name)
 
 
 def shard_index(name: str) -> int | None:
     """The index of a correctly spelled shard file name, else ``None`` (``shard_1.pt`` is not)."""
-    m = SHARD_RE.match(name)
-    if m is None:
-        return None
-    i = int(m.group(1))
-    return i if shard_name(i) == name else None
+    return _exact_index(SHARD_RE, shard_name, name)
 
 
 def full_shard_rows(shard_size: int, batch_size: int) -> int:

@@ -33,7 +33,7 @@ from actfmt.layout import (
     shard_index,
     shard_name,
 )
-from actfmt.storage import DIR, MISSING, SPECIAL, Entry, Location, read_into
+from actfmt.storage import Entry, Kind, Location, read_into
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "LayerEntry",
     "ShardEntry",
+    "ShardRule",
     "SplitContext",
     "SplitRule",
     "TreeRule",
@@ -72,6 +73,19 @@ class SplitRule(Rule):
         return ()
 
 
+class ShardRule(SplitRule):
+    """A rule that judges each shard on its own (not registered itself: it has no code)."""
+
+    @classmethod
+    def check(cls, ctx: SplitContext) -> Iterable[Finding]:
+        for s in ctx.all_shards():
+            yield from cls.check_shard(s)
+
+    @classmethod
+    def check_shard(cls, s: ShardEntry) -> Iterable[Finding]:  # pragma: no cover - overridden
+        return ()
+
+
 class TreeRule(Rule):
     """A rule that compares several splits (not registered itself: it has no code)."""
 
@@ -81,17 +95,22 @@ class TreeRule(Rule):
 
 
 class WalkRule(Rule):
-    """A rule about the parts of a tree the walk could not read or did not follow."""
+    """A rule about the parts of a tree the walk could not read or did not follow: one finding per
+    :class:`~actfmt.formats.walk.WalkProblem` of the ``walk_kinds`` it covers."""
+
+    walk_kinds: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
-    def check_walk(cls, problems: list[WalkProblem]) -> Iterable[Finding]:  # pragma: no cover - overridden
-        return ()
+    def check_walk(cls, problems: list[WalkProblem]) -> Iterable[Finding]:
+        for p in problems:
+            if p.kind in cls.walk_kinds:
+                yield cls.finding(p.rel, p.detail)
 
 
 # -- entries -------------------------------------------------------------------------------------------------
 def _kind_detail(e: Entry) -> str:
     """Why an entry that is not a regular file cannot be read as one."""
-    if e.kind == MISSING:
+    if e.kind == Kind.MISSING:
         target = ""
         if e.location.local_path is not None:
             import os
@@ -101,19 +120,29 @@ def _kind_detail(e: Entry) -> str:
             except OSError:
                 target = ""
         return f"a dangling symlink{target}"
-    if e.kind == SPECIAL:
+    if e.kind == Kind.SPECIAL:
         return "not a regular file (a FIFO, socket or device); not opened"
     return "is a directory, not a file"
 
 
 @dataclass
-class ShardEntry:
-    """One file in a layer directory that stands for a shard (exactly or badly named)."""
+class _Named:
+    """An entry that stands for a layer or a shard: its index, where it is, and whether it is named exactly."""
 
     index: int
     path: Location
     location: str
     exact: bool
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass
+class ShardEntry(_Named):
+    """One file in a layer directory that stands for a shard (exactly or badly named)."""
+
     #: A correctly named shard with the same index exists: this one is ignored by the structural checks.
     shadowed: bool = False
     kind: str = "file"
@@ -125,10 +154,6 @@ class ShardEntry:
     inf: int = 0
     zero_rows: list[int] = field(default_factory=list)
     digest: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.path.name
 
     @property
     def readable(self) -> bool:
@@ -157,22 +182,14 @@ class ShardEntry:
 
 
 @dataclass
-class LayerEntry:
+class LayerEntry(_Named):
     """One entry of a split that stands for a layer (exactly or badly named)."""
 
-    index: int
-    path: Location
-    location: str
-    exact: bool
-    is_dir: bool
+    is_dir: bool = True
     shadowed: bool = False
     shards: list[ShardEntry] = field(default_factory=list)
     strays: list[tuple[str, bool]] = field(default_factory=list)  # (location, is_dir)
     list_error: OSError | None = None
-
-    @property
-    def name(self) -> str:
-        return self.path.name
 
     @property
     def canonical(self) -> str:
@@ -265,7 +282,7 @@ def _read_metadata(ctx: SplitContext, entries: dict[str, Entry]) -> None:
     if e is None:
         ctx.metadata_state = "missing"
         return
-    if e.kind == SPECIAL:
+    if e.kind == Kind.SPECIAL:
         ctx.metadata_state, ctx.metadata_detail = "special", _kind_detail(e)
         return
     if e.kind != "file":
@@ -323,7 +340,7 @@ def _scan_layer(layer: LayerEntry) -> None:
                 ShardEntry(j, e.location, loc, exact=False, shadowed=j in exact_indices, kind=e.kind)
             )
             continue
-        layer.strays.append((loc, e.kind == DIR))
+        layer.strays.append((loc, e.kind == Kind.DIR))
     for s in layer.shards:
         if s.kind != "file":
             e = next(x for x in entries if x.location == s.path)

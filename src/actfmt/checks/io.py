@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import ClassVar
 
 from actfmt.checks.base import WARNING, Finding
-from actfmt.checks.context import ShardEntry, SplitContext, SplitRule, WalkRule
+from actfmt.checks.context import ShardEntry, ShardRule, SplitContext, SplitRule, WalkRule
 from actfmt.errors import CorruptShardError, NotATensorError, UnsafeShardError
-from actfmt.formats import WalkProblem
-from actfmt.storage import SPECIAL
+from actfmt.storage import Kind
 
 __all__ = ["CorruptShard", "NotATensor", "SpecialFile", "UnfollowedLink", "UnreadableFile", "UnsafeShard"]
 
@@ -45,12 +45,7 @@ class UnreadableFile(SplitRule, WalkRule):
     code = "ACT001"
     name = "unreadable-file"
     pt_only = False
-
-    @classmethod
-    def check_walk(cls, problems: list[WalkProblem]) -> Iterable[Finding]:
-        for p in problems:
-            if p.kind in ("unreadable", "dangling", "too-deep"):
-                yield cls.finding(p.rel, p.detail)
+    walk_kinds = ("unreadable", "dangling", "too-deep")
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
@@ -71,11 +66,22 @@ class UnreadableFile(SplitRule, WalkRule):
                     layer.location, f"cannot list {layer.name}/: {_oserror_text(layer.list_error)}"
                 )
             for s in layer.shards:
-                if isinstance(s.error, OSError) and s.kind != SPECIAL:
+                if isinstance(s.error, OSError) and s.kind != Kind.SPECIAL:
                     yield cls.finding(s.location, f"cannot read {s.name}: {_oserror_text(s.error)}")
 
 
-class CorruptShard(SplitRule):
+class _LoadError(ShardRule):
+    """A shard whose loading failed with :attr:`error` (the message says how)."""
+
+    error: ClassVar[type[Exception]]
+
+    @classmethod
+    def check_shard(cls, s: ShardEntry) -> Iterable[Finding]:
+        if isinstance(s.error, cls.error):
+            yield cls.finding(s.location, _short(s.error, s))
+
+
+class CorruptShard(ShardRule):
     """A shard is not a loadable tensor file: empty, truncated or garbage.
 
     Checks that each `shard_XXX.pt` is a complete `torch.save` file (a zip archive, or the legacy
@@ -90,15 +96,14 @@ class CorruptShard(SplitRule):
     name = "corrupt-shard"
 
     @classmethod
-    def check(cls, ctx: SplitContext) -> Iterable[Finding]:
-        for s in ctx.all_shards():
-            if s.error is None or isinstance(s.error, (OSError, UnsafeShardError, NotATensorError)):
-                continue
-            detail = _short(s.error, s) if isinstance(s.error, CorruptShardError) else f"{s.error}"
-            yield cls.finding(s.location, detail)
+    def check_shard(cls, s: ShardEntry) -> Iterable[Finding]:
+        if s.error is not None and not isinstance(s.error, (OSError, UnsafeShardError, NotATensorError)):
+            yield cls.finding(
+                s.location, _short(s.error, s) if isinstance(s.error, CorruptShardError) else f"{s.error}"
+            )
 
 
-class UnsafeShard(SplitRule):
+class UnsafeShard(_LoadError):
     """A shard's pickle asks for more than plain tensors; refused, never executed.
 
     Checks, with `torch.load(weights_only=True)`, that a shard's pickle references nothing beyond tensors
@@ -114,15 +119,10 @@ class UnsafeShard(SplitRule):
 
     code = "ACT003"
     name = "unsafe-shard"
-
-    @classmethod
-    def check(cls, ctx: SplitContext) -> Iterable[Finding]:
-        for s in ctx.all_shards():
-            if isinstance(s.error, UnsafeShardError):
-                yield cls.finding(s.location, _short(s.error, s))
+    error = UnsafeShardError
 
 
-class NotATensor(SplitRule):
+class NotATensor(_LoadError):
     """A shard loads, but holds something other than a single tensor.
 
     Checks that each shard holds one `torch.Tensor` (not a dict, a list, a tuple or a number).
@@ -134,12 +134,7 @@ class NotATensor(SplitRule):
 
     code = "ACT004"
     name = "not-a-tensor"
-
-    @classmethod
-    def check(cls, ctx: SplitContext) -> Iterable[Finding]:
-        for s in ctx.all_shards():
-            if isinstance(s.error, NotATensorError):
-                yield cls.finding(s.location, _short(s.error, s))
+    error = NotATensorError
 
 
 class UnfollowedLink(WalkRule):
@@ -158,12 +153,7 @@ class UnfollowedLink(WalkRule):
     code = "ACT005"
     name = "unfollowed-link"
     severity = WARNING
-
-    @classmethod
-    def check_walk(cls, problems: list[WalkProblem]) -> Iterable[Finding]:
-        for p in problems:
-            if p.kind in ("outside", "cycle"):
-                yield cls.finding(p.rel, p.detail)
+    walk_kinds = ("outside", "cycle")
 
 
 class SpecialFile(SplitRule, WalkRule):
@@ -180,19 +170,14 @@ class SpecialFile(SplitRule, WalkRule):
     code = "ACT006"
     name = "special-file"
     pt_only = False
-
-    @classmethod
-    def check_walk(cls, problems: list[WalkProblem]) -> Iterable[Finding]:
-        for p in problems:
-            if p.kind == "special":
-                yield cls.finding(p.rel, p.detail)
+    walk_kinds = ("special",)
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
         if ctx.metadata_state == "special":
             yield cls.finding(ctx.metadata_location, f"metadata.json is {ctx.metadata_detail}")
         for s in ctx.all_shards():
-            if s.kind == SPECIAL:
+            if s.kind == Kind.SPECIAL:
                 yield cls.finding(
                     s.location, f"{s.name} is not a regular file (a FIFO, socket or device); not opened"
                 )

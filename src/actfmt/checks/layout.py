@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from actfmt.checks.base import WARNING, Finding
-from actfmt.checks.context import SplitContext, SplitRule
+from actfmt.checks.context import LayerEntry, ShardEntry, SplitContext, SplitRule
 from actfmt.layout import layer_name, shard_name
 
 __all__ = ["BadName", "ExtraLayer", "MissingLayer", "MissingMetadata", "StrayFile"]
@@ -42,7 +42,14 @@ class MissingMetadata(SplitRule):
             )
 
 
-class MissingLayer(SplitRule):
+class _LayerCountRule(SplitRule):
+    """Rules about the layer directories against ``num_layers`` (stores included)."""
+
+    needs = ("num_layers",)
+    pt_only = False
+
+
+class MissingLayer(_LayerCountRule):
     """Layer directories are not contiguous from `layer_00` to `num_layers - 1`.
 
     Checks that `layer_00` ... `layer_{num_layers-1}` all exist as directories (a badly spelled name such
@@ -56,8 +63,6 @@ class MissingLayer(SplitRule):
 
     code = "ACT102"
     name = "missing-layer"
-    needs = ("num_layers",)
-    pt_only = False
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
@@ -95,7 +100,7 @@ class MissingLayer(SplitRule):
             )
 
 
-class ExtraLayer(SplitRule):
+class ExtraLayer(_LayerCountRule):
     """A layer directory's index is `num_layers` or more.
 
     Checks that no `layer_XX` directory has an index beyond `num_layers - 1`.
@@ -108,8 +113,6 @@ class ExtraLayer(SplitRule):
 
     code = "ACT103"
     name = "extra-layer"
-    needs = ("num_layers",)
-    pt_only = False
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
@@ -142,24 +145,19 @@ class BadName(SplitRule):
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
-        for layer in ctx.layers:
-            if not layer.exact:
-                extra = f" (and {layer.canonical} exists too)" if layer.shadowed else ""
+        named: list[tuple[str, LayerEntry | ShardEntry, str]] = [
+            ("layer directory", layer, layer_name(layer.index)) for layer in ctx.layers
+        ]
+        named += [("shard file", s, shard_name(s.index)) for layer in ctx.layers for s in layer.shards]
+        for what, entry, canonical in sorted(named, key=lambda t: t[1].location):
+            if not entry.exact:
+                extra = f" (and {canonical} exists too)" if entry.shadowed else ""
                 yield cls.finding(
-                    layer.location,
-                    f"layer directory {layer.name!r} should be named {layer.canonical!r}{extra}",
-                    expected=layer.canonical,
-                    actual=layer.name,
+                    entry.location,
+                    f"{what} {entry.name!r} should be named {canonical!r}{extra}",
+                    expected=canonical,
+                    actual=entry.name,
                 )
-            for s in layer.shards:
-                if not s.exact:
-                    extra = f" (and {shard_name(s.index)} exists too)" if s.shadowed else ""
-                    yield cls.finding(
-                        s.location,
-                        f"shard file {s.path.name!r} should be named {shard_name(s.index)!r}{extra}",
-                        expected=shard_name(s.index),
-                        actual=s.path.name,
-                    )
 
 
 class StrayFile(SplitRule):

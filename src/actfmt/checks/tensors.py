@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from actfmt.checks.base import WARNING, Finding
-from actfmt.checks.context import ShardEntry, SplitContext, SplitRule
+from actfmt.checks.context import ShardEntry, ShardRule, SplitContext, SplitRule
 from actfmt.layout import SUPPORTED_DTYPES
 
 __all__ = ["BloatedShard", "DtypeMixed", "DtypeUnsupported", "HiddenDim", "NonFinite", "NotTwoD", "ZeroRows"]
@@ -40,7 +40,7 @@ def _grouped(
     return "parts", groups
 
 
-class NotTwoD(SplitRule):
+class NotTwoD(ShardRule):
     """A shard is not a 2-D tensor.
 
     Checks that every shard is `[rows, hidden_dim]`.
@@ -55,16 +55,15 @@ class NotTwoD(SplitRule):
     name = "not-2d"
 
     @classmethod
-    def check(cls, ctx: SplitContext) -> Iterable[Finding]:
-        for s in ctx.all_shards():
-            if s.header is not None and len(s.header.shape) != 2:
-                yield cls.finding(
-                    s.location,
-                    f"{s.path.name} holds a {len(s.header.shape)}-D tensor of shape {list(s.header.shape)}; "
-                    f"expected 2-D [rows, hidden_dim]",
-                    expected=2,
-                    actual=len(s.header.shape),
-                )
+    def check_shard(cls, s: ShardEntry) -> Iterable[Finding]:
+        if s.header is not None and len(s.header.shape) != 2:
+            yield cls.finding(
+                s.location,
+                f"{s.name} holds a {len(s.header.shape)}-D tensor of shape {list(s.header.shape)}; "
+                f"expected 2-D [rows, hidden_dim]",
+                expected=2,
+                actual=len(s.header.shape),
+            )
 
 
 class HiddenDim(SplitRule):
@@ -180,7 +179,7 @@ class DtypeMixed(SplitRule):
             )
 
 
-class BloatedShard(SplitRule):
+class BloatedShard(ShardRule):
     """A shard file stores more than its tensor (a saved view); says how many bytes are wasted.
 
     `torch.save` of a view (`acts[:, -1, :]`, a slice of a bigger buffer) writes the whole underlying
@@ -197,21 +196,20 @@ class BloatedShard(SplitRule):
     severity = WARNING
 
     @classmethod
-    def check(cls, ctx: SplitContext) -> Iterable[Finding]:
-        for s in ctx.all_shards():
-            h = s.header
-            if h is not None and h.storage_nbytes > h.tensor_nbytes:
-                wasted = h.storage_nbytes - h.tensor_nbytes
-                yield cls.finding(
-                    s.location,
-                    f"{s.path.name} stores {h.storage_nbytes} bytes of storage for a {h.tensor_nbytes}-byte "
-                    f"tensor {list(h.shape)}: {wasted} bytes wasted ({h.storage_nbytes / max(h.tensor_nbytes, 1):.1f}x)",
-                    expected=h.tensor_nbytes,
-                    actual=h.storage_nbytes,
-                )
+    def check_shard(cls, s: ShardEntry) -> Iterable[Finding]:
+        h = s.header
+        if h is not None and h.storage_nbytes > h.tensor_nbytes:
+            wasted = h.storage_nbytes - h.tensor_nbytes
+            yield cls.finding(
+                s.location,
+                f"{s.name} stores {h.storage_nbytes} bytes of storage for a {h.tensor_nbytes}-byte "
+                f"tensor {list(h.shape)}: {wasted} bytes wasted ({h.storage_nbytes / max(h.tensor_nbytes, 1):.1f}x)",
+                expected=h.tensor_nbytes,
+                actual=h.storage_nbytes,
+            )
 
 
-class NonFinite(SplitRule):
+class NonFinite(ShardRule):
     """A shard holds NaN or Inf values (`--deep`).
 
     Reads every value and counts NaN and ±Inf.
@@ -228,18 +226,17 @@ class NonFinite(SplitRule):
     deep = True
 
     @classmethod
-    def check(cls, ctx: SplitContext) -> Iterable[Finding]:
-        for s in ctx.all_shards():
-            if s.nonfinite:
-                yield cls.finding(
-                    s.location,
-                    f"{s.path.name} holds {s.nan} NaN and {s.inf} Inf values",
-                    expected=0,
-                    actual=s.nonfinite,
-                )
+    def check_shard(cls, s: ShardEntry) -> Iterable[Finding]:
+        if s.nonfinite:
+            yield cls.finding(
+                s.location,
+                f"{s.name} holds {s.nan} NaN and {s.inf} Inf values",
+                expected=0,
+                actual=s.nonfinite,
+            )
 
 
-class ZeroRows(SplitRule):
+class ZeroRows(ShardRule):
     """A shard holds all-zero rows (`--deep`).
 
     Reads every value and lists rows whose values are all zero.
@@ -256,16 +253,13 @@ class ZeroRows(SplitRule):
     deep = True
 
     @classmethod
-    def check(cls, ctx: SplitContext) -> Iterable[Finding]:
-        for s in ctx.all_shards():
-            if s.zero_rows:
-                shown = ", ".join(str(r) for r in s.zero_rows[:10]) + (
-                    " ..." if len(s.zero_rows) > 10 else ""
-                )
-                yield cls.finding(
-                    s.location,
-                    f"{s.path.name}: {len(s.zero_rows)} all-zero row{'s' if len(s.zero_rows) > 1 else ''} "
-                    f"(rows {shown} of the shard)",
-                    expected=0,
-                    actual=len(s.zero_rows),
-                )
+    def check_shard(cls, s: ShardEntry) -> Iterable[Finding]:
+        if s.zero_rows:
+            shown = ", ".join(str(r) for r in s.zero_rows[:10]) + (" ..." if len(s.zero_rows) > 10 else "")
+            yield cls.finding(
+                s.location,
+                f"{s.name}: {len(s.zero_rows)} all-zero row{'s' if len(s.zero_rows) > 1 else ''} "
+                f"(rows {shown} of the shard)",
+                expected=0,
+                actual=len(s.zero_rows),
+            )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from actfmt.checksum import scan_blocks
@@ -37,17 +37,7 @@ class VerifyResult:
         return not self.differences
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "a": self.a,
-            "b": self.b,
-            "equal": self.equal,
-            "splits": self.splits,
-            "layers": self.layers,
-            "bytes": self.bytes,
-            "pairs": [list(p) for p in self.pairs],
-            "differences": self.differences,
-            "first": self.first,
-        }
+        return {**asdict(self), "equal": self.equal}
 
 
 def _key(rel: str) -> str:

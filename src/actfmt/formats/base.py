@@ -34,6 +34,7 @@ __all__ = [
     "LayerInfo",
     "Reader",
     "RowStore",
+    "RowStoreReader",
     "Segment",
     "SplitSpec",
     "WriteOptions",
@@ -410,6 +411,25 @@ class Reader(abc.ABC):
         self.close()
 
 
+class RowStoreReader(Reader):
+    """A reader whose layers are :class:`RowStore` s (every row stored raw): reads, takes and byte runs all go
+    through the layer's store."""
+
+    @abc.abstractmethod
+    def row_store(self, layer: int) -> RowStore:
+        """The :class:`RowStore` of layer position ``layer`` (built on first use)."""
+
+    def read_array(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        store = self.row_store(layer)
+        return store.read(start, store.rows if stop is None else stop)
+
+    def take_array(self, layer: int, rows: Any) -> np.ndarray:
+        return self.row_store(layer).take(rows)
+
+    def runs(self, layer: int, start: int, stop: int) -> list[ByteRun] | None:
+        return self.row_store(layer).runs(start, stop)
+
+
 class Writer(abc.ABC):
     """Writes one split into a (temporary) location.  ``convert`` handles the commit, checksums and resume.
 
@@ -424,10 +444,6 @@ class Writer(abc.ABC):
         self.location = location
         self.spec = spec
         self.options = options
-
-    @property
-    def path(self) -> Location:
-        return self.location
 
     @classmethod
     @abc.abstractmethod
@@ -467,7 +483,7 @@ class Format(abc.ABC):
 
     name: ClassVar[str]
     #: What a split's path ends with (``.zarr``, ``.h5``) or ``""`` for a plain directory.
-    suffix: ClassVar[str]
+    suffix: ClassVar[str] = ""
     #: Compression names this format accepts; the first is the default.
     compressions: ClassVar[tuple[str, ...]] = ("none",)
     #: Capabilities, consulted instead of refusing in scattered places.
@@ -485,13 +501,27 @@ class Format(abc.ABC):
         """Is ``location`` a split of this format?  Cheap: names and a few bytes.  ``entries``: its listing,
         when the caller has it (a walk), so nothing is listed twice."""
 
-    @classmethod
-    @abc.abstractmethod
-    def open_reader(cls, location: Location) -> Reader: ...
+    @staticmethod
+    def listing(location: Location, entries: Sequence[Entry] | None) -> Sequence[Entry] | None:
+        """``entries``, else the directory's listing; ``None`` when ``location`` is no listable directory."""
+        if entries is not None:
+            return entries
+        try:
+            return location.list_dir()
+        except OSError:
+            return None
+
+    #: The format's one Reader and one Writer.
+    reader: ClassVar[type[Reader]]
+    writer: ClassVar[type[Writer]]
 
     @classmethod
-    @abc.abstractmethod
-    def writer_class(cls) -> type[Writer]: ...
+    def open_reader(cls, location: Location) -> Reader:
+        return cls.reader(location)
+
+    @classmethod
+    def writer_class(cls) -> type[Writer]:
+        return cls.writer
 
     @classmethod
     def destination(cls, split: Location) -> Location:

@@ -58,7 +58,7 @@ from actfmt.formats.base import (
     stored_dtype,
 )
 from actfmt.layout import SUPPORTED_DTYPES, layer_index
-from actfmt.storage import FILE, Entry, Location
+from actfmt.storage import Entry, Kind, Location
 
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
@@ -455,7 +455,7 @@ class HDF5Reader(Reader):
             st = location.stat()
         except FileNotFoundError:
             st = None
-        if st is None or st.kind != FILE:
+        if st is None or st.kind != Kind.FILE:
             raise NotASplitError(f"{location}: no such file; an hdf5 split is one .h5 file.")
         #: Where raw rows are read from: the file as it was when opened (a rewrite is a ChangedError).
         self._pinned = location.pinned(st.identity) if st.identity else location
@@ -779,6 +779,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 class HDF5Format(Format):
+    reader = HDF5Reader
+    writer = HDF5Writer
     name = "hdf5"
     suffix = ".h5"
     compressions = COMPRESSIONS
@@ -800,11 +802,3 @@ class HDF5Format(Format):
         except OSError:  # missing, a directory, a FIFO (never opened), unreadable
             return False
         return any(head[o : o + len(HDF5_SIGNATURE)] == HDF5_SIGNATURE for o in SIGNATURE_OFFSETS)
-
-    @classmethod
-    def open_reader(cls, location: Location) -> HDF5Reader:
-        return HDF5Reader(location)
-
-    @classmethod
-    def writer_class(cls) -> type[Writer]:
-        return HDF5Writer

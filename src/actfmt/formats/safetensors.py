@@ -47,8 +47,8 @@ from actfmt.formats.base import (
     ByteRun,
     Format,
     LayerInfo,
-    Reader,
     RowStore,
+    RowStoreReader,
     Segment,
     SplitSpec,
     WriteOptions,
@@ -61,7 +61,7 @@ from actfmt.layout import METADATA_FILE, REQUIRED_KEYS, layer_index
 from actfmt.storage import Entry, Location, OutputFile
 
 if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
+    pass
 
 __all__ = [
     "SUFFIX",
@@ -247,7 +247,7 @@ def parse_header(
 # reader
 
 
-class SafetensorsReader(Reader):
+class SafetensorsReader(RowStoreReader):
     """A split in the safetensors layout; rows through :class:`RowStore`."""
 
     format = "safetensors"
@@ -336,7 +336,7 @@ class SafetensorsReader(Reader):
         ]
 
     # -- data ----------------------------------------------------------------------------------------------
-    def _store(self, layer: int) -> RowStore:
+    def row_store(self, layer: int) -> RowStore:
         store = self._stores.get(layer)
         if store is None:
             h = self.header(layer)
@@ -344,16 +344,6 @@ class SafetensorsReader(Reader):
                 [Segment(h.location.pinned(h.identity), h.data_start, h.rows)], h.shape[1], h.dtype
             )
         return store
-
-    def read_array(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        store = self._store(layer)
-        return store.read(start, store.rows if stop is None else stop)
-
-    def take_array(self, layer: int, rows: Any) -> np.ndarray:
-        return self._store(layer).take(rows)
-
-    def runs(self, layer: int, start: int, stop: int) -> list[ByteRun] | None:
-        return self._store(layer).runs(start, stop)
 
     def fingerprint(self, layer: int) -> str | None:
         return fingerprint_of([self.layer_path(layer)])
@@ -497,23 +487,15 @@ class SafetensorsWriter(Writer):
 
 
 class SafetensorsFormat(Format):
+    """A directory per split: ``metadata.json`` and one ``layer_XX.safetensors`` file per layer."""
+
     name = "safetensors"
-    suffix = ""
-    compressions = ("none",)
+    reader = SafetensorsReader
+    writer = SafetensorsWriter
 
     @classmethod
     def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
-        if entries is None:
-            try:
-                entries = location.list_dir()
-            except OSError:
-                return False
-        return any(e.name.startswith("layer_") and e.name.endswith(SUFFIX) for e in entries)
-
-    @classmethod
-    def open_reader(cls, location: Location) -> SafetensorsReader:
-        return SafetensorsReader(location)
-
-    @classmethod
-    def writer_class(cls) -> type[Writer]:
-        return SafetensorsWriter
+        entries = cls.listing(location, entries)
+        return entries is not None and any(
+            e.name.startswith("layer_") and e.name.endswith(SUFFIX) for e in entries
+        )

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from actfmt.errors import NotASplitError
 from actfmt.formats.registry import guess_format
-from actfmt.storage import DIR, FILE, MISSING, SPECIAL, LocalLocation, Location, PathLike, resolve
+from actfmt.storage import Kind, LocalLocation, Location, PathLike, resolve
 
 __all__ = ["Split", "WalkProblem", "find_splits", "walk_splits"]
 
@@ -61,10 +61,10 @@ def _rel(child: str, parent: str) -> str:
 def walk_splits(root: Location) -> Walk:
     """Walk ``root`` (see the module docstring).  Raises :class:`NotASplitError` when ``root`` does not exist."""
     kind = root.kind()
-    if kind is None or kind == MISSING:
-        why = "a dangling link" if kind == MISSING else "no such file or directory"
+    if kind is None or kind == Kind.MISSING:
+        why = "a dangling link" if kind == Kind.MISSING else "no such file or directory"
         raise NotASplitError(f"{root}: {why}; check the path.")
-    if kind == SPECIAL:
+    if kind == Kind.SPECIAL:
         raise NotASplitError(f"{root}: not a file or directory (a FIFO, socket or device); check the path.")
     root.prefetch()  # object storage: one listing of the prefix, the walk then costs no request
     out = Walk()
@@ -100,17 +100,17 @@ def walk_splits(root: Location) -> Walk:
             if e.name.startswith("."):
                 continue
             child = _rel(e.name, rel)
-            if e.kind == MISSING:
+            if e.kind == Kind.MISSING:
                 out.problems.append(
                     WalkProblem(child, "dangling", "a dangling link (its target does not exist)")
                 )
-            elif e.kind == SPECIAL:
+            elif e.kind == Kind.SPECIAL:
                 out.problems.append(
                     WalkProblem(
                         child, "special", "not a file or directory (a FIFO, socket or device); not opened"
                     )
                 )
-            elif e.kind == DIR:
+            elif e.kind == Kind.DIR:
                 if e.link and top is not None:
                     real = os.path.realpath(e.location.path)
                     if real != top and not real.startswith(top.rstrip("/") + "/"):
@@ -119,10 +119,10 @@ def walk_splits(root: Location) -> Walk:
                         )
                         continue
                 walk_dir(e.location, child, depth + 1)
-            elif e.kind == FILE and (fmt := guess_format(e.location)) is not None:
+            elif e.kind == Kind.FILE and (fmt := guess_format(e.location)) is not None:
                 out.splits.append(Split(e.location, fmt, child))
 
-    if kind == DIR:
+    if kind == Kind.DIR:
         walk_dir(root, ".", 0)
     elif (fmt := guess_format(root)) is not None:
         out.splits.append(Split(root, fmt, "."))

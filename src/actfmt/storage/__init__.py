@@ -14,26 +14,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from actfmt.errors import ActfmtError
-from actfmt.storage.base import (
-    DIR,
-    FILE,
-    MISSING,
-    SPECIAL,
-    Entry,
-    Location,
-    OutputFile,
-    Stat,
-    read_into,
-    read_objects,
-)
+from actfmt.storage.base import Entry, Kind, Location, OutputFile, Stat, read_into, read_objects
 from actfmt.storage.local import LocalLocation
 
 __all__ = [
-    "DIR",
-    "FILE",
-    "MISSING",
-    "SPECIAL",
     "Entry",
+    "Kind",
     "LocalLocation",
     "Location",
     "OutputFile",

@@ -23,11 +23,8 @@ from dataclasses import dataclass
 from typing import IO, Any, ClassVar
 
 __all__ = [
-    "DIR",
-    "FILE",
-    "MISSING",
-    "SPECIAL",
     "Entry",
+    "Kind",
     "Location",
     "OutputFile",
     "ReadRequest",
@@ -36,9 +33,15 @@ __all__ = [
     "read_objects",
 ]
 
-#: Entry kinds.  ``special``: a FIFO, socket or device (never opened: opening a FIFO blocks);
-#: ``missing``: a dangling symbolic link.
-FILE, DIR, SPECIAL, MISSING = "file", "dir", "special", "missing"
+
+class Kind:
+    """What an entry is.  ``special``: a FIFO, socket or device (never opened: opening a FIFO blocks);
+    ``missing``: a dangling symbolic link."""
+
+    FILE = "file"
+    DIR = "dir"
+    SPECIAL = "special"
+    MISSING = "missing"
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,10 @@ class Entry:
     link: bool = False  # a symbolic link (``kind`` is what it points to)
 
     def is_dir(self) -> bool:
-        return self.kind == DIR
+        return self.kind == Kind.DIR
 
     def is_file(self) -> bool:
-        return self.kind == FILE
+        return self.kind == Kind.FILE
 
 
 #: ``(location, byte offset, writable buffer)``: fill the buffer with the bytes at that offset.
@@ -255,13 +258,13 @@ class Location(abc.ABC):
             return None
 
     def exists(self) -> bool:
-        return self.kind() not in (None, MISSING)
+        return self.kind() not in (None, Kind.MISSING)
 
     def is_dir(self) -> bool:
-        return self.kind() == DIR
+        return self.kind() == Kind.DIR
 
     def is_file(self) -> bool:
-        return self.kind() == FILE
+        return self.kind() == Kind.FILE
 
     def size(self) -> int:
         return self.stat().size
@@ -277,7 +280,7 @@ class Location(abc.ABC):
     def du(self) -> int:
         """Bytes stored at or below this location."""
         st = self.stat()
-        return sum(self.find().values()) if st.kind == DIR else st.size
+        return sum(self.find().values()) if st.kind == Kind.DIR else st.size
 
     def prefetch(self) -> None:  # noqa: B027 - optional hook
         """A hint: this tree is about to be walked (object storage lists it once)."""

@@ -86,9 +86,9 @@ class Commit(abc.ABC):
     def final_exists(self) -> bool:
         return self.final.kind() is not None
 
-    @abc.abstractmethod
     def has_partial(self) -> bool:
         """Is there an interrupted conversion (a partial store and its journal) to continue?"""
+        return self.work.kind() is not None and self.journal.kind() is not None
 
     def check_owner(self) -> None:  # noqa: B027 - only object storage can lose its lock
         """Raise :class:`~actfmt.errors.LockedError` if another run took the destination over."""
@@ -123,9 +123,10 @@ class Commit(abc.ABC):
         self.journal.write_bytes(text.encode())
 
     # -- life cycle -------------------------------------------------------------------------------------
-    @abc.abstractmethod
     def discard_partial(self) -> None:
         """Remove a partial store and its journal (a fresh start)."""
+        self.work.delete_tree()
+        self.journal.delete()
 
     @abc.abstractmethod
     def prepare(self, overwrite: bool) -> None:
@@ -196,13 +197,6 @@ class LocalCommit(Commit):
                 os.unlink(self.lock.path)
             os.close(self._fd)
             self._fd = None
-
-    def has_partial(self) -> bool:
-        return self.partial.kind() is not None and self.journal.kind() is not None
-
-    def discard_partial(self) -> None:
-        self.partial.delete_tree()
-        self.journal.delete()
 
     def prepare(self, overwrite: bool) -> None:
         self.discard_partial()
@@ -285,13 +279,6 @@ class ObjectCommit(Commit):
     def check_owner(self) -> None:
         if (self._owner() or {}).get("token") != self.token:
             raise self._refuse()
-
-    def has_partial(self) -> bool:
-        return self.final.kind() is not None and self.journal.kind() is not None
-
-    def discard_partial(self) -> None:
-        self.final.delete_tree()
-        self.journal.delete()
 
     def prepare(self, overwrite: bool) -> None:
         if self.final.kind() is not None:  # no atomic replace on object storage: the old store goes first

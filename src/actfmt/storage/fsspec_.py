@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any
 
 from actfmt.errors import ActfmtError, RemoteStorageError
-from actfmt.storage.base import DIR, FILE, Entry, Location, OutputFile, Stat
+from actfmt.storage.base import Entry, Kind, Location, OutputFile, Stat
 
 __all__ = ["FsspecLocation", "redact", "url_to_fs"]
 
@@ -197,7 +197,7 @@ class FsspecLocation(Location):
 
     # -- questions --------------------------------------------------------------------------------------
     def _to_stat(self, info: Mapping[str, Any]) -> Stat:
-        kind = DIR if info.get("type") == "directory" else FILE
+        kind = Kind.DIR if info.get("type") == "directory" else Kind.FILE
         size = int(info.get("size") or 0)
         tag = (
             info.get("ETag")
@@ -261,17 +261,7 @@ class FsspecLocation(Location):
                 [b for _, _, b in requests],
                 on_error="return",
             )
-        out: list[bytes | None] = []
-        for (loc, _, _), g in zip(requests, got, strict=True):
-            if isinstance(g, FileNotFoundError) and missing_ok:
-                out.append(None)
-            elif isinstance(g, BaseException):
-                assert isinstance(loc, FsspecLocation)
-                with loc._io():
-                    raise g
-            else:
-                out.append(bytes(g))
-        return out
+        return _results([loc for loc, _, _ in requests], got, missing_ok)
 
     @classmethod
     def _read_objects(cls, locations: Sequence[Location], missing_ok: bool) -> list[bytes | None]:
@@ -281,20 +271,7 @@ class FsspecLocation(Location):
         assert isinstance(first, FsspecLocation)
         with first._io():
             got = first.fs.cat([loc.path for loc in locations], on_error="return")
-        out: list[bytes | None] = []
-        for loc in locations:
-            v = got.get(loc.path) if isinstance(got, dict) else got
-            if isinstance(v, FileNotFoundError) or (v is None and missing_ok):
-                if not missing_ok:
-                    raise FileNotFoundError(2, "No such file or directory", str(loc))
-                out.append(None)
-            elif isinstance(v, BaseException):
-                assert isinstance(loc, FsspecLocation)
-                with loc._io():
-                    raise v
-            else:
-                out.append(bytes(v or b""))
-        return out
+        return _results(locations, [got.get(loc.path) for loc in locations], missing_ok)
 
     def open_input(self) -> IO[bytes]:
         with self._io():
@@ -339,6 +316,22 @@ class FsspecLocation(Location):
             self.fs.rm(self._path, recursive=True)
         with contextlib.suppress(Exception):
             self.fs.invalidate_cache(self._path)
+
+
+def _results(locations: Sequence[Location], got: Sequence[Any], missing_ok: bool) -> list[bytes | None]:
+    """What a batched fsspec call returned per object (``on_error="return"``): the bytes, ``None`` for a
+    missing object (with ``missing_ok``), or its error raised without secrets."""
+    out: list[bytes | None] = []
+    for loc, g in zip(locations, got, strict=True):
+        if (g is None or isinstance(g, FileNotFoundError)) and missing_ok:
+            out.append(None)
+        elif g is None or isinstance(g, BaseException):
+            assert isinstance(loc, FsspecLocation)
+            with loc._io():
+                raise g if g is not None else FileNotFoundError(loc.path)
+        else:
+            out.append(bytes(g))
+    return out
 
 
 class FsspecOutput(OutputFile):

@@ -18,18 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
-from actfmt.storage.base import (
-    DIR,
-    FILE,
-    MISSING,
-    SPECIAL,
-    Entry,
-    Location,
-    OutputFile,
-    ReadRequest,
-    Stat,
-    _short_read,
-)
+from actfmt.storage.base import Entry, Kind, Location, OutputFile, ReadRequest, Stat, _short_read
 
 __all__ = ["LocalLocation", "open_regular"]
 
@@ -47,10 +36,10 @@ def _restore_local(path: str, expected: tuple[Any, ...] | None) -> LocalLocation
 
 def _kind(mode: int) -> str:
     if stat_mod.S_ISREG(mode):
-        return FILE
+        return Kind.FILE
     if stat_mod.S_ISDIR(mode):
-        return DIR
-    return SPECIAL
+        return Kind.DIR
+    return Kind.SPECIAL
 
 
 def _special_name(mode: int) -> str:
@@ -154,7 +143,7 @@ class LocalLocation(Location):
             st = os.stat(self._path)
         except FileNotFoundError:
             if os.path.islink(self._path):
-                return Stat(MISSING, 0, link=True)
+                return Stat(Kind.MISSING, 0, link=True)
             raise
         link = os.path.islink(self._path)
         return Stat(_kind(st.st_mode), st.st_size, st.st_mtime_ns, identity_of(st), link)
@@ -167,7 +156,7 @@ class LocalLocation(Location):
                 try:
                     st = e.stat(follow_symlinks=True)
                 except OSError:  # dangling, a loop, or not permitted to look
-                    out.append(Entry(e.name, LocalLocation(e.path), MISSING, 0, link))
+                    out.append(Entry(e.name, LocalLocation(e.path), Kind.MISSING, 0, link))
                     continue
                 out.append(Entry(e.name, LocalLocation(e.path), _kind(st.st_mode), st.st_size, link))
         out.sort(key=lambda e: e.name)
@@ -206,24 +195,12 @@ class LocalLocation(Location):
     def _read_ranges(
         cls, requests: Sequence[tuple[Location, int, int]], missing_ok: bool
     ) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        fds: dict[str, int] = {}
-        try:
+        with _Files(missing_ok) as files:
+            out: list[bytes | None] = []
             for loc, start, stop in requests:
-                path = loc.path
-                if path not in fds:
-                    try:
-                        fds[path] = open_regular(path)
-                    except FileNotFoundError:
-                        if not missing_ok:
-                            raise
-                        out.append(None)
-                        continue
-                out.append(os.pread(fds[path], max(0, stop - start), start))
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-        return out
+                fd = files.fd(loc)
+                out.append(None if fd is None else os.pread(fd, max(0, stop - start), start))
+            return out
 
     @classmethod
     def _read_into(cls, requests: Sequence[ReadRequest], missing_ok: bool) -> list[bool]:
@@ -335,22 +312,42 @@ class LocalLocation(Location):
                 os.close(fd)
 
 
+class _Files:
+    """The files of one batch of reads, each opened once (never blocking, regular files only, pins checked)."""
+
+    def __init__(self, missing_ok: bool) -> None:
+        self.missing_ok = missing_ok
+        self.fds: dict[str, int | None] = {}
+
+    def fd(self, loc: Location) -> int | None:
+        """The open descriptor of ``loc``, or ``None`` when it is missing (with ``missing_ok``)."""
+        path = loc.path
+        if path not in self.fds:
+            try:
+                self.fds[path] = open_regular(path)
+            except FileNotFoundError:
+                if not self.missing_ok:
+                    raise
+                self.fds[path] = None
+            else:
+                if loc.expected is not None:
+                    _check_identity(loc, self.fds[path])
+        return self.fds[path]
+
+    def __enter__(self) -> _Files:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds.values():
+            if fd is not None:
+                os.close(fd)
+
+
 def _pread_all(views: Sequence[tuple[Location, int, memoryview]], missing_ok: bool) -> list[bool]:
     out: list[bool] = []
-    fds: dict[str, int | None] = {}
-    try:
+    with _Files(missing_ok) as files:
         for loc, off, view in views:
-            path = loc.path
-            if path not in fds:
-                try:
-                    fds[path] = open_regular(path)
-                except FileNotFoundError:
-                    if not missing_ok:
-                        raise
-                    fds[path] = None
-                if loc.expected is not None and fds[path] is not None:
-                    _check_identity(loc, fds[path])
-            fd = fds[path]
+            fd = files.fd(loc)
             if fd is None:
                 out.append(False)
                 continue
@@ -361,10 +358,6 @@ def _pread_all(views: Sequence[tuple[Location, int, memoryview]], missing_ok: bo
                     raise _short_read(loc, off + done, off + len(view))
                 done += n
             out.append(True)
-    finally:
-        for fd in fds.values():
-            if fd is not None:
-                os.close(fd)
     return out
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from actfmt.formats.base import Format, Writer
+from actfmt.formats.base import Format
 from actfmt.formats.pt.header import ShardHeader, fast_probe, load_shard, probe_shard
 from actfmt.formats.pt.reader import SIDECAR, PtReader, list_layers, list_shards
 from actfmt.formats.pt.writer import PtWriter
@@ -30,28 +30,20 @@ __all__ = [
 
 
 class PtFormat(Format):
+    """The producer's own layout: a directory per split, ``metadata.json`` and ``layer_XX/shard_XXX.pt``."""
+
     name = "pt"
-    suffix = ""
-    compressions = ("none",)
+    reader = PtReader
+    writer = PtWriter
 
     @classmethod
     def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
         """A directory with ``metadata.json`` (and no safetensors layer files), or with ``layer_XX``-like
         subdirectories (a split whose metadata is missing is still a split: validation says what is wrong)."""
+        entries = cls.listing(location, entries)
         if entries is None:
-            try:
-                entries = location.list_dir()
-            except OSError:
-                return False
+            return False
         names = {e.name for e in entries}
         if METADATA_FILE in names:
             return not any(n.startswith("layer_") and n.endswith(".safetensors") for n in names)
         return any(LOOSE_LAYER_RE.match(e.name) and e.is_dir() for e in entries)
-
-    @classmethod
-    def open_reader(cls, location: Location) -> PtReader:
-        return PtReader(location)
-
-    @classmethod
-    def writer_class(cls) -> type[Writer]:
-        return PtWriter

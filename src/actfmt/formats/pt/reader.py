@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any
 from actfmt.errors import CorruptShardError, MetadataError, NotASplitError, ShardNotFoundError
 from actfmt.formats.base import (
     ACTFMT_KEY,
-    ByteRun,
     LayerInfo,
-    Reader,
     RowStore,
+    RowStoreReader,
     Segment,
     fingerprint_of,
     stored_dtype,
@@ -67,7 +66,7 @@ def read_json_object(location: Location, what: str) -> dict[str, Any]:
     return data
 
 
-class PtReader(Reader):
+class PtReader(RowStoreReader):
     """A split in the producer's ``.pt`` layout (see the module docstring)."""
 
     format = "pt"
@@ -93,7 +92,7 @@ class PtReader(Reader):
         block = data.get(ACTFMT_KEY, data) if isinstance(data, dict) else None
         return block if isinstance(block, dict) else None
 
-    def _store(self, pos: int) -> RowStore:
+    def row_store(self, pos: int) -> RowStore:
         store = self._stores.get(pos)
         if store is not None:
             return store
@@ -126,7 +125,7 @@ class PtReader(Reader):
         return [self.layer_info(pos) for pos in range(len(self._layer_dirs))]
 
     def layer_info(self, layer: int) -> LayerInfo:
-        store = self._store(layer)
+        store = self.row_store(layer)
         return LayerInfo(
             name=layer_name(self._layer_dirs[layer][0]),
             index=self._layer_dirs[layer][0],
@@ -148,18 +147,8 @@ class PtReader(Reader):
             return "unreadable"
 
     def shard_headers(self, layer: int) -> list[ShardHeader]:
-        self._store(layer)
+        self.row_store(layer)
         return self._headers[layer]
-
-    def read_array(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        store = self._store(layer)
-        return store.read(start, store.rows if stop is None else stop)
-
-    def take_array(self, layer: int, rows: Any) -> np.ndarray:
-        return self._store(layer).take(rows)
-
-    def runs(self, layer: int, start: int, stop: int) -> list[ByteRun] | None:
-        return self._store(layer).runs(start, stop)
 
     def close(self) -> None:
         self._stores.clear()

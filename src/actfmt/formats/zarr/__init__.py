@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from actfmt.formats.base import Format, Writer
+from actfmt.formats.base import Format
 from actfmt.formats.zarr.codecs import COMPRESSIONS
 from actfmt.formats.zarr.meta import probe_group
 from actfmt.formats.zarr.reader import ZarrReader
@@ -39,6 +39,8 @@ __all__ = ["COMPRESSIONS", "ZarrFormat", "ZarrReader", "ZarrWriter", "default_ch
 
 
 class ZarrFormat(Format):
+    reader = ZarrReader
+    writer = ZarrWriter
     name = "zarr"
     suffix = ".zarr"
     compressions = COMPRESSIONS
@@ -51,11 +53,3 @@ class ZarrFormat(Format):
         """A directory holding a v3 group's ``zarr.json`` (``node_type`` not ``array``; a damaged one still
         counts: the reader says what is wrong) or a v2 ``.zgroup``.  zarr-python is not imported."""
         return probe_group(location, entries) is not None
-
-    @classmethod
-    def open_reader(cls, location: Location) -> ZarrReader:
-        return ZarrReader(location)
-
-    @classmethod
-    def writer_class(cls) -> type[Writer]:
-        return ZarrWriter
