@@ -396,3 +396,42 @@ def test_s3_round_trip_on_dask_workers(s3: dict[str, Any], tmp_path: Path) -> No
     convert(url, back, to="pt", executor="dask", jobs=2, storage_options=so)
     assert verify(TREE / "Activations", back).equal
     assert validate(url, deep=True, storage_options=so).errors == 0
+
+
+@pytest.mark.slow
+def test_s3_every_fixture_gives_the_same_findings_as_locally(s3: dict[str, Any]) -> None:
+    """Every corpus tree (valid and invalid) uploaded to a bucket validates exactly as its local copy."""
+    so = s3["options"]
+    cases = [p for p in sorted([*INVALID.iterdir(), *VALID.iterdir()]) if p.is_dir() and _representable(p)]
+    for case in cases:
+        deep = bool(load_expected(case).get("deep", False)) if (case / "expected.json").is_file() else True
+        url = f"s3://{s3['bucket']}/corpus/{case.name}"
+        _upload(case / "Activations", f"{url}/Activations", so)
+        local = validate(case, deep=deep)
+        remote = validate(url, deep=deep, storage_options=so)
+        assert [(f.code, f.location, f.severity) for f in remote.findings] == [
+            (f.code, f.location, f.severity) for f in local.findings
+        ], case.name
+        assert (remote.splits, remote.layers, remote.shards) == (local.splits, local.layers, local.shards)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["zarr", "pt", "safetensors", "hdf5"])
+def test_s3_to_dask_on_two_worker_processes(s3: dict[str, Any], fmt: str) -> None:
+    """``actfmt.open(s3://...).layer(i).to_dask()`` computes on a cluster of two worker processes, which
+    open the bucket from the pickled URL and options (credentials from their environment)."""
+    distributed = pytest.importorskip("distributed")
+    so, url = s3["options"], f"s3://{s3['bucket']}/dask-{fmt}"
+    convert(TREE / SPLIT_REL, url, to=fmt, storage_options=so)
+    (store,) = [loc for loc, _ in find_splits(url, so)]
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+        actfmt.open(TREE / SPLIT_REL) as a,
+        actfmt.open(store) as b,
+    ):
+        for i in a.layers:
+            lazy = b.layer(i).to_dask(chunk_rows=64)
+            assert len(lazy.chunks[0]) > 1
+            got = client.compute(lazy).result()
+            assert torch.equal(_bits(torch.from_numpy(got).view(torch.bfloat16)), _bits(a.layer(i)[:]))
