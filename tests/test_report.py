@@ -132,6 +132,22 @@ def test_summary_line_counts_and_plurals() -> None:
     )
 
 
+def test_summary_line_names_the_units_of_what_was_checked() -> None:
+    zarr = _report(splits=["a.zarr"], layers=3, shards=0, chunks=12)
+    assert summary_line([zarr]) == "Checked 1 split · 3 layers · 12 chunks in 0.42 s — 0 errors, 0 warnings"
+    mixed = [_report(), _report(shards=0, chunks=1, layer_files=6)]
+    line = summary_line(mixed)
+    assert line.startswith("Checked 4 splits · 24 layers · 96 shards · 1 chunk · 6 layer files in 0.84 s")
+    nothing = _report(splits=["x"], layers=0, shards=0)
+    assert summary_line([nothing]).startswith("Checked 1 split · 0 layers · 0 shards in ")
+
+
+def test_json_summary_adds_chunks_and_layer_files_and_keeps_shards() -> None:
+    summary = _report(shards=0, chunks=5, layer_files=2).to_dict()["summary"]
+    assert (summary["shards"], summary["chunks"], summary["layer_files"]) == (0, 5, 2)
+    assert list(summary)[:6] == ["errors", "warnings", "ignored", "splits", "layers", "shards"]
+
+
 def test_text_groups_findings_by_split_with_code_name_location_message() -> None:
     out = _text([_report(findings=[_missing(), _stray()])])
     lines = out.splitlines()

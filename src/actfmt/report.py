@@ -4,7 +4,8 @@ Reporters: ``text`` (rich), ``json`` (the contract below), ``github``, ``junit``
 JSON contract (``schema_version`` 1)::
 
     {"schema_version": 1, "tool": {"name", "version"}, "root",
-     "summary": {"errors", "warnings", "ignored", "splits", "layers", "shards", "partial", "skipped_checks"},
+     "summary": {"errors", "warnings", "ignored", "splits", "layers", "shards", "chunks", "layer_files",
+                 "partial", "skipped_checks"},
      "issues": [{"code", "name", "severity", "location", "message", "expected", "actual"}]}
 """
 
@@ -41,7 +42,9 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)  # locations of the splits checked
     layers: int = 0
-    shards: int = 0
+    shards: int = 0  # .pt shard files
+    chunks: int = 0  # chunks of converted zarr / hdf5 stores
+    layer_files: int = 0  # one file per layer: safetensors stores
     ignored: int = 0
     skipped: list[SkippedChecks] = field(default_factory=list)
     elapsed: float = 0.0
@@ -90,6 +93,8 @@ class Report:
                 "splits": len(self.splits),
                 "layers": self.layers,
                 "shards": self.shards,
+                "chunks": self.chunks,
+                "layer_files": self.layer_files,
                 "partial": self.partial,
                 "skipped_checks": [s.to_dict() for s in self.skipped],
             },

@@ -156,6 +156,8 @@ def _totals(reports: Sequence[Report]) -> dict[str, Any]:
         "splits": sum(len(r.splits) for r in reports),
         "layers": sum(r.layers for r in reports),
         "shards": sum(r.shards for r in reports),
+        "chunks": sum(r.chunks for r in reports),
+        "layer_files": sum(r.layer_files for r in reports),
         "elapsed": sum(r.elapsed for r in reports),
         "errors": sum(r.errors for r in reports),
         "warnings": sum(r.warnings for r in reports),
@@ -164,15 +166,23 @@ def _totals(reports: Sequence[Report]) -> dict[str, Any]:
 
 
 def summary_line(reports: Sequence[Report], dot: str = "·", dash: str = "—") -> str:
-    """``Checked 2 splits · 56 layers · 784 shards in 0.9 s — 3 errors, 1 warning`` (+ ``, 2 ignored``)."""
+    """``Checked 2 splits · 56 layers · 784 shards in 0.9 s — 3 errors, 1 warning`` (+ ``, 2 ignored``).
+
+    What was checked is counted in the units of what was found: ``.pt`` shards, chunks of zarr / hdf5 stores,
+    layer files of safetensors stores (``Checked 6 splits · 18 layers · 12 chunks · 6 layer files``); only
+    the units with a count are named (``0 shards`` when there is none).
+    """
     t = _totals(reports)
     counts = [_plural(t["errors"], "error"), _plural(t["warnings"], "warning")]
     if t["ignored"]:
         counts.append(f"{t['ignored']} ignored")
-    return (
-        f"Checked {_plural(t['splits'], 'split')} {dot} {_plural(t['layers'], 'layer')} {dot} "
-        f"{_plural(t['shards'], 'shard')} in {_seconds(t['elapsed'])} {dash} {', '.join(counts)}"
-    )
+    units = [
+        _plural(t[key], word)
+        for key, word in (("shards", "shard"), ("chunks", "chunk"), ("layer_files", "layer file"))
+        if t[key]
+    ] or [_plural(0, "shard")]
+    checked = f" {dot} ".join([_plural(t["splits"], "split"), _plural(t["layers"], "layer"), *units])
+    return f"Checked {checked} in {_seconds(t['elapsed'])} {dash} {', '.join(counts)}"
 
 
 # --------------------------------------------------------------------------------------------- text

@@ -24,7 +24,7 @@ from actfmt.checks.context import (
     deep_read,
     scan_split,
 )
-from actfmt.checks.stores import store_checksums
+from actfmt.checks.stores import store_checksums, store_units
 from actfmt.errors import FormatError, NotASplitError
 from actfmt.formats import walk_splits
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
@@ -192,6 +192,10 @@ def validate(
             report.splits.append(ctx.location)
             report.layers += sum(layer.is_dir for layer in ctx.layers)
             report.shards += len(ctx.all_shards())
+            if ctx.format != "pt":
+                chunks, layer_files = store_units(ctx)
+                report.chunks += chunks
+                report.layer_files += layer_files
             skipped: list[str] = []
             needed: set[str] = set()
             for code, rule in RULES.items():

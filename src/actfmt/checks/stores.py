@@ -14,8 +14,9 @@ from typing import Any
 from actfmt.checks.base import Finding
 from actfmt.checks.context import SplitContext, SplitRule
 from actfmt.checksum import layer_checksum
+from actfmt.formats import get_format
 
-__all__ = ["ChecksumMismatch", "Incomplete", "MissingChunk", "store_checksums", "store_info"]
+__all__ = ["ChecksumMismatch", "Incomplete", "MissingChunk", "store_checksums", "store_info", "store_units"]
 
 
 def store_info(ctx: SplitContext) -> dict[str, Any]:
@@ -38,6 +39,35 @@ def store_info(ctx: SplitContext) -> dict[str, Any]:
     except Exception as exc:  # a damaged store is a finding, never a crash
         info["error"] = exc
     return info
+
+
+def store_units(ctx: SplitContext) -> tuple[int, int]:
+    """``(chunks, layer files)`` of a store: what ACT601 looks for, counted for the summary line.
+
+    Zarr and HDF5 layers count their chunks (a contiguous HDF5 dataset is one); a safetensors layer is one file.
+    """
+    info = store_info(ctx)
+    reader = ctx.reader
+    if reader is None or info["error"] is not None:
+        return 0, 0
+    chunks = files = 0
+    described: list[int] | None = None
+    for pos, layer in enumerate(info["layers"]):
+        try:
+            rows = reader.chunk_rows_of(pos)
+            if rows is None:
+                if described is None:
+                    described = list(reader.describe().get("chunks") or [])
+                rows = described[0] if described else None
+        except Exception:  # a damaged layer is reported by the rules; count what can be counted
+            rows = None
+        if rows:
+            chunks += -(-layer.rows // rows)
+        elif get_format(ctx.format).single_file:
+            chunks += 1
+        else:
+            files += 1
+    return chunks, files
 
 
 def store_checksums(ctx: SplitContext, on_bytes: Any = None) -> None:
