@@ -15,8 +15,8 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from typing import IO, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any, TypeVar
 
 import click
 
@@ -26,6 +26,7 @@ from actfmt.formats import FORMATS, all_compressions, get_format
 from actfmt.layout import SUPPORTED_DTYPES
 
 OUTPUT_FORMATS = ("text", "json", "github", "junit", "sarif")
+F = TypeVar("F", bound=Callable[..., Any])
 #: Without ``--deep``, a progress bar appears only once a run has lasted this long (seconds).
 PROGRESS_DELAY = 1.0
 
@@ -73,6 +74,8 @@ class ActfmtGroup(click.Group):
             raise
         except ActfmtError as exc:
             raise CliError(str(exc)) from None
+        except BrokenPipeError:  # `actfmt info ... | head`: click leaves quietly
+            raise
         except OSError as exc:
             raise CliError(str(exc)) from None
         except Exception as exc:
@@ -154,6 +157,27 @@ storage_options_option = click.option(
 )
 
 
+def progress_options(keeps: str) -> Callable[[F], F]:
+    """``-q/--quiet`` and ``--no-progress``: one pair, one meaning, on every long-running command.
+
+    ``--no-progress`` never draws a progress bar; ``--quiet`` draws none either and also drops the summary line,
+    keeping ``keeps`` (what the command still prints: findings, differences, warnings).
+    """
+
+    def decorate(fn: F) -> F:
+        fn = click.option(
+            "--no-progress",
+            is_flag=True,
+            help="Never draw a progress bar (it is drawn on stderr, and only when stderr is a terminal).",
+        )(fn)
+        fn = click.option(
+            "-q", "--quiet", is_flag=True, help=f"No progress bar, no summary line: print {keeps} only."
+        )(fn)
+        return fn
+
+    return decorate
+
+
 def jobs_option(default: int, help: str) -> Any:
     """``-j/--jobs N`` (0: one per CPU)."""
     return click.option(
@@ -211,12 +235,7 @@ def cli() -> None:
 @click.option(
     "--exit-zero", is_flag=True, help="Exit 0 even when there are errors (the report is unchanged)."
 )
-@click.option(
-    "-q", "--quiet", is_flag=True, help="Print the findings only: no summary line, no progress bar."
-)
-@click.option(
-    "--no-progress", is_flag=True, help="Never draw a progress bar (it is drawn on stderr, TTY only)."
-)
+@progress_options("the findings")
 @storage_options_option
 def validate_command(
     paths: tuple[str, ...],
@@ -404,7 +423,7 @@ def _compression_help() -> str:
     help="Cast the values (explicit and warned: the result is no longer bit-exact).",
 )
 @click.option("--force", is_flag=True, help="Convert a source that fails validation.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary line.")
+@progress_options("warnings and errors")
 def convert_command(
     src: str,
     dst: str,
@@ -422,6 +441,7 @@ def convert_command(
     dtype: str | None,
     force: bool,
     quiet: bool,
+    no_progress: bool,
     storage_options: dict[str, Any] | None,
 ) -> None:
     """Convert SRC (any level of a tree, any format) to DST in another format, bit-exact.
@@ -446,7 +466,7 @@ def convert_command(
 
     _pin_malloc_mmap_threshold()
 
-    with progress_renderer(quiet=quiet) as progress:
+    with progress_renderer(quiet=quiet, no_progress=no_progress) as progress:
         result = convert(
             src,
             dst,
@@ -476,109 +496,129 @@ def convert_command(
         )
 
 
-# --------------------------------------------------------------------------------------------- verify
+# --------------------------------------------------------------------------------------------- verify / info
+
+
+def output_format_option(help: str) -> Callable[[F], F]:
+    """``--output-format text|json`` and its older spelling ``--json`` (kept so that existing scripts work)."""
+
+    def decorate(fn: F) -> F:
+        fn = click.option("--json", "as_json", is_flag=True, help="Same as --output-format json.")(fn)
+        fn = click.option(
+            "--output-format",
+            type=click.Choice(["text", "json"]),
+            default="text",
+            show_default=True,
+            help=help,
+        )(fn)
+        return fn
+
+    return decorate
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _pair_lines(a: str, b: str, pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """The pairs of splits ``verify`` compared: ``A: PATH`` and ``B: PATH``, then under ``compared in model/ds/:``
+    one line per pair (``EM  with EM.zarr``), grouped by the directory both splits lie in."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for x, y in pairs:
+        dx, _, nx = x.rpartition("/")
+        dy, _, ny = y.rpartition("/")
+        if dx and dx == dy:
+            groups.setdefault(dx, []).append((nx, ny))
+        else:
+            groups.setdefault("", []).append(("A" if x == "." else f"A/{x}", "B" if y == "." else f"B/{y}"))
+    lines = [f"A: {a}", f"B: {b}"]
+    for where, named in groups.items():
+        lines.append(f"compared in {where}/:" if where else "compared:")
+        width = max(len(x) for x, _ in named)
+        lines += [f"  {x:<{width}}  with {y}" for x, y in named]
+    return lines
 
 
 @cli.command("verify")
 @click.argument("a", type=PathOrURL(exists=True))
 @click.argument("b", type=PathOrURL(exists=True))
 @storage_options_option
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only differences.")
+@output_format_option(
+    "text: the pairs of splits compared, the differences, a verdict; json: the API's VerifyResult.to_dict() "
+    "(a, b, equal, pairs, splits, layers, bytes, differences, first)."
+)
+@progress_options("the differences")
 def verify_command(
-    a: str, b: str, as_json: bool, quiet: bool, storage_options: dict[str, Any] | None
+    a: str,
+    b: str,
+    output_format: str,
+    as_json: bool,
+    quiet: bool,
+    no_progress: bool,
+    storage_options: dict[str, Any] | None,
 ) -> None:
     """Do A and B (two splits or two trees, any two formats) hold the same activations, bit for bit?
+
+    Splits are paired by location, a store's suffix aside (EM with EM.zarr).  When a side holds one split in
+    several formats (EM.zarr and EM.h5), each of them is compared; every pair compared is listed.
 
     Exit 0 when they do, 1 when they differ (the first differing layer and row are shown).
     """
     import json
 
     from actfmt.convert import verify
+    from actfmt.reporters import display_path
 
-    with progress_renderer(quiet=quiet) as progress:
+    with progress_renderer(quiet=quiet, no_progress=no_progress) as progress:
         res = verify(a, b, progress=progress, storage_options=storage_options)
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "a": res.a,
-                    "b": res.b,
-                    "equal": res.equal,
-                    "splits": res.splits,
-                    "layers": res.layers,
-                    "bytes": res.bytes,
-                    "differences": res.differences,
-                    "first": res.first,
-                },
-                indent=2,
-            )
-        )
+    if as_json or output_format == "json":
+        click.echo(json.dumps(res.to_dict(), indent=2))
     else:
+        if not quiet:
+            for line in _pair_lines(display_path(a), display_path(b), res.pairs):
+                click.echo(line)
         for d in res.differences:
             click.echo(d)
-        if res.equal:
+        if not quiet:
             click.echo(
-                f"✓ Same activations: {res.splits} split(s), {res.layers} layers, {res.bytes / 1e6:.1f} MB."
+                f"✓ Same activations: {_plural(res.splits, 'pair')} of splits, "
+                f"{_plural(res.layers, 'layer')}, {res.bytes / 1e6:.1f} MB."
+                if res.equal
+                else f"✗ Different: {_plural(len(res.differences), 'difference')}."
             )
-        else:
-            click.echo(f"✗ Different: {len(res.differences)} difference(s).")
     click.get_current_context().exit(0 if res.equal else 1)
-
-
-# --------------------------------------------------------------------------------------------- info
 
 
 @cli.command("info")
 @click.argument("path", type=PathOrURL(exists=True))
 @storage_options_option
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per split.")
-def info_command(path: str, as_json: bool, storage_options: dict[str, Any] | None) -> None:
-    """Describe every split under PATH: format, layers, examples, hidden_dim, dtype, size, compression."""
-    import json
+@output_format_option(
+    "text: fits the terminal (a table, or one block per split when it is narrow; what every split shares is "
+    "said once); json: a list with every field of every split (the API's SplitInfo.to_dict())."
+)
+def info_command(
+    path: str, output_format: str, as_json: bool, storage_options: dict[str, Any] | None
+) -> None:
+    """Describe every split under PATH: format, layers, examples, hidden_dim, dtype, size, compression.
 
+    Exit 2 when PATH holds no split.
+    """
+    import json
+    import shutil
+
+    from actfmt._console import render_info
     from actfmt.convert import info
 
     rows = info(path, storage_options=storage_options)
-    if as_json:
+    if as_json or output_format == "json":
         click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"actfmt info {path}", title_justify="left")
-    for col, just in (
-        ("split", "left"),
-        ("format", "left"),
-        ("layers", "right"),
-        ("examples", "right"),
-        ("hidden", "right"),
-        ("dtype", "left"),
-        ("on disk", "right"),
-        ("ratio", "right"),
-        ("chunks", "left"),
-        ("compression", "left"),
-        ("complete", "left"),
-    ):
-        table.add_column(col, justify=just)  # type: ignore[arg-type]
-    for r in rows:
-        table.add_row(
-            r.location,
-            r.format,
-            str(r.layers),
-            str(r.examples),
-            str(r.hidden_dim),
-            str(r.dtype),
-            _human(r.bytes_on_disk),
-            "" if r.ratio is None else f"{r.ratio:.2f}x",
-            "" if r.chunks is None else "x".join(map(str, r.chunks)),
-            r.compression or "",
-            {None: "", True: "yes", False: "NO"}[r.complete],
-        )
-    console = Console()
-    if not console.is_terminal:  # a pipe or a file: do not squeeze the table into 80 columns
-        console = Console(width=max(console.width, 200))
-    console.print(table)
+    # The terminal's width (COLUMNS first); 80 when stdout is a pipe or a file.
+    width = shutil.get_terminal_size((80, 24)).columns
+    encoding = (getattr(sys.stdout, "encoding", None) or "utf-8").lower().replace("-", "")
+    styled = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    for line, bold in render_info(rows, path, width, fancy=encoding.startswith("utf")):
+        click.echo(click.style(line, bold=True) if bold and styled else line)
 
 
 def _pin_malloc_mmap_threshold() -> None:
@@ -595,15 +635,6 @@ def _pin_malloc_mmap_threshold() -> None:
         libc.mallopt(-3, 4 * 1024 * 1024)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to pin
         pass
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"  # pragma: no cover
 
 
 def main() -> None:
