@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 
-.PHONY: install test lint demo bench fixtures clean
+.PHONY: install test lint demo bench fixtures dist check-wheel clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +35,14 @@ bench: install
 fixtures: install
 	$(BIN)/python scripts/make_fixtures.py
 
+# The sdist and the wheel, in dist/ (README: "Install it anywhere else").
+dist: install
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+
+# Build, install the wheel alone into a fresh venv outside the repository, run actfmt there (CI runs this).
+check-wheel: install
+	TORCH_SPEC="$(TORCH_SPEC)" bash scripts/check_wheel.sh "$(BIN)/python"
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info
+	rm -rf $(VENV) $(DEMO_OUT) build dist *.egg-info src/*.egg-info

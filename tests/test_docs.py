@@ -126,3 +126,36 @@ def test_pre_commit_hook_definition() -> None:
 
 def test_gen_rules_table_check_mode() -> None:
     assert gen_rules_table.main(["--check"]) == 0
+
+
+def _section(text: str, heading: str) -> str:
+    return text.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_install_recipes_work_before_a_release() -> None:
+    """No release is on the package index: recipes install the built wheel; `pip install actfmt` is labelled."""
+    from actfmt import __version__
+
+    text = _readme()
+    wheel = f"actfmt-{__version__}-py3-none-any.whl"
+    for heading in ("## Set up", "## Use in CI"):
+        section = _section(text, heading)
+        assert wheel in section, f"{heading}: no install of {wheel}"
+        assert set(re.findall(r"actfmt-[0-9][^\s'\"\]\[]*\.whl", section)) == {wheel}
+        for block in _code_blocks(section):
+            for line in block.splitlines():
+                if re.search(r"pip install [\"']?actfmt\b", line) or "actfmt==" in line:
+                    assert "after a release" in line, f"{heading}: unlabelled index install: {line.strip()}"
+        for pinned in re.findall(r"actfmt==([0-9][^\"'\s]*)", section):
+            assert pinned == __version__
+    ci = _section(text, "## Use in CI")
+    assert ci.count(f"pip install ci/{wheel}") >= 3  # GitHub Actions, GitLab, Jenkins
+    assert "language: system" in ci and "rev:" in ci  # pre-commit: today, and from the git repository
+    assert "requires-python" in _section(text, "## Set up")  # why no upper bound
+
+
+def test_makefile_keeps_the_two_setup_commands_and_builds_the_wheel() -> None:
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    for target in ("demo:", "test:", "dist:", "check-wheel:"):
+        assert f"\n{target}" in makefile
+    assert "make check-wheel" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
