@@ -1,11 +1,23 @@
 #!/usr/bin/env python
-"""actfmt benchmark: one table of ratios measured in one run, on one machine.
+"""actfmt benchmark: ratios measured in one run, on one machine, the way a user waits.
 
-    python benchmarks/run.py [SPLIT] [--work DIR] [--repeat N] [--quick]
+    python benchmarks/run.py [SPLIT] [--work DIR] [--repeat N] [--quick] [--only convert,demo,reads,validate,stats]
 
 Without SPLIT it makes a seed-sized synthetic split (7049 x 4096 x 28 layers, bf16, the producer's 512-row
-shards) under --work.  Every ratio compares two things measured here, now: actfmt against the seed loader
-(``torch.load`` of every shard + ``torch.cat``) or against ``cp -r``.  Best of --repeat runs, page cache warm.
+shards; 1.6 GB) under --work.  --work must be on the filesystem the user converts on (the default is
+``bench-out`` beside this repository, on the same disk as the split): conversions write there, not to tmpfs.
+
+* **convert**: ``actfmt convert`` run as a process (start-up included), alternating with ``cp -r`` of the same
+  source into the same filesystem, ``sync`` before each run so no run pays for another's writeback; the median
+  and the spread (min-max) of --repeat runs of each, and the ratio of the medians.  Each conversion prints, from
+  its ``--output-format json`` result, where its time went: start-up (process wall time minus the time inside
+  ``convert``), source validation, and the thread-seconds of reading + hashing, writing and verifying.  Peak RSS
+  per run from ``wait4``.  Outputs are compared bit for bit with the source (``actfmt verify``) once.
+* **demo**: converting the demo fixture (0.9 MB) to each format, as a process: median wall time.
+* **reads** (in process, page cache warm, best of --repeat): full layer, 256 random rows and one example
+  across all layers, against the seed guide's loader (``torch.load`` + ``torch.cat``).
+* **validate**: header-only validation as a process against a bare ``import torch``; ``--deep`` GB/s.
+
 Lower is better; the "goal" column is the issue's target.
 """
 
@@ -16,34 +28,26 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-
-import actfmt
-from actfmt.convert import convert
-from actfmt.formats import get_format
-from actfmt.layout import expected_shard_rows, layer_name, shard_name
-
-REAL_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-minilm-bf16" / "Activations"
-FORMATS = ("zarr", "hdf5", "safetensors")
-
-
-def best(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+REPO = Path(__file__).resolve().parents[1]
+REAL_SAMPLE = REPO.parent / "shared" / "data" / "real-minilm-bf16" / "Activations"
+DEMO = REPO / "fixtures" / "valid" / "real_minilm_bf16_slice" / "Activations"
+ACTFMT = [sys.executable, "-m", "actfmt"]
+if shutil.which("actfmt", path=str(Path(sys.executable).parent)):
+    ACTFMT = [str(Path(sys.executable).parent / "actfmt")]
 
 
 def make_seed_split(path: Path, total: int, hidden: int, layers: int) -> Path:
+    """The producer's layout: 512-row shards (batch 32), bf16, written with torch.save."""
+    import torch
+
     if (path / "metadata.json").is_file():
         return path
     tmp = path.with_name(path.name + ".tmp")
@@ -60,6 +64,8 @@ def make_seed_split(path: Path, total: int, hidden: int, layers: int) -> Path:
         "hidden_dim": hidden,
         "num_layers": layers,
     }
+    from actfmt.layout import expected_shard_rows, layer_name, shard_name
+
     g = torch.Generator().manual_seed(0)
     rows = expected_shard_rows(total, 512, 32)
     for i in range(layers):
@@ -81,219 +87,255 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def seed_full_layer(split: Path, layer: int) -> torch.Tensor:
-    shards = sorted((split / layer_name(layer)).glob("shard_*.pt"))
-    return torch.cat([torch.load(s) for s in shards], dim=0)
+def warm(path: Path) -> None:
+    subprocess.run(["cat", *map(str, (p for p in path.rglob("*") if p.is_file()))], stdout=subprocess.DEVNULL, check=True)
 
 
-def seed_rows(split: Path, layer: int, ids: np.ndarray, full_rows: int) -> torch.Tensor:
-    out = []
-    for i in ids:
-        shard = split / layer_name(layer) / shard_name(int(i) // full_rows)
-        out.append(torch.load(shard, mmap=True)[int(i) % full_rows])
-    return torch.stack(out)
+def timed_process(cmd: Sequence[str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes) and stdout of one process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    rss = 0
+    try:  # the child is reaped by communicate(); RUSAGE_CHILDREN's maximum covers it
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    except (ImportError, OSError):
+        pass
+    if proc.returncode not in (0,):
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
+    return wall, rss, out
 
 
-def seed_example(split: Path, layers: int, i: int, full_rows: int) -> torch.Tensor:
-    return torch.stack(
-        [
-            torch.load(split / layer_name(k) / shard_name(i // full_rows), mmap=True)[i % full_rows]
-            for k in range(layers)
-        ]
+def peak_rss(cmd: Sequence[str]) -> int:
+    """Peak RSS of one run of ``cmd`` alone (``/usr/bin/time -f %M`` where available)."""
+    if shutil.which("time") is None and not Path("/usr/bin/time").exists():
+        return 0
+    res = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
+    try:
+        return int(res.stderr.strip().splitlines()[-1]) * 1024
+    except (ValueError, IndexError):
+        return 0
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, ...]] = []
+
+    def add(self, *cols: str) -> None:
+        self.rows.append(cols)
+        print("  " + " | ".join(cols), file=sys.stderr, flush=True)
+
+    def print(self, header: Sequence[str]) -> None:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for r in self.rows:
+            print("| " + " | ".join(r) + " |")
+        print()
+
+
+def bench_convert(src: Path, work: Path, repeat: int, formats: Sequence[str]) -> None:
+    """``actfmt convert`` as a process vs ``cp -r``, interleaved, on the source's filesystem."""
+    cp_dst = work / "cp-copy"
+    out = work / "conv"
+    table = Table()
+    cases: list[tuple[str, Path, str, list[str], str]] = []
+    for fmt in formats:
+        cases.append((f"{fmt} uncompressed", src, fmt, ["--compression", "none"], "<= 1.5"))
+        cases.append((f"{fmt} uncompressed --no-verify", src, fmt, ["--compression", "none", "--no-verify"], "<= 1.2"))
+        if fmt != "safetensors":
+            cases.append((f"{fmt} default codec", src, fmt, [], "<= 3"))
+    stores: dict[str, Path] = {}
+    for label, source, fmt, extra, goal in cases:
+        if label.endswith("uncompressed") and "from" not in label:
+            stores[fmt] = work / f"store-{fmt}"
+        times, cps, rss, phases = [], [], 0, []
+        for _ in range(repeat):
+            shutil.rmtree(cp_dst, ignore_errors=True)
+            os.sync()
+            cps.append(timed_process(["cp", "-r", str(source), str(cp_dst)])[0])
+            shutil.rmtree(cp_dst, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            cmd = [*ACTFMT, "convert", str(source), str(out), "--to", fmt, "--force", "-q", "--output-format", "json", *extra]
+            wall, _, stdout = timed_process(cmd)
+            times.append(wall)
+            result = json.loads(stdout)
+            phases.append({"startup": wall - result["seconds"], **result.get("timings", {})})
+        rss = peak_rss([*ACTFMT, "convert", str(source), str(work / "rss"), "--to", fmt, "--force", "-q", "--overwrite", *extra])
+        shutil.rmtree(work / "rss", ignore_errors=True)
+        if fmt in stores and "--no-verify" not in extra and extra and extra[0] == "--compression":
+            shutil.rmtree(stores[fmt], ignore_errors=True)
+            shutil.move(str(out), stores[fmt])
+        shutil.rmtree(out, ignore_errors=True)
+        ratio = statistics.median(times) / statistics.median(cps)
+        where = ", ".join(f"{k} {statistics.median([p.get(k, 0.0) for p in phases]):.2f}" for k in ("startup", "validate", "read", "write", "verify"))
+        table.add(label, f"{ratio:.2f}", spread(times), spread(cps), f"{rss / 1e9:.2f} GB", where, goal)
+    # back to pt from each store
+    for fmt, store in stores.items():
+        if not store.exists():
+            continue
+        times, cps, phases = [], [], []
+        for _ in range(repeat):
+            shutil.rmtree(cp_dst, ignore_errors=True)
+            os.sync()
+            cps.append(timed_process(["cp", "-r", str(store), str(cp_dst)])[0])
+            shutil.rmtree(cp_dst, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
+            wall, _, stdout = timed_process([*ACTFMT, "convert", str(store), str(out), "--to", "pt", "--force", "-q", "--output-format", "json"])
+            times.append(wall)
+            result = json.loads(stdout)
+            phases.append({"startup": wall - result["seconds"], **result.get("timings", {})})
+        same = subprocess.run([*ACTFMT, "verify", str(src), str(out), "-q"], capture_output=True, text=True)
+        assert same.returncode == 0, same.stdout + same.stderr
+        shutil.rmtree(out, ignore_errors=True)
+        ratio = statistics.median(times) / statistics.median(cps)
+        where = ", ".join(f"{k} {statistics.median([p.get(k, 0.0) for p in phases]):.2f}" for k in ("startup", "validate", "read", "write", "verify"))
+        table.add(f"pt from {fmt}", f"{ratio:.2f}", spread(times), spread(cps), "", where, "<= 1.5")
+    print("### Convert, `actfmt convert` as a process / `cp -r` (same filesystem, interleaved)\n")
+    table.print(["conversion", "ratio (medians)", "actfmt: median (min-max)", "cp -r: median (min-max)", "peak RSS", "where the time went (s; thread-seconds for read/write/verify)", "goal"])
+
+
+def bench_demo(work: Path, repeat: int) -> None:
+    table = Table()
+    for fmt in ("zarr", "hdf5", "safetensors", "pt"):
+        times = []
+        for _ in range(repeat):
+            out = work / "demo"
+            shutil.rmtree(out, ignore_errors=True)
+            times.append(timed_process([*ACTFMT, "convert", str(DEMO), str(out), "--to", fmt, "-q"])[0])
+        shutil.rmtree(work / "demo", ignore_errors=True)
+        table.add(fmt, spread(times), "<= 0.3 s")
+    print(f"### The demo fixture ({du(DEMO) / 1e6:.1f} MB), `actfmt convert` as a process\n")
+    table.print(["to", "wall time: median (min-max)", "goal"])
+
+
+def best(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_reads(src: Path, work: Path, repeat: int) -> None:
+    import numpy as np
+    import torch
+
+    import actfmt
+    from actfmt.layout import expected_shard_rows, layer_name, shard_name
+
+    meta = json.loads((src / "metadata.json").read_text())
+    n_layers, total = meta["num_layers"], meta["total_examples"]
+    full_rows = expected_shard_rows(total, meta["shard_size"], meta["batch_size"])[0]
+    stores: dict[str, Path] = {"pt": src}
+    for fmt, comp in (("zarr", "none"), ("zarr", None), ("hdf5", "none"), ("safetensors", None)):
+        label = fmt if comp == "none" or fmt == "safetensors" else f"{fmt}+codec"
+        out = work / f"read-{label}"
+        if not out.exists():
+            actfmt.convert(src, out, to=fmt, compression=comp, force=True)
+        (store,) = [p for p, _ in actfmt.formats.find_splits(out)]
+        stores[label] = Path(str(store))
+    warm(src)
+    layer = n_layers // 2
+
+    def seed_full() -> torch.Tensor:
+        return torch.cat([torch.load(s) for s in sorted((src / layer_name(layer)).glob("shard_*.pt"))])
+
+    rng = np.random.default_rng(0)
+    ids = rng.choice(total, size=min(256, total), replace=False)
+    ex = int(rng.integers(total))
+
+    def seed_rows() -> torch.Tensor:
+        return torch.stack(
+            [torch.load(src / layer_name(layer) / shard_name(int(i) // full_rows), mmap=True)[int(i) % full_rows] for i in ids]
+        )
+
+    def seed_example() -> torch.Tensor:
+        return torch.stack(
+            [torch.load(src / layer_name(k) / shard_name(ex // full_rows), mmap=True)[ex % full_rows] for k in range(n_layers)]
+        )
+
+    t_full, t_rows, t_ex = best(seed_full, repeat), best(seed_rows, repeat), best(seed_example, repeat)
+    want = seed_full()
+    goals = {
+        "full": {"pt": "<= 1.0", "zarr": "<= 0.6", "zarr+codec": "<= 1.2", "hdf5": "<= 0.6", "safetensors": "<= 0.3"},
+        "rows": {"pt": "<= 0.05", "zarr": "<= 0.2", "hdf5": "<= 0.3", "safetensors": "<= 0.05"},
+        "example": {"pt": "<= 0.5", "zarr": "<= 0.5", "hdf5": "<= 0.5", "safetensors": "<= 0.2"},
+    }
+    table = Table()
+    for label, path in stores.items():
+        with actfmt.open(path) as s:
+            lv = s.layer(layer)
+            assert torch.equal(lv[:].view(torch.int16), want.view(torch.int16)), label
+            assert torch.equal(lv[ids].view(torch.int16), want[ids].view(torch.int16)), label
+            r_full = best(lambda lv=lv: lv[:], repeat) / t_full
+            r_rows = best(lambda lv=lv: lv[ids], repeat) / t_rows
+            r_ex = best(lambda s=s: s.example(ex), repeat) / t_ex
+        table.add(label, f"{r_full:.3f} ({goals['full'].get(label, '-')})", f"{r_rows:.3f} ({goals['rows'].get(label, '-')})", f"{r_ex:.3f} ({goals['example'].get(label, '-')})")
+    print(
+        f"### Reads, in process, page cache warm, best of {repeat} / the seed loader (full layer {t_full * 1e3:.0f} ms, "
+        f"256 rows {t_rows * 1e3:.0f} ms, one example {t_ex * 1e3:.1f} ms)\n"
     )
+    table.print(["store", "full layer (goal)", "256 random rows (goal)", f"one example x {n_layers} layers (goal)"])
+
+
+def bench_validate(src: Path, repeat: int) -> None:
+    table = Table()
+    t_import = min(timed_process([sys.executable, "-c", "import torch"])[0] for _ in range(repeat))
+    t_val = min(timed_process([*ACTFMT, "validate", str(src), "-q"])[0] for _ in range(repeat))
+    table.add("header-only `actfmt validate` / `python -c 'import torch'`", f"{t_val / t_import:.2f}", f"{t_val:.2f} s vs {t_import:.2f} s")
+    warm(src)
+    t_deep = min(timed_process([*ACTFMT, "validate", str(src), "--deep", "-q", "-j", "2"])[0] for _ in range(repeat))
+    table.add("`actfmt validate --deep -j 2` (process)", f"{du(src) / 1e9 / t_deep:.2f} GB/s", f"{t_deep:.2f} s")
+    print("### Validate\n")
+    table.print(["what", "figure", "detail"])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("split", nargs="?", type=Path, help="a .pt split to measure (default: a synthetic one)")
-    ap.add_argument(
-        "--work", type=Path, default=Path("bench-out"), help="scratch directory (default bench-out)"
-    )
+    ap.add_argument("--work", type=Path, default=REPO.parent / "bench-out", help="scratch directory, on the disk to measure")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument(
-        "--quick", action="store_true", help="a small synthetic split (1000 x 1024 x 8) for a smoke run"
-    )
-    ap.add_argument("--keep", action="store_true", help="keep the converted stores")
+    ap.add_argument("--quick", action="store_true", help="a small synthetic split (1000 x 1024 x 8) for a smoke run")
+    ap.add_argument("--only", default="convert,demo,reads,validate", help="comma-separated sections")
+    ap.add_argument("--formats", default="zarr,hdf5,safetensors", help="formats to convert to")
     args = ap.parse_args()
-
-    work = args.work
+    work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     if args.split:
-        src = args.split
+        src = args.split.resolve()
     elif args.quick:
         src = make_seed_split(work / "quick" / "EM", 1000, 1024, 8)
     else:
         src = make_seed_split(work / "seed" / "EM", 7049, 4096, 28)
     meta = json.loads((src / "metadata.json").read_text())
-    n_layers, total = meta["num_layers"], meta["total_examples"]
-    full_rows = expected_shard_rows(total, meta["shard_size"], meta["batch_size"])[0]
-    size = du(src)
-    rows: list[tuple[str, str, str, str]] = []  # operation, format, ratio, goal
-
-    def add(op: str, fmt: str, ratio: float, goal: str, extra: str = "") -> None:
-        rows.append((op, fmt, f"{ratio:.3f}" + (f"  ({extra})" if extra else ""), goal))
-        print(f"  {op:<40} {fmt:<22} {rows[-1][2]:<34} goal {goal}", file=sys.stderr, flush=True)
+    import actfmt
 
     print(
-        f"split: {src} ({size / 1e9:.2f} GB, {n_layers} layers x {total} x {meta['hidden_dim']})",
-        file=sys.stderr,
+        f"Machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}, actfmt "
+        f"{actfmt.__version__}; split {src} ({du(src) / 1e9:.2f} GB: {meta['num_layers']} layers x "
+        f"{meta['total_examples']} x {meta['hidden_dim']}, {meta.get('shard_size')}-row shards); work dir {work}; "
+        f"{args.repeat} runs\n"
     )
-    # warm the page cache
-    subprocess.run(["cat", *map(str, src.rglob("*.pt"))], stdout=subprocess.DEVNULL, check=True)
-
-    # -- convert vs cp -r ------------------------------------------------------------------------------
-    cp_dst = work / "cp-copy"
-
-    def timed(prepare: Callable[[], object], fn: Callable[[], object]) -> float:
-        prepare()
-        os.sync()  # start every write with no dirty pages pending: no run pays for the previous one's writeback
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    def cp_pair() -> tuple[Callable[[], object], Callable[[], object]]:
-        return (lambda: shutil.rmtree(cp_dst, ignore_errors=True)), (
-            lambda: subprocess.run(["cp", "-r", str(src), str(cp_dst)], check=True)
-        )
-
-    reps = max(1, min(args.repeat, 3))
-    cp_times: list[float] = []
-    stores: dict[str, Path] = {"pt": src}
-    for fmt in FORMATS:
-        for comp in ("none", None):
-            if fmt == "safetensors" and comp is None:
-                continue  # no compression in safetensors: the default *is* uncompressed
-            out = work / f"conv-{fmt}-{comp or 'default'}"
-
-            def run_convert(out: Path = out, fmt: str = fmt, comp: str | None = comp) -> None:
-                convert(src, out, to=fmt, compression=comp, force=True, verify=False)
-
-            # cp -r and the conversion alternate, so both see the same machine state; best of each
-            t_cp_here, t = float("inf"), float("inf")
-            for _ in range(reps):
-                t_cp_here = min(t_cp_here, timed(*cp_pair()))
-                t = min(t, timed(lambda out=out: shutil.rmtree(out, ignore_errors=True), run_convert))
-            cp_times.append(t_cp_here)
-            dest = get_format(fmt).destination(out / src.name)
-            ratio = size / du(dest)
-            label = f"{fmt} {'uncompressed' if comp == 'none' else 'default codec'}"
-            add(
-                "convert / cp -r",
-                label,
-                t / t_cp_here,
-                "<= 1.5" if comp == "none" else "-",
-                f"{t:.2f} s vs {t_cp_here:.2f} s" + (f", {ratio:.2f}x smaller" if comp is None else ""),
-            )
-            stores[f"{fmt}{'' if comp == 'none' else '+codec'}"] = dest
-    shutil.rmtree(cp_dst, ignore_errors=True)
-    t_cp = min(cp_times)
-
-    # -- reads -----------------------------------------------------------------------------------------
-    # the conversions above wrote many GB: warm the source again so the seed loader reads from memory too
-    subprocess.run(["cat", *map(str, src.rglob("*.pt"))], stdout=subprocess.DEVNULL, check=True)
-    layer = n_layers // 2
-    t_seed_full = best(lambda: seed_full_layer(src, layer), args.repeat)
-    rng = np.random.default_rng(0)
-    ids = rng.choice(total, size=min(256, total), replace=False)
-    t_seed_rows = best(lambda: seed_rows(src, layer, ids, full_rows), args.repeat)
-    ex = int(rng.integers(total))
-    t_seed_ex = best(lambda: seed_example(src, n_layers, ex, full_rows), args.repeat)
-    print(
-        f"  seed loader: full layer {t_seed_full * 1e3:.1f} ms, 256 rows {t_seed_rows * 1e3:.1f} ms, "
-        f"example {t_seed_ex * 1e3:.1f} ms",
-        file=sys.stderr,
-    )
-    goals = {
-        "full": {
-            "pt": "<= 1.0",
-            "zarr": "<= 0.6",
-            "zarr+codec": "<= 1.2",
-            "hdf5": "<= 0.6",
-            "safetensors": "<= 0.3",
-        },
-        "rows": {"pt": "<= 0.05", "zarr": "<= 0.2", "hdf5": "<= 0.3", "safetensors": "<= 0.05"},
-        "example": {"pt": "<= 0.5", "zarr": "<= 0.5", "hdf5": "<= 0.5", "safetensors": "<= 0.2"},
-    }
-    want_full = seed_full_layer(src, layer)
-    for label, path in stores.items():
-        with actfmt.open(path) as s:
-            lv = s.layer(layer)
-            got = lv[:]
-            assert torch.equal(got.view(torch.int16), want_full.view(torch.int16)), f"{label}: data differs!"
-            assert torch.equal(lv[ids].view(torch.int16), want_full[ids].view(torch.int16))
-            t_full = best(lambda lv=lv: lv[:], args.repeat)
-            t_rows = best(lambda lv=lv: lv[ids], args.repeat)
-            t_ex = best(lambda s=s: s.example(ex), args.repeat)
-        add("full layer read / seed loader", label, t_full / t_seed_full, goals["full"].get(label, "-"))
-        add("256 random rows / seed way", label, t_rows / t_seed_rows, goals["rows"].get(label, "-"))
-        add(
-            f"one example x {n_layers} layers / seed way",
-            label,
-            t_ex / t_seed_ex,
-            goals["example"].get(label, "-"),
-        )
-
-    # -- validation ------------------------------------------------------------------------------------
-    def run_py(code: str) -> float:
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL)
-        return time.perf_counter() - t0
-
-    t_import = min(run_py("import torch") for _ in range(3))
-    t_val = min(run_py(f"import actfmt; actfmt.validate({str(src)!r})") for _ in range(3))
-    add(
-        "header-only validate / import torch",
-        "pt",
-        t_val / t_import,
-        "-",
-        f"{t_val:.2f} s vs {t_import:.2f} s",
-    )
-    t0 = time.perf_counter()
-    actfmt.validate(src, deep=True)
-    t_deep = time.perf_counter() - t0
-    rows.append(("--deep validate", "pt", f"{size / 1e9 / t_deep:.2f} GB/s", "-"))
-
-    # -- codecs on real activations ---------------------------------------------------------------------
-    if REAL_SAMPLE.exists():
-        real = next(p for p in REAL_SAMPLE.rglob("EM") if (p / "metadata.json").is_file())
-        real_size = sum(f.stat().st_size for f in real.rglob("*.pt"))
-        for fmt, comps in (("zarr", ("zstd", "blosc-zstd", "lz4", "gzip")), ("hdf5", ("gzip", "lzf"))):
-            for comp in comps:
-                out = work / f"codec-{fmt}-{comp}"
-                shutil.rmtree(out, ignore_errors=True)
-                t0 = time.perf_counter()
-                convert(real, out, to=fmt, compression=comp, force=True, verify=False)
-                dt = time.perf_counter() - t0
-                dest = get_format(fmt).destination(out / real.name)
-                rows.append(
-                    (
-                        f"real bf16 sample: {comp}",
-                        fmt,
-                        f"{real_size / du(dest):.2f}x, {real_size / 1e6 / dt:.0f} MB/s",
-                        "-",
-                    )
-                )
-                shutil.rmtree(out, ignore_errors=True)
-
-    # -- the table ---------------------------------------------------------------------------------------
-    print()
-    print(
-        f"Machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, actfmt {actfmt.__version__}"
-    )
-    print(
-        f"Split: {n_layers} layers x {total} rows x {meta['hidden_dim']} ({size / 1e9:.2f} GB); "
-        f"cp -r {t_cp:.2f} s; seed loader full layer {t_seed_full * 1e3:.0f} ms, 256 rows "
-        f"{t_seed_rows * 1e3:.0f} ms, one example {t_seed_ex * 1e3:.0f} ms; best of {args.repeat}"
-    )
-    print()
-    print("| operation | format | ratio | goal |")
-    print("|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |")
-    if not args.keep:
-        for p in work.glob("conv-*"):
-            shutil.rmtree(p, ignore_errors=True)
+    warm(src)
+    sections = set(args.only.split(","))
+    if "convert" in sections:
+        bench_convert(src, work, args.repeat, args.formats.split(","))
+    if "demo" in sections:
+        bench_demo(work, args.repeat)
+    if "reads" in sections:
+        bench_reads(src, work, args.repeat)
+    if "validate" in sections:
+        bench_validate(src, args.repeat)
     return 0
 
 

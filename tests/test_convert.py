@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -182,9 +183,12 @@ def test_verification_catches_a_bad_write_and_publishes_nothing(
     real_write = PtWriter.write
 
     def corrupting_write(
-        self: PtWriter, layer: int, start: int, data: np.ndarray, runs: object = None
+        self: PtWriter, layer: int, start: int, data: np.ndarray | None, runs: Any = None
     ) -> None:
         if layer == 2 and start == 0:
+            if data is None:  # a block copied from the source's bytes: take them, to damage them
+                raw = b"".join(loc.read_range(off, off + n) for loc, off, n in runs)
+                data = np.frombuffer(raw, dtype=np.uint16).reshape(-1, self.spec.layers[layer].hidden_dim)
             data = data.copy()
             data[3, 1] = data[3, 1] + 1  # what a flaky disk or a buggy writer would do
             runs = None

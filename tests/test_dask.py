@@ -221,12 +221,12 @@ class _Flaky:
         self.failures: dict[tuple[str, str], int] = {}
         self.lock = threading.Lock()
 
-        def write(writer: Any, layer: int, start: int, data: np.ndarray, runs: Any = None) -> None:
-            self.write(writer, layer, start, data)
+        def write(writer: Any, layer: int, start: int, data: np.ndarray | None, runs: Any = None) -> None:
+            self.write(writer, layer, start, data, runs)
 
         monkeypatch.setattr(cls, "write", write)
 
-    def write(self, writer: Any, layer: int, start: int, data: np.ndarray) -> None:
+    def write(self, writer: Any, layer: int, start: int, data: np.ndarray | None, runs: Any) -> None:
         name = writer.spec.layers[layer].name
         key = (str(writer.location), name)
         with self.lock:
@@ -236,10 +236,12 @@ class _Flaky:
             if fail:
                 self.failures[key] = self.failures.get(key, 0) + 1
         if fail:
-            garbage = np.full_like(data, 0x7FC1 if data.dtype == np.uint16 else np.nan)  # NaN bits
+            info = writer.spec.layers[layer]
+            rows = len(data) if data is not None else sum(n for _, _, n in runs) // info.row_bytes
+            garbage = np.full((rows, info.hidden_dim), 0x7FC1, dtype=np.uint16)  # bf16 NaN bits
             self.original(writer, layer, start, garbage)
             raise RuntimeError(f"injected failure writing {name} at row {start}")
-        self.original(writer, layer, start, data)
+        self.original(writer, layer, start, data, runs)
 
 
 @pytest.mark.slow

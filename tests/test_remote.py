@@ -425,7 +425,9 @@ def test_s3_to_dask_on_two_worker_processes(s3: dict[str, Any], fmt: str) -> Non
     convert(TREE / SPLIT_REL, url, to=fmt, storage_options=so)
     (store,) = [loc for loc, _ in find_splits(url, so)]
     with (
-        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
         distributed.Client(cluster, set_as_default=False) as client,
         actfmt.open(TREE / SPLIT_REL) as a,
         actfmt.open(store) as b,

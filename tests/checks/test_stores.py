@@ -38,7 +38,7 @@ def test_converted_store_is_clean(tmp_path: Path, fmt: str) -> None:
 
 def test_zarr_missing_chunk_is_act601_and_not_also_a_checksum_error(tmp_path: Path) -> None:
     dst = converted(tmp_path, "zarr")
-    (dst / DS / "EM.zarr/layer_01/c/1/0").unlink()
+    (dst / DS / "EM.zarr/layer_01/c.1.0").unlink()
     assert found(dst) == [("ACT601", f"{DS}/EM.zarr/layer_01")]
     assert found(dst, deep=True) == [("ACT601", f"{DS}/EM.zarr/layer_01")]
 

@@ -482,10 +482,33 @@ class TestHDF5Format(FormatConformance):
         )  # why the actfmt block records requires_plugins: ["lzf"]
 
 
+def test_uncompressed_layers_are_contiguous_and_read_by_offset(tmp_path: Path) -> None:
+    spec, data = make_spec("bfloat16")
+    path = tmp_path / "EM.h5"
+    write_split(HDF5Writer, path, spec, data, WriteOptions(compression="none"))
+    with h5py.File(path, "r") as f:
+        for info in spec.layers:
+            d = f[info.name]
+            assert d.chunks is None and d.compression is None and d.id.get_storage_size() == info.nbytes
+    with HDF5Reader(LocalLocation(path)) as r:
+        for pos in range(3):
+            assert r.runs(pos, 0, 203) is not None  # by byte offset: a single run each
+            assert len(r.runs(pos, 0, 203) or []) == 1
+            np.testing.assert_array_equal(bits(r.read(pos)), bits(data[pos]))
+    if H5DUMP:
+        out = subprocess.run([H5DUMP, "-H", "-p", str(path)], capture_output=True, text=True)
+        assert out.returncode == 0 and "CONTIGUOUS" in out.stdout
+
+
 def test_registered() -> None:
     assert get_format("hdf5") is HDF5Format and get_format("h5") is HDF5Format
-    assert HDF5Format.compressions[0] == "gzip" and HDF5Writer.parallel_layers is False
+    assert HDF5Format.compressions[0] == "gzip"
     assert HDF5Format.parallel_layers is False and HDF5Format.single_file is True
+    # chunked layers go through HDF5, one writer; contiguous (uncompressed) ones are written at their offsets
+    assert not HDF5Format.writes_in_parallel(WriteOptions()) and not HDF5Format.writes_in_parallel(
+        WriteOptions(compression="none", chunk_rows=64)
+    )
+    assert HDF5Format.writes_in_parallel(WriteOptions(compression="none"))
     assert HDF5Format.remote_read is True and HDF5Format.remote_write is False
     assert HDF5Format.writer_class() is HDF5Writer
 

@@ -132,8 +132,11 @@ def convert(
     jobs_list = plan(src_loc, dst_loc, fmt.name, walk)
     check_safe(src_loc, dst_loc, jobs_list)
     if not force:
+        t_validate = time.perf_counter()
         _validate_source(src_loc)
     result = ConvertResult()
+    if not force:
+        result.add_time("validate", time.perf_counter() - t_validate)
     requested = {
         "to": fmt.name,
         "chunk_rows": chunk_rows,

@@ -17,6 +17,7 @@ The steps, through :mod:`actfmt.storage.commit` (which knows local disks from ob
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -49,6 +50,12 @@ class ConvertResult:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     checksums: dict[str, dict[str, str]] = field(default_factory=dict)  # location -> layer -> checksum
+    #: Where the time went: wall seconds of ``validate`` (the source), ``publish``; thread-seconds summed over
+    #: the layer tasks for ``read`` (reading and hashing), ``write`` and ``verify``.
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
     @property
     def mb_per_s(self) -> float:
@@ -263,11 +270,13 @@ def convert_split(
                             "checksum": res.checksum,
                             "nbytes": res.nbytes,
                             "source": fingerprints.get(res.name),
-                            "extra": res.extra,
+                            "extra": {k: v for k, v in res.extra.items() if k != "seconds"},
                         }
                     )
                     result.layers += 1
                     result.bytes += res.nbytes
+                    for phase, seconds in (res.extra.get("seconds") or {}).items():
+                        result.add_time(phase, seconds)
                     if per_layer_progress:
                         emit(
                             progress,
@@ -281,6 +290,7 @@ def convert_split(
                 f"{job.source}: source changed during conversion ({', '.join(changed)}); nothing was published. "
                 f"Rerun when the source no longer changes (--resume redoes only what changed)."
             )
+        t0 = time.perf_counter()
         commit.check_owner()  # still ours: only then write the completeness mark
         writer = writer_cls.open(commit.work, spec, options)
         try:
@@ -288,5 +298,6 @@ def convert_split(
         finally:
             writer.close()
         commit.publish()
+        result.add_time("publish", time.perf_counter() - t0)
     result.splits.append(job)
     result.checksums[job.location] = {name: r.checksum for name, r in done.items()}

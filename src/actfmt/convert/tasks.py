@@ -11,19 +11,21 @@ ever write the same chunk, shard or file, and a retried task rewrites its layers
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from actfmt.checksum import Hasher, layer_checksum
+from actfmt.checksum import Hasher, crc32, layer_checksum
 from actfmt.errors import ConversionError
 from actfmt.formats import get_format, open_reader
-from actfmt.formats.base import Reader, SplitSpec, WriteOptions, Writer
-from actfmt.storage import Location
+from actfmt.formats.base import Reader, Runs, SplitSpec, WriteOptions, Writer
+from actfmt.storage import Location, scan_runs
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
+
 
 __all__ = [
     "Cancelled",
@@ -97,7 +99,8 @@ def copy_layer(
     may copy them in the kernel.  The checksum is of the converted rows in row order, whatever runs the copy.
     """
     info = spec.layers[pos]
-    source_dtype = reader.layer_info(pos).dtype
+    source = reader.layer_info(pos)
+    source_dtype = source.dtype
     bounds, start = [], 0
     for n in writer.block_rows(pos):
         bounds.append((start, start + n))
@@ -108,31 +111,65 @@ def copy_layer(
         )
     h = Hasher()
     convert = cast is not None and cast != source_dtype
+    spent = {"read": 0.0, "write": 0.0}
+    # two buffers, reused: block k+1 is read into one while block k (in the other) is written; no fresh pages
+    # to fault in for every block, and memory stays at two blocks whatever the split's size
+    import numpy as np
 
-    def load(k: int) -> tuple[np.ndarray, list[Any] | None]:
+    most = max((b - a for a, b in bounds), default=0) * source.row_bytes
+    buffers = [np.empty(most, dtype=np.uint8), np.empty(most, dtype=np.uint8)]
+
+    raw = not convert and writer.copies_raw(pos)
+
+    def scan(a: int, b: int) -> Runs | None:
+        """The block as the source's byte runs, hashed (and CRC'd) piece by piece: never held in memory."""
+        runs = reader.runs(pos, a, b)
+        if runs is None:
+            return None
+        crc = [0]
+
+        def visit(piece: memoryview) -> None:
+            h.update(piece)
+            if writer.wants_crc32:
+                crc[0] = crc32(piece, crc[0])
+
+        scan_runs(runs, visit)
+        return Runs(runs, crc[0] if writer.wants_crc32 else None)
+
+    def load(k: int) -> tuple[np.ndarray | None, list[Any] | None]:
+        t0 = time.perf_counter()
         a, b = bounds[k]
-        block = reader.read_array(pos, a, b)
+        copied = scan(a, b) if raw else None
+        if copied is not None:
+            spent["read"] += time.perf_counter() - t0
+            return None, copied
+        block = reader.read_array(pos, a, b, buffers[k % 2])
         runs = None
         if convert:
             block = _cast(block, source_dtype, info.dtype)
         else:
             runs = reader.runs(pos, a, b)
         h.update(block)  # one loading thread runs the loads in order: the hash sees row order
+        spent["read"] += time.perf_counter() - t0
         return block, runs
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="actfmt-load") as pre:
         ahead = pre.submit(load, 0) if bounds else None
-        for k, (a, _) in enumerate(bounds):
+        for k, (a, b) in enumerate(bounds):
             assert ahead is not None
             block, runs = ahead.result()
             if stop is not None and stop.is_set():
                 raise Cancelled
             ahead = pre.submit(load, k + 1) if k + 1 < len(bounds) else None
+            t0 = time.perf_counter()
             writer.write(pos, a, block, runs)
+            spent["write"] += time.perf_counter() - t0
             if on_bytes:
-                on_bytes(block.nbytes)
+                on_bytes((b - a) * info.row_bytes)
+    t0 = time.perf_counter()
     writer.finish_layer(pos)
-    return LayerResult(info.name, h.digest(), info.nbytes)
+    spent["write"] += time.perf_counter() - t0
+    return LayerResult(info.name, h.digest(), info.nbytes, {"seconds": spent})
 
 
 def _check(task: LayerTask, res: LayerResult, on_bytes: Callable[[int], None] | None) -> None:
@@ -141,7 +178,7 @@ def _check(task: LayerTask, res: LayerResult, on_bytes: Callable[[int], None] | 
         pos = written.position(res.name)
         if pos is None:
             raise ConversionError(f"{task.work}: {res.name} was written but cannot be found in the store.")
-        got = layer_checksum(written, pos, on_bytes)
+        got = layer_checksum(written, pos, on_bytes, own=True)
     if got != res.checksum:
         raise ConversionError(
             f"{task.final or task.work}/{res.name}: checksum of the written data {got} differs from the source's "
@@ -169,7 +206,9 @@ def run_layer_task(
             res = copy_layer(src, writer, pos, task.spec, on_bytes, task.cast, stop)
             writer.close()  # the next layer's first write opens it again
             if task.verify:
+                t0 = time.perf_counter()
                 _check(task, res, on_verify)
+                res.extra.setdefault("seconds", {})["verify"] = time.perf_counter() - t0
             if on_result is not None:
                 on_result(res)
             results.append(res)
@@ -196,7 +235,7 @@ def layer_tasks(
     """The tasks for layers ``todo``: one per layer, or one for all when the format has one writer."""
     if not todo:
         return []
-    groups = [(pos,) for pos in todo] if get_format(to).parallel_layers else [tuple(todo)]
+    groups = [(pos,) for pos in todo] if get_format(to).writes_in_parallel(options) else [tuple(todo)]
     return [
         LayerTask(
             source,

@@ -17,7 +17,7 @@ This module imports neither torch nor numpy at import time.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -35,6 +35,7 @@ __all__ = [
     "Reader",
     "RowStore",
     "RowStoreReader",
+    "Runs",
     "Segment",
     "SplitSpec",
     "WriteOptions",
@@ -42,6 +43,7 @@ __all__ = [
     "as_array",
     "dtype_name",
     "fingerprint_of",
+    "scratch",
     "stored_dtype",
     "to_torch",
     "torch_dtype",
@@ -85,6 +87,19 @@ def to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
 
     t = torch.from_numpy(arr)
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def scratch(out: np.ndarray | None, rows: int, hidden: int, dtype: np.dtype) -> np.ndarray:
+    """A ``[rows, hidden]`` array of ``dtype``: a view of the caller's buffer ``out`` (any C-contiguous array of
+    enough bytes: conversions reuse two buffers instead of faulting in fresh pages for every block), else new."""
+    import numpy as np
+
+    if out is not None:
+        flat = out.reshape(-1).view(np.uint8)
+        n = rows * hidden * dtype.itemsize
+        if flat.size >= n:
+            return flat[:n].view(dtype).reshape(rows, hidden)
+    return np.empty((rows, hidden), dtype=dtype)
 
 
 def as_array(data: Any, dtype: str) -> np.ndarray:
@@ -181,6 +196,14 @@ class WriteOptions:
 # raw rows
 
 
+def _truncated(loc: Location, got: int, want: int) -> Exception:
+    from actfmt.errors import TruncatedError
+
+    return TruncatedError(
+        f"{loc}: truncated (the file has {got} bytes, {want} expected); re-run the conversion."
+    )
+
+
 @dataclass(frozen=True)
 class Segment:
     """``rows`` whole rows stored raw in ``location`` from byte ``offset`` -- or, when ``array`` is given,
@@ -194,6 +217,19 @@ class Segment:
 
 #: ``(location, byte offset, byte count)``: a run of raw bytes a writer may copy as is.
 ByteRun = tuple[Location, int, int]
+
+
+class Runs(list[ByteRun]):
+    """The byte runs of a block of rows handed to a writer without the rows in memory, with the CRC-32 of
+    their bytes when the writer asked for it (:attr:`Writer.wants_crc32`)."""
+
+    def __init__(self, runs: Sequence[ByteRun] = (), crc32: int | None = None) -> None:
+        super().__init__(runs)
+        self.crc32 = crc32
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, _, n in self)
 
 
 class RowStore:
@@ -244,11 +280,37 @@ class RowStore:
             (self.segments[k].location, self.segments[k].offset + a * rb, (b - a) * rb) for k, a, b in pieces
         ]
 
-    def read(self, start: int, stop: int) -> np.ndarray:
+    def mapped(self) -> Iterator[memoryview]:
+        """The layer's raw bytes, segment by segment, as views of memory maps (no copy), in row order.
+
+        Only for stores whose every segment is a local file actfmt itself owns (the partial store it has just
+        written, under its lock): a file truncated by someone else while it is mapped would kill the process
+        (SIGBUS).  ``None`` segments (in memory) are yielded as they are."""
+        for seg in self.segments:
+            n = seg.rows * self.row_bytes
+            if seg.array is not None:
+                yield seg.array.data.cast("B")
+                continue
+            mm = seg.location.mmap() if n else None
+            if mm is None:
+                yield self.read(0, 0).data.cast("B")  # an empty segment
+                continue
+            try:
+                if len(mm) < seg.offset + n:
+                    raise _truncated(seg.location, len(mm), seg.offset + n)
+                view = memoryview(mm)[seg.offset : seg.offset + n]
+                try:
+                    yield view
+                finally:
+                    view.release()
+            finally:
+                mm.close()
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         import numpy as np
 
         start, stop = max(0, start), min(max(start, stop), self.rows)
-        out = np.empty((max(0, stop - start), self.hidden_dim), dtype=self.dtype)
+        out = scratch(out, max(0, stop - start), self.hidden_dim, self.dtype)
         reqs, pos = [], 0
         for k, a, b in self._pieces(start, stop):
             seg, dst = self.segments[k], out[pos : pos + b - a]
@@ -358,8 +420,11 @@ class Reader(abc.ABC):
 
     # -- data ----------------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def read_array(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows ``[start, stop)`` of layer *position* ``layer``, in the stored dtype (an array of its own)."""
+    def read_array(
+        self, layer: int, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Rows ``[start, stop)`` of layer *position* ``layer``, in the stored dtype: an array of its own, or a
+        view of ``out`` (a scratch buffer the caller reuses, see :func:`scratch`) when the format reads into one."""
 
     def take_array(self, layer: int, rows: Any) -> np.ndarray:
         """Rows at the given indices (any order, repeats allowed), in the stored dtype."""
@@ -381,6 +446,13 @@ class Reader(abc.ABC):
     def chunk_rows_of(self, layer: int) -> int | None:
         """Rows per stored chunk of layer position ``layer`` (reads of whole chunks are cheapest), or
         ``None`` when the format has no chunks."""
+        return None
+
+    def own_bytes(self, layer: int) -> Iterator[memoryview] | None:
+        """The raw bytes of layer position ``layer`` as memory-mapped views, in row order, for a store actfmt has
+        just written and holds the lock of (its verification: nothing is copied); ``None`` where the format or
+        the storage cannot (then :meth:`read_array` is used).  Never for someone else's files: a file truncated
+        while mapped kills the process."""
         return None
 
     def fingerprint(self, layer: int) -> str | None:
@@ -419,15 +491,23 @@ class RowStoreReader(Reader):
     def row_store(self, layer: int) -> RowStore:
         """The :class:`RowStore` of layer position ``layer`` (built on first use)."""
 
-    def read_array(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def read_array(
+        self, layer: int, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
         store = self.row_store(layer)
-        return store.read(start, store.rows if stop is None else stop)
+        return store.read(start, store.rows if stop is None else stop, out)
 
     def take_array(self, layer: int, rows: Any) -> np.ndarray:
         return self.row_store(layer).take(rows)
 
     def runs(self, layer: int, start: int, stop: int) -> list[ByteRun] | None:
         return self.row_store(layer).runs(start, stop)
+
+    def own_bytes(self, layer: int) -> Iterator[memoryview] | None:
+        store = self.row_store(layer)
+        if not all(s.location.supports_mmap or s.array is not None for s in store.segments):
+            return None
+        return store.mapped()
 
 
 class Writer(abc.ABC):
@@ -461,11 +541,20 @@ class Writer(abc.ABC):
         step = self.options.chunk_rows or info.rows or 1
         return [min(step, info.rows - s) for s in range(0, info.rows, step)] or [0]
 
+    #: Does the writer need the CRC-32 of a block it copies from byte runs (a zip record's header does)?
+    wants_crc32: ClassVar[bool] = False
+
+    def copies_raw(self, layer: int) -> bool:
+        """Can ``write`` store a block of ``layer`` from the source's byte runs alone (``data=None``), copying
+        them in the kernel?  Then the conversion never holds those rows in memory."""
+        return False
+
     @abc.abstractmethod
     def write(self, layer: int, start: int, data: Any, runs: list[ByteRun] | None = None) -> None:
-        """Write ``data`` (rows ``start .. start+len(data)`` of ``layer``; an array of the stored dtype, or a
-        torch tensor).  ``runs``, when given, are the source's raw bytes of exactly these rows: a writer that
-        stores rows raw may copy them in the kernel instead."""
+        """Write rows ``start ..`` of ``layer``: ``data`` (an array of the stored dtype, or a torch tensor).
+        ``runs``, when given, are the source's raw bytes of exactly these rows: a writer that stores rows raw
+        may copy them in the kernel instead; ``data`` is ``None`` only when :meth:`copies_raw` said so (then
+        ``runs`` is a :class:`Runs`)."""
 
     def finish_layer(self, layer: int) -> None:  # noqa: B027 - optional hook
         """Called once every block of ``layer`` is written (flush, close a per-layer file...)."""
@@ -494,6 +583,11 @@ class Format(abc.ABC):
     parallel_layers: ClassVar[bool] = True
     #: Is a split one file (``True``) or a directory?
     single_file: ClassVar[bool] = False
+
+    @classmethod
+    def writes_in_parallel(cls, options: WriteOptions) -> bool:
+        """May different threads or processes write different layers at once, with these options?"""
+        return cls.parallel_layers
 
     @classmethod
     @abc.abstractmethod

@@ -21,10 +21,16 @@ Defaults: ``chunk_rows`` is the largest power of two with a chunk of at most 1 M
 (small chunks keep single-row reads from a compressed file cheap); gzip level 1 + shuffle because shuffle is
 what compresses bf16 (its exponent bytes) and higher levels buy a few percent for several times the time.
 
-Writing (local files only: ``convert`` writes HDF5 into a local staging directory and uploads it): uncompressed
-and gzip blocks are stored as whole chunks with ``write_direct_chunk`` (actfmt shuffles + deflates the chunks
-itself on a thread pool, as HDF5's filters would); ``block_rows`` hands out chunk-aligned blocks of about
-48 MiB.  HDF5 files cannot be written by two processes at once: ``parallel_layers = False``.
+Writing (local files only: ``convert`` writes HDF5 into a local staging directory and uploads it):
+
+* uncompressed, without ``--chunk-rows``: *contiguous* datasets whose file space is allocated (not written) when
+  the file is created, so every layer's bytes have a known offset and are written there with ``pwrite`` or
+  ``os.copy_file_range``, layers in parallel (:meth:`HDF5Format.writes_in_parallel`); HDF5 writes only the
+  metadata.  A contiguous layer has no chunks, so a hole in it cannot be told from zeros by looking
+  (``actfmt validate --deep`` compares it with the checksum recorded at conversion, ACT602);
+* otherwise chunked: uncompressed and gzip blocks are stored as whole chunks with ``write_direct_chunk``
+  (actfmt shuffles + deflates the chunks itself on a thread pool, as HDF5's filters would); ``block_rows``
+  hands out chunk-aligned blocks of about 48 MiB; one writer at a time (HDF5 is the writer of the file).
 
 Reading, locally (``h5py.File(path)``) or from object storage (h5py over a file object of the storage): an
 uncompressed layer whose chunks are all stored raw (the writer lays them back to back, in a few runs between
@@ -38,9 +44,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import cached_property
-from typing import IO, TYPE_CHECKING, Any, ClassVar
+from typing import IO, TYPE_CHECKING, Any
 
 from actfmt.errors import ConversionError, FormatError, MetadataError, NotASplitError
 from actfmt.formats.base import (
@@ -55,10 +61,11 @@ from actfmt.formats.base import (
     WriteOptions,
     Writer,
     as_array,
+    scratch,
     stored_dtype,
 )
 from actfmt.layout import SUPPORTED_DTYPES, layer_index
-from actfmt.storage import Entry, Kind, Location
+from actfmt.storage import Entry, Kind, LocalLocation, Location
 
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
@@ -244,11 +251,16 @@ def _encode_gzip(raw: np.ndarray, itemsize: int, shuffle: bool, level: int) -> b
 
 
 class HDF5Writer(Writer):
-    """Writes every layer of a split into one local HDF5 file, whole chunks at a time."""
+    """Writes every layer of a split into one local HDF5 file.
+
+    Uncompressed and without ``--chunk-rows``, datasets are *contiguous*, their space allocated when the file is
+    created (nothing written: the file is sparse until filled), so each layer's bytes have a known offset: they
+    are written there with ``pwrite`` (or ``os.copy_file_range`` from the source's raw bytes), by any number of
+    threads or processes at once, and HDF5 itself only writes the metadata.  Otherwise the layers are chunked
+    and whole chunks go through ``write_direct_chunk`` (gzip encoded on a thread pool), one writer at a time.
+    """
 
     format = "hdf5"
-    #: One file, one writer at a time (as :attr:`HDF5Format.parallel_layers`).
-    parallel_layers: ClassVar[bool] = False
 
     def __init__(self, location: Location, spec: SplitSpec, options: WriteOptions) -> None:
         if not location.is_local:
@@ -261,6 +273,13 @@ class HDF5Writer(Writer):
         self._pool: Any = None
         self._codecs: dict[int, _Codec] = {}
         self._requested = _Codec.resolve(options, location)
+        self._offsets: dict[str, int] | None = None  # contiguous datasets: where each one's bytes start
+        self._out: Any = None  # the file opened for positional writes
+
+    @staticmethod
+    def contiguous(options: WriteOptions) -> bool:
+        """Are the layers written contiguous (uncompressed, no ``--chunk-rows``)?"""
+        return (options.compression or "").lower() == "none" and not options.chunk_rows
 
     @property
     def local_path(self) -> Path:
@@ -269,7 +288,7 @@ class HDF5Writer(Writer):
     # pickling (a writer may be sent to a worker process): never ship the open h5py handle or the pool
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_file=None, _pool=None, _codecs={})
+        state.update(_file=None, _pool=None, _codecs={}, _out=None)
         return state
 
     def chunk_rows(self, layer: int) -> int:
@@ -302,15 +321,27 @@ class HDF5Writer(Writer):
                 f.attrs[METADATA_ATTR] = json.dumps(meta, ensure_ascii=False, allow_nan=True)
                 for pos, info in enumerate(spec.layers):
                     rows = max(0, info.rows)
-                    dset = f.create_dataset(
-                        info.name,
-                        shape=(rows, info.hidden_dim),
-                        maxshape=(None if rows == 0 else rows, info.hidden_dim),
-                        dtype=stored_dtype(info.dtype),
-                        chunks=(self.chunk_rows(pos), max(1, info.hidden_dim)),
-                        fillvalue=0,
-                        **codec.kwargs,
-                    )
+                    if self.contiguous(options):
+                        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                        dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+                        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # the offset is known now
+                        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # nothing written until the data
+                        dset = f.create_dataset(
+                            info.name,
+                            shape=(rows, info.hidden_dim),
+                            dtype=stored_dtype(info.dtype),
+                            dcpl=dcpl,
+                        )
+                    else:
+                        dset = f.create_dataset(
+                            info.name,
+                            shape=(rows, info.hidden_dim),
+                            maxshape=(None if rows == 0 else rows, info.hidden_dim),
+                            dtype=stored_dtype(info.dtype),
+                            chunks=(self.chunk_rows(pos), max(1, info.hidden_dim)),
+                            fillvalue=0,
+                            **codec.kwargs,
+                        )
                     dset.attrs[DTYPE_ATTR] = info.dtype
                     if info.shard_rows:
                         dset.attrs[SHARD_ROWS_ATTR] = np.asarray(info.shard_rows, dtype=np.int64)
@@ -354,11 +385,19 @@ class HDF5Writer(Writer):
         return [min(step, info.rows - s) for s in range(0, info.rows, step)]
 
     # -- writing -------------------------------------------------------------------------------------------
+    def copies_raw(self, layer: int) -> bool:
+        return self.contiguous(self.options)
+
     def write(self, layer: int, start: int, data: Any, runs: list[ByteRun] | None = None) -> None:
-        """Write rows ``start ..`` of ``layer``.  ``runs`` is not used: chunks are written from ``data``."""
+        """Write rows ``start ..`` of ``layer``: contiguous layers at their offset (from ``runs`` in the kernel
+        when given), chunked ones chunk by chunk from ``data``."""
         import numpy as np
 
         info = self.spec.layers[layer]
+        if data is None:  # a contiguous layer, from the source's bytes
+            assert runs is not None and self.contiguous(self.options)
+            self._write_at(layer, start, None, runs)
+            return
         try:
             arr = as_array(data, info.dtype)
         except ValueError as exc:
@@ -375,6 +414,9 @@ class HDF5Writer(Writer):
             raise ConversionError(
                 f"{self.location}: {info.name}: rows {start}..{start + n} outside 0..{info.rows}."
             )
+        if self.contiguous(self.options):
+            self._write_at(layer, start, arr, runs)
+            return
         dset, codec = self._dataset(layer)
         chunk = int(dset.chunks[0])
         if not codec.direct or start % chunk:
@@ -400,6 +442,35 @@ class HDF5Writer(Writer):
         for s, buf in zip(starts, encoded, strict=True):
             dset.id.write_direct_chunk((s, 0), buf)
 
+    def _offset(self, layer: int) -> int:
+        """Where the contiguous dataset of ``layer`` starts in the file (read once, with h5py, read-only)."""
+        if self._offsets is None:
+            import h5py
+
+            with h5py.File(self.local_path, "r") as f:
+                offsets = {name: f[name].id.get_offset() for name in f if layer_index(name) is not None}
+            if any(v is None for v in offsets.values()):
+                raise ConversionError(f"{self.location}: a dataset has no file space; re-create the file.")
+            self._offsets = {k: int(v) for k, v in offsets.items()}
+        name = self.spec.layers[layer].name
+        if name not in self._offsets:
+            raise ConversionError(f"{self.location}: dataset {name} is missing; re-create the file.")
+        return self._offsets[name]
+
+    def _write_at(self, layer: int, start: int, arr: np.ndarray | None, runs: list[ByteRun] | None) -> None:
+        """Rows of a contiguous dataset, written at their offset in the file (never through HDF5)."""
+        at = self._offset(layer) + start * self.spec.layers[layer].row_bytes
+        if self._out is None:
+            assert isinstance(self.location, LocalLocation)  # (the constructor refuses others)
+            self._out = self.location.open_update()
+        if runs is not None:
+            for loc, off, n in runs:
+                self._out.copy_range(loc, off, n, at=at)
+                at += n
+        else:
+            assert arr is not None
+            self._out.pwrite(arr, at)
+
     def _executor(self) -> Any:
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -412,6 +483,9 @@ class HDF5Writer(Writer):
         # make everything so far durable in the file's own metadata: a killed run resumes layer by layer
         if self._file is not None:
             self._file.flush()
+        if self._out is not None:
+            self._out.close()
+            self._out = None
 
     def finalize(self, block: dict[str, Any]) -> None:
         f = self._f()
@@ -433,6 +507,9 @@ class HDF5Writer(Writer):
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._out is not None:
+            self._out.close()
+            self._out = None
         self._codecs.clear()
 
 
@@ -664,7 +741,9 @@ class HDF5Reader(Reader):
         return segments
 
     # -- data --------------------------------------------------------------------------------------------------
-    def read_array(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def read_array(
+        self, layer: int, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
         import numpy as np
 
         info = self.layers[layer]
@@ -672,9 +751,9 @@ class HDF5Reader(Reader):
         start = max(0, start)
         store = self._rows(layer)
         if store is not None:
-            return store.read(start, stop)
+            return store.read(start, stop, out)
         n = max(0, stop - start)
-        out = np.empty((n, info.hidden_dim), dtype=stored_dtype(info.dtype))
+        out = scratch(out, n, info.hidden_dim, stored_dtype(info.dtype))
         if n:
             with _plugin_hint(self.location, info.name):
                 self._dataset(layer).read_direct(out, source_sel=np.s_[start:stop])
@@ -718,6 +797,10 @@ class HDF5Reader(Reader):
     def runs(self, layer: int, start: int, stop: int) -> list[ByteRun] | None:
         store = self._rows(layer)
         return None if store is None else store.runs(start, stop)
+
+    def own_bytes(self, layer: int) -> Iterator[memoryview] | None:
+        store = self._rows(layer)
+        return None if store is None or not self.location.supports_mmap else store.mapped()
 
     def missing_chunks(self, layer: int) -> list[str]:
         """Chunks of a chunked layer that were never written, as ``"layer_03/chunk 12 (rows 6144-6655)"``.
@@ -786,8 +869,13 @@ class HDF5Format(Format):
     compressions = COMPRESSIONS
     remote_read = True
     remote_write = False  # convert writes into a local staging directory and uploads the file
-    parallel_layers = False
+    parallel_layers = False  # chunked: HDF5 is the one writer of the file
     single_file = True
+
+    @classmethod
+    def writes_in_parallel(cls, options: WriteOptions) -> bool:
+        """Contiguous (uncompressed) layers are written at their own offsets, by any number of writers."""
+        return HDF5Writer.contiguous(options)
 
     @classmethod
     def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:

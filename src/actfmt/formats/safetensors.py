@@ -423,32 +423,42 @@ class SafetensorsWriter(Writer):
                 self._out[layer] = out
             return out
 
+    def copies_raw(self, layer: int) -> bool:
+        return self.location.supports_copy_range
+
     def write(self, layer: int, start: int, data: Any, runs: list[ByteRun] | None = None) -> None:
         info = self.spec.layers[layer]
-        try:
-            arr = as_array(data, info.dtype)
-        except ValueError:
-            arr = None
-        if arr is None or arr.ndim != 2 or arr.shape[1] != info.hidden_dim:
-            shape = tuple(getattr(data, "shape", ()))
+        if data is None:  # the source's bytes, copied in the kernel
+            assert runs is not None
+            arr, rows = None, sum(n for _, _, n in runs) // max(1, info.row_bytes)
+        else:
+            try:
+                arr = as_array(data, info.dtype)
+            except ValueError:
+                arr = None
+            if arr is None or arr.ndim != 2 or arr.shape[1] != info.hidden_dim:
+                shape = tuple(getattr(data, "shape", ()))
+                raise ConversionError(
+                    f"{self.layer_path(layer)}: block of shape {shape} {getattr(data, 'dtype', '')} does not fit "
+                    f"layer [{info.rows}, {info.hidden_dim}] {info.dtype}."
+                )
+            rows = arr.shape[0]
+        if start < 0 or start + rows > info.rows:
             raise ConversionError(
-                f"{self.layer_path(layer)}: block of shape {shape} {getattr(data, 'dtype', '')} does not fit layer "
-                f"[{info.rows}, {info.hidden_dim}] {info.dtype}."
-            )
-        if start < 0 or start + arr.shape[0] > info.rows:
-            raise ConversionError(
-                f"{self.layer_path(layer)}: rows {start}..{start + arr.shape[0]} outside [0, {info.rows})."
+                f"{self.layer_path(layer)}: rows {start}..{start + rows} outside [0, {info.rows})."
             )
         out = self._output(layer)
-        if arr.shape[0] == 0:
+        if rows == 0:
             return
         offset = len(self._header(layer)) + start * info.row_bytes
-        if out.tell() == offset:
-            if runs is not None and out.location.supports_copy_range:
-                for loc, off, n in runs:
-                    out.copy_range(loc, off, n)
-            else:
-                out.write(arr)
+        if runs is not None and out.location.supports_copy_range:
+            for loc, off, n in runs:  # in order: at the end; out of order: at their offset
+                out.copy_range(loc, off, n, at=None if out.tell() == offset else offset)
+                offset += n
+        elif arr is None:
+            raise ConversionError(f"{self.layer_path(layer)}: no rows to write (runs cannot be copied here).")
+        elif out.tell() == offset:
+            out.write(arr)
         elif out.location.supports_pwrite:
             out.pwrite(arr, offset)
         else:

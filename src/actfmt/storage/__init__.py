@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from actfmt.errors import ActfmtError
-from actfmt.storage.base import Entry, Kind, Location, OutputFile, Stat, read_into, read_objects
+from actfmt.storage.base import Entry, Kind, Location, OutputFile, Stat, read_into, read_objects, scan_runs
 from actfmt.storage.local import LocalLocation
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "read_into",
     "read_objects",
     "resolve",
+    "scan_runs",
 ]
 
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")

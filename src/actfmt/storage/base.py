@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 import posixpath
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar
 
@@ -31,6 +31,7 @@ __all__ = [
     "Stat",
     "read_into",
     "read_objects",
+    "scan_runs",
 ]
 
 
@@ -86,12 +87,16 @@ class OutputFile(abc.ABC):
     def write(self, data: Any) -> None:
         """Append ``data`` (bytes, memoryview, or a C-contiguous numpy array)."""
 
-    def copy_range(self, source: Location, offset: int, length: int) -> None:
-        """Append ``length`` bytes of ``source`` from ``offset``; in the kernel where the storage can
-        (``os.copy_file_range``: no trip through user space, a reflink on XFS / btrfs)."""
+    def copy_range(self, source: Location, offset: int, length: int, at: int | None = None) -> None:
+        """Append ``length`` bytes of ``source`` from ``offset`` (or write them at offset ``at``, where the
+        storage can); in the kernel where it can (``os.copy_file_range``: no trip through user space, a
+        reflink on XFS / btrfs)."""
         buf = bytearray(length)
         read_into([(source, offset, memoryview(buf))])
-        self.write(buf)
+        if at is None:
+            self.write(buf)
+        else:
+            self.pwrite(buf, at)
 
     def pwrite(self, data: Any, offset: int) -> None:
         """Write ``data`` at ``offset`` (storages with ``supports_pwrite`` only)."""
@@ -324,6 +329,24 @@ class Location(abc.ABC):
         return out
 
     @classmethod
+    def _scan(cls, runs: Sequence[tuple[Location, int, int]], visit: Callable[[memoryview], None]) -> None:
+        """:func:`scan_runs` on this storage: batched ranged reads of up to 8 MiB, by default."""
+        step = 8 << 20
+        pieces = [
+            (loc, off + a, min(length, a + step) - a)
+            for loc, off, length in runs
+            for a in range(0, length, step)
+        ]
+        for k in range(0, len(pieces), 8):
+            batch = pieces[k : k + 8]
+            bufs = [bytearray(n) for _, _, n in batch]
+            cls._read_into(
+                [(loc, off, memoryview(b)) for (loc, off, _), b in zip(batch, bufs, strict=True)], False
+            )
+            for b in bufs:
+                visit(memoryview(b))
+
+    @classmethod
     def _read_objects(cls, locations: Sequence[Location], missing_ok: bool) -> list[bytes | None]:
         out: list[bytes | None] = []
         for loc in locations:
@@ -395,6 +418,18 @@ def read_into(requests: Sequence[ReadRequest], missing_ok: bool = False) -> list
         for i, ok in zip(idx, got, strict=True):
             out[i] = ok
     return out
+
+
+#: Bytes per piece when a run of bytes is scanned (hashed) rather than kept: small enough to stay in the
+#: CPU's cache between the copy out of the page cache and the hash (a big buffer costs a trip through memory).
+SCAN_PIECE = 128 << 10
+
+
+def scan_runs(runs: Sequence[tuple[Location, int, int]], visit: Callable[[memoryview], None]) -> None:
+    """Call ``visit`` with every byte of ``runs`` ``(location, offset, length)``, in order, in pieces of a
+    buffer that is reused (valid only during the call): nothing is kept in memory."""
+    if runs:
+        type(runs[0][0])._scan(runs, visit)
 
 
 def read_objects(locations: Sequence[Location], missing_ok: bool = True) -> list[bytes | None]:

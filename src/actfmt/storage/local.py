@@ -13,12 +13,12 @@ import os
 import shutil
 import stat as stat_mod
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
-from actfmt.storage.base import Entry, Kind, Location, OutputFile, ReadRequest, Stat, _short_read
+from actfmt.storage.base import SCAN_PIECE, Entry, Kind, Location, OutputFile, ReadRequest, Stat, _short_read
 
 __all__ = ["LocalLocation", "open_regular"]
 
@@ -229,6 +229,22 @@ class LocalLocation(Location):
             return [True] * len(views)
         return _pread_all(views, missing_ok)
 
+    @classmethod
+    def _scan(cls, runs: Sequence[tuple[Location, int, int]], visit: Callable[[memoryview], None]) -> None:
+        buf = memoryview(bytearray(SCAN_PIECE))
+        with _Files(False) as files:
+            for loc, off, length in runs:
+                fd = files.fd(loc)
+                assert fd is not None
+                done = 0
+                while done < length:
+                    want = min(SCAN_PIECE, length - done)
+                    n = os.preadv(fd, [buf[:want]], off + done)
+                    if n <= 0:
+                        raise _short_read(loc, off + done, off + length)
+                    visit(buf[:n])
+                    done += n
+
     def open_input(self) -> IO[bytes]:
         fd = open_regular(self._path)
         return os.fdopen(fd, "rb")
@@ -262,6 +278,10 @@ class LocalLocation(Location):
 
     def open_output(self) -> LocalOutput:
         return LocalOutput(self)
+
+    def open_update(self) -> LocalOutput:
+        """An existing file, opened for writing at offsets (``pwrite``, ``copy_range(at=...)``), not truncated."""
+        return LocalOutput(self, truncate=False)
 
     def append_line(self, text: str) -> None:
         """Append one line with a single ``write`` (``O_APPEND``: a concurrent reader sees whole lines)."""
@@ -388,11 +408,10 @@ def _write_all(fd: int, view: memoryview, path: str, offset: int | None = None) 
 class LocalOutput(OutputFile):
     """A local file written sequentially (``write``), at offsets (``pwrite``), or by ``copy_file_range``."""
 
-    def __init__(self, location: LocalLocation) -> None:
+    def __init__(self, location: LocalLocation, truncate: bool = True) -> None:
         self.location = location
-        self._fd: int | None = os.open(
-            location.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
-        )
+        flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if truncate else 0)
+        self._fd: int | None = os.open(location.path, flags, 0o644)
         self._pos = 0
 
     @property
@@ -408,7 +427,9 @@ class LocalOutput(OutputFile):
     def pwrite(self, data: Any, offset: int) -> None:
         _write_all(self.fd, memoryview(data).cast("B"), self.location.path, offset)
 
-    def copy_range(self, source: Location, offset: int, length: int) -> None:
+    def copy_range(self, source: Location, offset: int, length: int, at: int | None = None) -> None:
+        """Append ``length`` bytes of ``source`` from ``offset`` (or write them at offset ``at``), with
+        ``os.copy_file_range``: in the kernel, a reflink on XFS / btrfs; through user space across file systems."""
         if not isinstance(source, LocalLocation):
             super().copy_range(source, offset, length)
             return
@@ -416,17 +437,17 @@ class LocalOutput(OutputFile):
         try:
             done = 0
             while done < length:
+                dst_at = None if at is None else at + done  # None: from (and advancing) our position
                 try:
-                    n = os.copy_file_range(
-                        src, self.fd, length - done, offset + done
-                    )  # advances our file position
+                    n = os.copy_file_range(src, self.fd, length - done, offset + done, dst_at)
                 except OSError as exc:
                     if exc.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
-                        # another file system or no kernel support: through user space
-                        buf = bytearray(length - done)
-                        view = memoryview(buf)
-                        _pread_all([(source, offset + done, view)], False)
-                        self.write(view)
+                        buf = bytearray(length - done)  # another file system, or no kernel support
+                        _pread_all([(source, offset + done, memoryview(buf))], False)
+                        if at is None:
+                            self.write(buf)
+                        else:
+                            self.pwrite(buf, at + done)
                         return
                     if exc.filename is None:
                         exc.filename = self.location.path
@@ -434,7 +455,8 @@ class LocalOutput(OutputFile):
                 if n <= 0:
                     raise _short_read(source, offset + done, offset + length)
                 done += n
-                self._pos += n
+                if at is None:
+                    self._pos += n
         finally:
             os.close(src)
 

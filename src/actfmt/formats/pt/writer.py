@@ -18,18 +18,15 @@ import json
 import struct
 from typing import Any
 
+from actfmt.checksum import crc32
 from actfmt.errors import ConversionError
-from actfmt.formats.base import ACTFMT_KEY, ByteRun, SplitSpec, WriteOptions, Writer, as_array
+from actfmt.formats.base import ACTFMT_KEY, ByteRun, Runs, SplitSpec, WriteOptions, Writer, as_array
 from actfmt.formats.pt.reader import SIDECAR
 from actfmt.layout import METADATA_FILE, expected_shard_rows, shard_name
 from actfmt.storage import Location
 
-__all__ = ["PtWriter", "crc32", "shard_bytes"]
+__all__ = ["PtWriter", "shard_bytes"]
 
-try:  # ISA-L's CRC-32 runs at memory speed; zlib's at ~2 GB/s
-    from isal.isal_zlib import crc32
-except ImportError:  # pragma: no cover - isal is a dependency; keep working without it
-    from zlib import crc32
 
 ALIGN = 64
 _STORAGE_CLASS = {"bfloat16": "BFloat16Storage", "float16": "HalfStorage", "float32": "FloatStorage"}
@@ -191,25 +188,34 @@ class PtWriter(Writer):
         except (KeyError, TypeError, ValueError):
             return super().block_rows(layer)
 
+    wants_crc32 = True
+
+    def copies_raw(self, layer: int) -> bool:
+        return self.location.supports_copy_range
+
     def write(self, layer: int, start: int, data: Any, runs: list[ByteRun] | None = None) -> None:
         info = self.spec.layers[layer]
-        arr = as_array(data, info.dtype)
+        if data is None:  # copied from the source's bytes: the conversion gave their CRC
+            assert isinstance(runs, Runs) and runs.crc32 is not None
+            nbytes, crc, view = runs.nbytes, runs.crc32, None
+        else:
+            arr = as_array(data, info.dtype)
+            if arr.ndim != 2 or arr.shape[1] != info.hidden_dim:
+                raise ConversionError(
+                    f"{self.location}/{info.name}: a block of shape {arr.shape}, the layer is [*, {info.hidden_dim}]."
+                )
+            view = arr.data.cast("B")
+            nbytes, crc = len(view), crc32(view)
+        rows = nbytes // max(1, info.row_bytes)
         bounds = self.block_rows(layer)
         offset, k = 0, 0
         while offset < start and k < len(bounds):
             offset += bounds[k]
             k += 1
-        if offset != start or k >= len(bounds) or bounds[k] != arr.shape[0]:
-            raise ValueError(f"pt writer: block at row {start} of {len(arr)} rows is not a shard boundary")
-        if arr.ndim != 2 or arr.shape[1] != info.hidden_dim:
-            raise ConversionError(
-                f"{self.location}/{info.name}: a block of shape {arr.shape}, the layer is [*, {info.hidden_dim}]."
-            )
+        if offset != start or k >= len(bounds) or bounds[k] != rows:
+            raise ValueError(f"pt writer: block at row {start} of {rows} rows is not a shard boundary")
         name = shard_name(k)
-        view = arr.data.cast("B")
-        head, tail = shard_bytes(
-            name.removesuffix(".pt"), arr.shape[0], info.hidden_dim, info.dtype, len(view), crc32(view)
-        )
+        head, tail = shard_bytes(name.removesuffix(".pt"), rows, info.hidden_dim, info.dtype, nbytes, crc)
         target = self.location / info.name / name
         with target.open_output() as out:
             out.write(head)
@@ -217,6 +223,7 @@ class PtWriter(Writer):
                 for loc, off, n in runs:
                     out.copy_range(loc, off, n)
             else:
+                assert view is not None
                 out.write(view)
             out.write(tail)
 

@@ -5,7 +5,8 @@ Layout (the contract, readable by zarr-python, tensorstore and any Zarr v2/v3 re
 * Group attributes: every key of the producer's metadata, verbatim and in order, then the ``actfmt`` block,
   written by ``finalize`` last (it holds ``complete: true``; until then the group has no ``actfmt`` key).
 * Arrays ``layer_00`` ... of shape ``[total_examples, hidden_dim]``, chunks ``(chunk_rows, hidden_dim)`` (the
-  full hidden dimension in every chunk), default chunk key encoding (v3 ``c/<i>/0``, v2 ``<i>.0``), fill value 0,
+  full hidden dimension in every chunk), the default chunk key encoding with a ``.`` separator (v3 ``c.<i>.0``,
+  v2 ``<i>.0``: every chunk a file of the array's directory, no directory per chunk to create), fill value 0,
   C order, v3 dimension names ``example`` / ``hidden``.  float16 / float32 are stored natively little-endian;
   bfloat16 as its ``uint16`` bits.  Every array carries the attribute ``actfmt_dtype`` (``"bfloat16"``, ...)
   and, when the source was sharded, ``actfmt_shard_rows``; the actfmt block records the dtypes too (``dtype``).
@@ -15,7 +16,8 @@ Layout (the contract, readable by zarr-python, tensorstore and any Zarr v2/v3 re
 Compression names (:mod:`~actfmt.formats.zarr.codecs`): ``blosc-zstd`` (default: zstd level 1, byte shuffle,
 512 KiB blosc blocks), ``none``, ``zstd``, ``lz4`` (blosc-lz4 + bitshuffle), ``gzip``; ``level`` overrides the
 level.  Default ``chunk_rows``: the largest power of two whose chunk holds at most 2 MiB (256 rows at
-4096 x bf16), capped at the layer's rows.
+4096 x bf16; 4 MiB uncompressed: its rows are read by offset whatever the chunk size, and fewer, larger chunks
+are fewer files to write), capped at the layer's rows.
 
 Neither the writer (:mod:`~actfmt.formats.zarr.writer`) nor the reader (:mod:`~actfmt.formats.zarr.reader`)
 needs zarr-python: the metadata documents are written and parsed by :mod:`~actfmt.formats.zarr.meta`, chunks are

@@ -212,7 +212,7 @@ def array_documents(
         "shape": list(shape),
         "data_type": _V3_NAMES[dtype],
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
         "fill_value": fill,
         "codecs": codecs,
         "attributes": dict(attributes),
@@ -240,7 +240,7 @@ class ArrayMeta:
     direct: bool  # can actfmt read and write chunk objects itself?
 
     def chunk_key(self, i: int) -> str:
-        """The key of row-chunk ``i`` relative to the array (``c/3/0`` or ``3.0``)."""
+        """The key of row-chunk ``i`` relative to the array (``c.3.0``, ``c/3/0`` or ``3.0``)."""
         parts = [str(i)] + ["0"] * (len(self.shape) - 1)
         if self.prefix:
             parts.insert(0, self.prefix)

@@ -34,6 +34,7 @@ from actfmt.formats.base import (
     RowStore,
     Segment,
     fingerprint_of,
+    scratch,
     stored_dtype,
 )
 from actfmt.formats.zarr.codecs import codec_name
@@ -188,7 +189,7 @@ class ZarrReader(Reader):
         return h.hexdigest()[:32]
 
     def missing_chunks(self, layer: int) -> list[str]:
-        """Keys (relative to the group, ``layer_00/c/3/0``) of the chunks of layer position ``layer`` that
+        """Keys (relative to the group, ``layer_00/c.3.0``) of the chunks of layer position ``layer`` that
         are not in the store.  Zarr reads a missing chunk as the fill value without a word: this is how to
         notice."""
         m = self._metas[layer]
@@ -272,7 +273,9 @@ class ZarrReader(Reader):
             else:
                 one(batch[0], raws[0])
 
-    def read_array(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def read_array(
+        self, layer: int, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
         import numpy as np
 
         m, info = self._metas[layer], self.layers[layer]
@@ -286,8 +289,8 @@ class ZarrReader(Reader):
             return self._stored(self._zarr_array(layer)[start:stop], layer)
         if m.codec is None:
             with _damaged():
-                return self._row_store(layer).read(start, stop)
-        out = np.empty((stop - start, m.shape[1]), dtype=dt)
+                return self._row_store(layer).read(start, stop, out)
+        out = scratch(out, stop - start, m.shape[1], dt)
         cr = m.chunk_rows
 
         def one(k: int, raw: bytes | None) -> None:
@@ -342,6 +345,12 @@ class ZarrReader(Reader):
         if not (m.direct and m.codec is None):
             return None
         return self._row_store(layer).runs(start, stop)
+
+    def own_bytes(self, layer: int) -> Iterator[memoryview] | None:
+        m = self._metas[layer]
+        if not (m.direct and m.codec is None and self.location.supports_mmap):
+            return None
+        return self._row_store(layer).mapped()
 
     def __enter__(self) -> ZarrReader:
         return self

@@ -47,22 +47,26 @@ from actfmt.storage import Location
 
 __all__ = ["BLOCK_TARGET_BYTES", "CHUNK_TARGET_BYTES", "WRITE_THREADS", "ZarrWriter", "default_chunk_rows"]
 
-CHUNK_TARGET_BYTES = 2 << 20  # 2 MiB per chunk: written at copy speed, four blosc blocks each
+CHUNK_TARGET_BYTES = 2 << 20  # 2 MiB per compressed chunk: four blosc blocks, small decodes for random rows
+#: Uncompressed chunks are read by row offset whatever their size: bigger ones mean fewer files to create.
+RAW_CHUNK_TARGET_BYTES = 4 << 20
 BLOCK_TARGET_BYTES = 32 << 20  # ~32 MiB of whole chunks per write() block
 WRITE_THREADS = 2  # encode threads (the target machine has two cores)
 
 
-def default_chunk_rows(rows: int, hidden_dim: int, itemsize: int) -> int:
-    """The largest power of two whose chunk stays within 2 MiB, capped at ``rows`` (at least 1)."""
+def default_chunk_rows(rows: int, hidden_dim: int, itemsize: int, target: int = CHUNK_TARGET_BYTES) -> int:
+    """The largest power of two whose chunk stays within ``target`` bytes (2 MiB), capped at ``rows``
+    (at least 1)."""
     row_bytes = max(1, hidden_dim * itemsize)
-    n = 1 << (max(1, CHUNK_TARGET_BYTES // row_bytes).bit_length() - 1)
+    n = 1 << (max(1, target // row_bytes).bit_length() - 1)
     return max(1, min(n, rows))
 
 
-def _chunk_rows(info: LayerInfo, options: WriteOptions) -> int:
+def _chunk_rows(info: LayerInfo, options: WriteOptions, compression: str) -> int:
     if options.chunk_rows:
         return min(int(options.chunk_rows), max(info.rows, 1))
-    return default_chunk_rows(info.rows, info.hidden_dim, info.itemsize)
+    target = RAW_CHUNK_TARGET_BYTES if compression == "none" else CHUNK_TARGET_BYTES
+    return default_chunk_rows(info.rows, info.hidden_dim, info.itemsize, target)
 
 
 class ZarrWriter(Writer):
@@ -103,7 +107,7 @@ class ZarrWriter(Writer):
             shape = (info.rows, info.hidden_dim)
             dtype = stored_dtype(info.dtype).str
             for key, raw in array_documents(
-                shape, _chunk_rows(info, options), dtype, name, level, attrs, zf
+                shape, _chunk_rows(info, options, name), dtype, name, level, attrs, zf
             ).items():
                 docs[adir / key] = raw
         location.put_many(docs)
@@ -143,16 +147,23 @@ class ZarrWriter(Writer):
         step = max(1, BLOCK_TARGET_BYTES // max(1, cr * info.row_bytes)) * cr
         return [min(step, info.rows - s) for s in range(0, info.rows, step)] or [0]
 
+    def copies_raw(self, layer: int) -> bool:
+        return self._meta(layer).codec is None and self.location.supports_copy_range
+
     def write(self, layer: int, start: int, data: Any, runs: list[ByteRun] | None = None) -> None:
         import numpy as np
 
         info = self.spec.layers[layer]
         m = self._meta(layer)
-        arr = as_array(data, info.dtype)
         cr, rows, hidden = m.chunk_rows, info.rows, info.hidden_dim
-        if arr.ndim != 2 or arr.shape[1] != hidden:
-            raise ValueError(f"zarr writer: block of shape {tuple(arr.shape)}, expected (n, {hidden})")
-        n = int(arr.shape[0])
+        if data is None:  # the source's bytes, copied in the kernel
+            assert runs is not None
+            arr, n = None, sum(r[2] for r in runs) // max(1, info.row_bytes)
+        else:
+            arr = as_array(data, info.dtype)
+            if arr.ndim != 2 or arr.shape[1] != hidden:
+                raise ValueError(f"zarr writer: block of shape {tuple(arr.shape)}, expected (n, {hidden})")
+            n = int(arr.shape[0])
         if n == 0:
             return
         if start % cr or (start + n != rows and n % cr) or start + n > rows:
@@ -165,6 +176,16 @@ class ZarrWriter(Writer):
         targets = [adir / m.chunk_key((start + s) // cr) for s in starts]
         self._mkdirs(t.parent for t in targets)
         codec = m.codec
+        if codec is None and runs is not None and self.location.supports_copy_range:
+            self._copy(
+                [(t, s, min(cr, n - s)) for t, s in zip(targets, starts, strict=True)],
+                runs,
+                n,
+                cr,
+                info.row_bytes,
+            )
+            return
+        assert arr is not None, "zarr writer: a block without rows"
 
         def chunk(s: int) -> np.ndarray:
             part = arr[s : s + cr]
@@ -173,14 +194,6 @@ class ZarrWriter(Writer):
                 full[: part.shape[0]] = part
                 part = full
             return part
-
-        if codec is None and runs is not None and self.location.supports_copy_range:
-            whole = [(t, s) for t, s in zip(targets, starts, strict=True) if s + cr <= n]
-            self._copy(whole, runs, n, cr, info.row_bytes)
-            # the edge chunk from memory: LocalOutput.copy_range does not move the file position, so zero
-            # padding written after a copy would land on the copied rows
-            self.location.put_many({t: chunk(s) for t, s in zip(targets, starts, strict=True) if s + cr > n})
-            return
 
         def one(s: int) -> Any:
             # blosc / zstd / zlib release the GIL: the chunks of a block encode in parallel
@@ -193,18 +206,18 @@ class ZarrWriter(Writer):
         self.location.put_many(dict(zip(targets, payloads, strict=True)))
 
     def _copy(
-        self, chunks: list[tuple[Location, int]], runs: list[ByteRun], n: int, cr: int, row_bytes: int
+        self, chunks: list[tuple[Location, int, int]], runs: list[ByteRun], n: int, cr: int, row_bytes: int
     ) -> None:
-        """Whole chunk files ``(target, first row in the block)`` made of the source's raw bytes ``runs`` of
-        the block's ``n`` rows (in the kernel where the storage can)."""
+        """Chunk files ``(target, first row in the block, rows)`` made of the source's raw bytes ``runs`` of the
+        block's ``n`` rows (in the kernel where the storage can); an edge chunk is padded with zeros."""
         if sum(length for _, _, length in runs) != n * row_bytes:
             raise ValueError(
                 f"zarr writer: the byte runs hold {sum(r[2] for r in runs)} bytes, the block {n * row_bytes}"
             )
         pending: list[ByteRun] = [r for r in runs if r[2] > 0]
         j, pos = 0, 0  # the current run, and the block byte where it starts
-        for target, first in chunks:
-            lo, need = first * row_bytes, cr * row_bytes
+        for target, first, rows in chunks:
+            lo, need = first * row_bytes, rows * row_bytes
             while pos + pending[j][2] <= lo:  # runs before this chunk
                 pos += pending[j][2]
                 j += 1
@@ -220,6 +233,8 @@ class ZarrWriter(Writer):
                     if at == pos + length:
                         pos += length
                         j += 1
+                if rows < cr:  # the edge chunk: padded to the full chunk, as Zarr requires
+                    out.write(bytes((cr - rows) * row_bytes))
 
     def _mkdirs(self, dirs: Iterable[Location]) -> None:
         """Make the chunk directories (local storage; nothing to do on object storage)."""
