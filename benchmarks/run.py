@@ -34,7 +34,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_SAMPLE = REPO.parent / "shared" / "data" / "real-minilm-bf16" / "Activations"
@@ -88,7 +87,9 @@ def du(path: Path) -> int:
 
 
 def warm(path: Path) -> None:
-    subprocess.run(["cat", *map(str, (p for p in path.rglob("*") if p.is_file()))], stdout=subprocess.DEVNULL, check=True)
+    subprocess.run(
+        ["cat", *map(str, (p for p in path.rglob("*") if p.is_file()))], stdout=subprocess.DEVNULL, check=True
+    )
 
 
 def timed_process(cmd: Sequence[str]) -> tuple[float, int, str]:
@@ -148,7 +149,9 @@ def bench_convert(src: Path, work: Path, repeat: int, formats: Sequence[str]) ->
     cases: list[tuple[str, Path, str, list[str], str]] = []
     for fmt in formats:
         cases.append((f"{fmt} uncompressed", src, fmt, ["--compression", "none"], "<= 1.5"))
-        cases.append((f"{fmt} uncompressed --no-verify", src, fmt, ["--compression", "none", "--no-verify"], "<= 1.2"))
+        cases.append(
+            (f"{fmt} uncompressed --no-verify", src, fmt, ["--compression", "none", "--no-verify"], "<= 1.2")
+        )
         if fmt != "safetensors":
             cases.append((f"{fmt} default codec", src, fmt, [], "<= 3"))
     stores: dict[str, Path] = {}
@@ -163,19 +166,47 @@ def bench_convert(src: Path, work: Path, repeat: int, formats: Sequence[str]) ->
             shutil.rmtree(cp_dst, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
             os.sync()
-            cmd = [*ACTFMT, "convert", str(source), str(out), "--to", fmt, "--force", "-q", "--output-format", "json", *extra]
+            cmd = [
+                *ACTFMT,
+                "convert",
+                str(source),
+                str(out),
+                "--to",
+                fmt,
+                "--force",
+                "-q",
+                "--output-format",
+                "json",
+                *extra,
+            ]
             wall, _, stdout = timed_process(cmd)
             times.append(wall)
             result = json.loads(stdout)
             phases.append({"startup": wall - result["seconds"], **result.get("timings", {})})
-        rss = peak_rss([*ACTFMT, "convert", str(source), str(work / "rss"), "--to", fmt, "--force", "-q", "--overwrite", *extra])
+        rss = peak_rss(
+            [
+                *ACTFMT,
+                "convert",
+                str(source),
+                str(work / "rss"),
+                "--to",
+                fmt,
+                "--force",
+                "-q",
+                "--overwrite",
+                *extra,
+            ]
+        )
         shutil.rmtree(work / "rss", ignore_errors=True)
         if fmt in stores and "--no-verify" not in extra and extra and extra[0] == "--compression":
             shutil.rmtree(stores[fmt], ignore_errors=True)
             shutil.move(str(out), stores[fmt])
         shutil.rmtree(out, ignore_errors=True)
         ratio = statistics.median(times) / statistics.median(cps)
-        where = ", ".join(f"{k} {statistics.median([p.get(k, 0.0) for p in phases]):.2f}" for k in ("startup", "validate", "read", "write", "verify"))
+        where = ", ".join(
+            f"{k} {statistics.median([p.get(k, 0.0) for p in phases]):.2f}"
+            for k in ("startup", "validate", "read", "write", "verify")
+        )
         table.add(label, f"{ratio:.2f}", spread(times), spread(cps), f"{rss / 1e9:.2f} GB", where, goal)
     # back to pt from each store
     for fmt, store in stores.items():
@@ -189,7 +220,20 @@ def bench_convert(src: Path, work: Path, repeat: int, formats: Sequence[str]) ->
             shutil.rmtree(cp_dst, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
             os.sync()
-            wall, _, stdout = timed_process([*ACTFMT, "convert", str(store), str(out), "--to", "pt", "--force", "-q", "--output-format", "json"])
+            wall, _, stdout = timed_process(
+                [
+                    *ACTFMT,
+                    "convert",
+                    str(store),
+                    str(out),
+                    "--to",
+                    "pt",
+                    "--force",
+                    "-q",
+                    "--output-format",
+                    "json",
+                ]
+            )
             times.append(wall)
             result = json.loads(stdout)
             phases.append({"startup": wall - result["seconds"], **result.get("timings", {})})
@@ -197,10 +241,23 @@ def bench_convert(src: Path, work: Path, repeat: int, formats: Sequence[str]) ->
         assert same.returncode == 0, same.stdout + same.stderr
         shutil.rmtree(out, ignore_errors=True)
         ratio = statistics.median(times) / statistics.median(cps)
-        where = ", ".join(f"{k} {statistics.median([p.get(k, 0.0) for p in phases]):.2f}" for k in ("startup", "validate", "read", "write", "verify"))
+        where = ", ".join(
+            f"{k} {statistics.median([p.get(k, 0.0) for p in phases]):.2f}"
+            for k in ("startup", "validate", "read", "write", "verify")
+        )
         table.add(f"pt from {fmt}", f"{ratio:.2f}", spread(times), spread(cps), "", where, "<= 1.5")
     print("### Convert, `actfmt convert` as a process / `cp -r` (same filesystem, interleaved)\n")
-    table.print(["conversion", "ratio (medians)", "actfmt: median (min-max)", "cp -r: median (min-max)", "peak RSS", "where the time went (s; thread-seconds for read/write/verify)", "goal"])
+    table.print(
+        [
+            "conversion",
+            "ratio (medians)",
+            "actfmt: median (min-max)",
+            "cp -r: median (min-max)",
+            "peak RSS",
+            "where the time went (s; thread-seconds for read/write/verify)",
+            "goal",
+        ]
+    )
 
 
 def bench_demo(work: Path, repeat: int) -> None:
@@ -256,18 +313,32 @@ def bench_reads(src: Path, work: Path, repeat: int) -> None:
 
     def seed_rows() -> torch.Tensor:
         return torch.stack(
-            [torch.load(src / layer_name(layer) / shard_name(int(i) // full_rows), mmap=True)[int(i) % full_rows] for i in ids]
+            [
+                torch.load(src / layer_name(layer) / shard_name(int(i) // full_rows), mmap=True)[
+                    int(i) % full_rows
+                ]
+                for i in ids
+            ]
         )
 
     def seed_example() -> torch.Tensor:
         return torch.stack(
-            [torch.load(src / layer_name(k) / shard_name(ex // full_rows), mmap=True)[ex % full_rows] for k in range(n_layers)]
+            [
+                torch.load(src / layer_name(k) / shard_name(ex // full_rows), mmap=True)[ex % full_rows]
+                for k in range(n_layers)
+            ]
         )
 
     t_full, t_rows, t_ex = best(seed_full, repeat), best(seed_rows, repeat), best(seed_example, repeat)
     want = seed_full()
     goals = {
-        "full": {"pt": "<= 1.0", "zarr": "<= 0.6", "zarr+codec": "<= 1.2", "hdf5": "<= 0.6", "safetensors": "<= 0.3"},
+        "full": {
+            "pt": "<= 1.0",
+            "zarr": "<= 0.6",
+            "zarr+codec": "<= 1.2",
+            "hdf5": "<= 0.6",
+            "safetensors": "<= 0.3",
+        },
         "rows": {"pt": "<= 0.05", "zarr": "<= 0.2", "hdf5": "<= 0.3", "safetensors": "<= 0.05"},
         "example": {"pt": "<= 0.5", "zarr": "<= 0.5", "hdf5": "<= 0.5", "safetensors": "<= 0.2"},
     }
@@ -280,22 +351,37 @@ def bench_reads(src: Path, work: Path, repeat: int) -> None:
             r_full = best(lambda lv=lv: lv[:], repeat) / t_full
             r_rows = best(lambda lv=lv: lv[ids], repeat) / t_rows
             r_ex = best(lambda s=s: s.example(ex), repeat) / t_ex
-        table.add(label, f"{r_full:.3f} ({goals['full'].get(label, '-')})", f"{r_rows:.3f} ({goals['rows'].get(label, '-')})", f"{r_ex:.3f} ({goals['example'].get(label, '-')})")
+        table.add(
+            label,
+            f"{r_full:.3f} ({goals['full'].get(label, '-')})",
+            f"{r_rows:.3f} ({goals['rows'].get(label, '-')})",
+            f"{r_ex:.3f} ({goals['example'].get(label, '-')})",
+        )
     print(
         f"### Reads, in process, page cache warm, best of {repeat} / the seed loader (full layer {t_full * 1e3:.0f} ms, "
         f"256 rows {t_rows * 1e3:.0f} ms, one example {t_ex * 1e3:.1f} ms)\n"
     )
-    table.print(["store", "full layer (goal)", "256 random rows (goal)", f"one example x {n_layers} layers (goal)"])
+    table.print(
+        ["store", "full layer (goal)", "256 random rows (goal)", f"one example x {n_layers} layers (goal)"]
+    )
 
 
 def bench_validate(src: Path, repeat: int) -> None:
     table = Table()
     t_import = min(timed_process([sys.executable, "-c", "import torch"])[0] for _ in range(repeat))
     t_val = min(timed_process([*ACTFMT, "validate", str(src), "-q"])[0] for _ in range(repeat))
-    table.add("header-only `actfmt validate` / `python -c 'import torch'`", f"{t_val / t_import:.2f}", f"{t_val:.2f} s vs {t_import:.2f} s")
+    table.add(
+        "header-only `actfmt validate` / `python -c 'import torch'`",
+        f"{t_val / t_import:.2f}",
+        f"{t_val:.2f} s vs {t_import:.2f} s",
+    )
     warm(src)
-    t_deep = min(timed_process([*ACTFMT, "validate", str(src), "--deep", "-q", "-j", "2"])[0] for _ in range(repeat))
-    table.add("`actfmt validate --deep -j 2` (process)", f"{du(src) / 1e9 / t_deep:.2f} GB/s", f"{t_deep:.2f} s")
+    t_deep = min(
+        timed_process([*ACTFMT, "validate", str(src), "--deep", "-q", "-j", "2"])[0] for _ in range(repeat)
+    )
+    table.add(
+        "`actfmt validate --deep -j 2` (process)", f"{du(src) / 1e9 / t_deep:.2f} GB/s", f"{t_deep:.2f} s"
+    )
     print("### Validate\n")
     table.print(["what", "figure", "detail"])
 
@@ -303,9 +389,16 @@ def bench_validate(src: Path, repeat: int) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("split", nargs="?", type=Path, help="a .pt split to measure (default: a synthetic one)")
-    ap.add_argument("--work", type=Path, default=REPO.parent / "bench-out", help="scratch directory, on the disk to measure")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=REPO.parent / "bench-out",
+        help="scratch directory, on the disk to measure",
+    )
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="a small synthetic split (1000 x 1024 x 8) for a smoke run")
+    ap.add_argument(
+        "--quick", action="store_true", help="a small synthetic split (1000 x 1024 x 8) for a smoke run"
+    )
     ap.add_argument("--only", default="convert,demo,reads,validate", help="comma-separated sections")
     ap.add_argument("--formats", default="zarr,hdf5,safetensors", help="formats to convert to")
     args = ap.parse_args()
