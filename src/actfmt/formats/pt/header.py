@@ -22,7 +22,9 @@ import pickle
 import re
 import struct
 import tempfile
+import threading
 import zipfile
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +84,42 @@ class ShardHeader:
     data_offset: int | None = None
     #: The file's identity when it was probed (:attr:`actfmt.storage.Stat.identity`): a later change shows.
     identity: tuple[Any, ...] = ()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a cache of headers already probed, by file identity: a conversion validates its source, then reads it
+
+
+_CACHE: OrderedDict[tuple[Any, ...], tuple[ShardHeader, bool]] = OrderedDict()  # (header, torch needed)
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 1 << 16
+
+
+def _key(location: Location, identity: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    return (type(location).__name__, location.url, identity) if identity else None
+
+
+def _cached(location: Location, identity: tuple[Any, ...], torch_ok: bool = True) -> ShardHeader | None:
+    """The header probed before for this very file (same identity); only torch-free ones unless
+    ``torch_ok``."""
+    key = _key(location, identity)
+    if key is None:
+        return None
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+    if hit is None or (hit[1] and not torch_ok):
+        return None
+    return hit[0]
+
+
+def _remember(location: Location, header: ShardHeader, by_torch: bool = False) -> ShardHeader:
+    key = _key(location, header.identity)
+    if key is not None:
+        with _CACHE_LOCK:
+            _CACHE[key] = (header, by_torch)
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+    return header
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -152,7 +190,12 @@ def read_heads(
         with contextlib.suppress(OSError):
             st = loc.stat()
             stats[loc] = (st.size, st.identity)
-    reqs = [(loc, a, b) for loc, (size, _) in stats.items() for a, b in _ranges(size)]
+    reqs = [
+        (loc, a, b)
+        for loc, (size, ident) in stats.items()
+        if _cached(loc, ident) is None  # probed already (validation, then conversion): nothing to read
+        for a, b in _ranges(size)
+    ]
     out: dict[Location, tuple[int, tuple[Any, ...], dict[int, bytes]]] = {
         loc: (size, ident, {}) for loc, (size, ident) in stats.items()
     }
@@ -263,13 +306,16 @@ def fast_probe(
         size, identity, blocks = st.size, st.identity, None
     else:
         size, identity, blocks = head
+    cached = _cached(location, identity, torch_ok=False)
+    if cached is not None:
+        return cached
     if blocks is None or not blocks:
         blocks = {a: location.read_range(a, b) for a, b in _ranges(size)}
     rf = RangeFile(location, size, blocks)
     header = probe_zip(rf, size)
     if header is None:
         return None
-    return ShardHeader(**{**header.__dict__, "identity": identity})
+    return _remember(location, ShardHeader(**{**header.__dict__, "identity": identity}))
 
 
 def probe_zip(fh: BinaryIO | RangeFile, size: int) -> ShardHeader | None:
@@ -424,20 +470,27 @@ def probe_shard(
     if header is not None:
         return header
     st = location.stat()
+    cached = _cached(location, st.identity)
+    if cached is not None:
+        return cached
     t = load_shard(location, mmap=True)
     with _local_file(location) as p:
         with open(p, "rb") as fh:
             legacy = fh.read(4) != ZIP_MAGIC
         where = None if legacy else _data_offset(p, t)
-    return ShardHeader(
-        shape=tuple(t.shape),
-        dtype=str(t.dtype).removeprefix("torch."),
-        tensor_nbytes=t.numel() * t.element_size(),
-        storage_nbytes=t.untyped_storage().nbytes(),
-        file_nbytes=st.size,
-        legacy=legacy,
-        data_offset=where,
-        identity=st.identity,
+    return _remember(
+        location,
+        ShardHeader(
+            shape=tuple(t.shape),
+            dtype=str(t.dtype).removeprefix("torch."),
+            tensor_nbytes=t.numel() * t.element_size(),
+            storage_nbytes=t.untyped_storage().nbytes(),
+            file_nbytes=st.size,
+            legacy=legacy,
+            data_offset=where,
+            identity=st.identity,
+        ),
+        by_torch=True,
     )
 
 
