@@ -593,6 +593,54 @@ def _(c: Path) -> None:
     make_split(c, {**BASE, "split": "Neutral", "total_examples": 44}, torch.bfloat16, 14)
 
 
+@case(
+    "ACT408_norm_outlier",
+    "row 7 of layer_01/shard_001.pt (of 400 rows) is scaled by 1000 (an overflowing hook): its norm is >100x "
+    "the mean row norm",
+    [("ACT408", f"{EM}/layer_01")],
+    deep=True,
+)
+def _(c: Path) -> None:
+    p = shard(base(c, total_examples=400, shard_size=96, batch_size=32), 1, 1)
+    t = rows_of(p).clone()
+    t[7] = t[7] * 1000
+    save(t, p)
+
+
+@case(
+    "ACT503_identical_splits",
+    "the Neutral split is a copy of the EM split (one run written twice under two labels)",
+    [("ACT503", NEUTRAL)],
+    deep=True,
+)
+def _(c: Path) -> None:
+    s = base(c)
+    n = s.parent / "Neutral"
+    shutil.copytree(s, n)
+    edit_meta(n, split="Neutral")
+
+
+@case(
+    "ACT604_stats_mismatch",
+    "a converted Zarr store whose kept row_norm_mean of layer_02 was edited (the data is intact)",
+    [("ACT604", "Activations/org_tiny-model/toy_ds/EM.zarr/layer_02")],
+    deep=True,
+)
+def _(c: Path) -> None:
+    from actfmt.convert import convert
+
+    work = c / "_pt"
+    base(work)
+    convert(work / "Activations", c / "Activations", to="zarr")
+    shutil.rmtree(work)
+    doc = c / "Activations/org_tiny-model/toy_ds/EM.zarr/zarr.json"
+    data = json.loads(doc.read_text(encoding="utf-8"))
+    block = data["attributes"]["actfmt"]
+    block["created"] = "2026-01-01T00:00:00+00:00"  # deterministic
+    block["stats"]["layers"]["layer_02"]["row_norm_mean"] *= 1.001
+    doc.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
 def write_case(invalid: Path, name: str) -> None:
     doc, fn, findings, deep = INVALID[name]
     c = invalid / name

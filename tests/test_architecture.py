@@ -17,8 +17,8 @@ PACKAGE = SRC / "actfmt"
 LAYERS = [
     {"actfmt._version", "actfmt.errors", "actfmt.progress", "actfmt.layout"},
     {"actfmt.storage"},
-    {"actfmt.formats", "actfmt.checksum"},
-    {"actfmt.checks", "actfmt.report", "actfmt.convert", "actfmt.stats"},
+    {"actfmt.formats", "actfmt.checksum", "actfmt.moments"},
+    {"actfmt.checks", "actfmt.report", "actfmt.convert", "actfmt.statistics"},
     {"actfmt.dataset", "actfmt.torch", "actfmt._dask"},
     {"actfmt.reporters", "actfmt._console"},
     {"actfmt.cli", "actfmt.__main__"},

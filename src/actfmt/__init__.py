@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from actfmt._version import __version__
 
-__all__ = ["__version__", "convert", "info", "open", "open_tree", "validate", "verify"]
+__all__ = ["__version__", "convert", "info", "open", "open_tree", "stats", "validate", "verify"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from actfmt.checks import validate
     from actfmt.convert import convert, info, verify
     from actfmt.dataset import open, open_tree
+    from actfmt.statistics import stats
 
 _LAZY = {
     "validate": "actfmt.checks:validate",
@@ -23,6 +24,7 @@ _LAZY = {
     "info": "actfmt.convert:info",
     "open": "actfmt.dataset:open",
     "open_tree": "actfmt.dataset:open_tree",
+    "stats": "actfmt.statistics:stats",
 }
 
 

@@ -10,13 +10,11 @@ captured), so it computes on the threaded scheduler or on a distributed cluster 
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import ActfmtError
-from actfmt.formats import open_reader
+from actfmt.formats import shared_reader
 from actfmt.formats.base import Reader, stored_dtype
 from actfmt.storage import Location
 
@@ -33,28 +31,6 @@ _INSTALL_HINT = "install the dask extra: pip install 'actfmt[dask]'"
 
 # ----------------------------------------------------------------------------------------------------------
 # lazy arrays
-
-
-#: Readers kept open per process by the tasks of lazy arrays (a block opens its split once, not per block).
-_READERS: OrderedDict[tuple[str, str, str], Reader] = OrderedDict()
-_READERS_LOCK = threading.Lock()
-_OPEN_READERS = 8
-
-
-def _reader(location: Location, format: str) -> Reader:
-    key = (type(location).__name__, repr(location.__reduce__()), format)
-    with _READERS_LOCK:
-        r = _READERS.get(key)
-        if r is not None:
-            _READERS.move_to_end(key)
-            return r
-    r = open_reader(location, format)
-    with _READERS_LOCK:
-        _READERS[key] = r
-        while len(_READERS) > _OPEN_READERS:
-            _, old = _READERS.popitem(last=False)
-            old.close()
-    return r
 
 
 @dataclass(frozen=True)
@@ -96,10 +72,10 @@ class _LayerSource:
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` in the stored numpy dtype, as an array of its own."""
-        return _reader(self.location, self.format).read_array(self.pos, start, max(start, stop))
+        return shared_reader(self.location, self.format).read_array(self.pos, start, max(start, stop))
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        return _reader(self.location, self.format).take_array(self.pos, rows)
+        return shared_reader(self.location, self.format).take_array(self.pos, rows)
 
     def __getitem__(self, key: Any) -> np.ndarray:
         import numpy as np

@@ -12,6 +12,7 @@ found, the tool's own failure.  An unexpected exception prints ``actfmt: interna
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -331,8 +332,6 @@ def rules_command(output_format: str) -> None:
     Rules marked --deep read the values and run only with `actfmt validate --deep`.
     `actfmt rule CODE` prints one rule's documentation.
     """
-    import json
-
     from actfmt.checks import RULES
 
     rules = [RULES[code] for code in sorted(RULES)]
@@ -356,8 +355,6 @@ def rules_command(output_format: str) -> None:
 )
 def rule_command(rule_id: str, output_format: str) -> None:
     """Explain one rule: `actfmt rule ACT302` or `actfmt rule missing-shard`."""
-    import json
-
     from actfmt.checks import get_rule
 
     try:
@@ -423,6 +420,20 @@ def _compression_help() -> str:
     help="Cast the values (explicit and warned: the result is no longer bit-exact).",
 )
 @click.option("--force", is_flag=True, help="Convert a source that fails validation.")
+@click.option(
+    "--stats/--no-stats",
+    default=True,
+    show_default=True,
+    help="Compute each layer's statistics while converting and keep them with the store "
+    "(`actfmt stats` then reads them instantly); --no-stats skips that work.",
+)
+@click.option(
+    "--output-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text: one summary line; json: the result (splits, layers, bytes, checksums, where the time went).",
+)
 @progress_options("warnings and errors")
 def convert_command(
     src: str,
@@ -440,6 +451,8 @@ def convert_command(
     zarr_format: str | None,
     dtype: str | None,
     force: bool,
+    stats: bool,
+    output_format: str,
     quiet: bool,
     no_progress: bool,
     storage_options: dict[str, Any] | None,
@@ -459,12 +472,11 @@ def convert_command(
       actfmt convert Activations/ out/ --to zarr --executor dask --scheduler tcp://10.0.0.5:8786
       actfmt convert s3://bucket/Activations s3://bucket/zarr --to zarr
 
-    Into object storage (s3://, gs://, ...; zarr only) there is no rename: each store is written in place and
-    its completeness mark is written last, so an interrupted store never validates as complete (ACT603).
+    Into object storage (s3://, gs://, ...) there is no rename: each store is written in place (HDF5: written
+    locally, then uploaded) and its completeness mark is written last, so an interrupted store never validates
+    as complete (ACT603).
     """
     from actfmt.convert import convert
-
-    _pin_malloc_mmap_threshold()
 
     with progress_renderer(quiet=quiet, no_progress=no_progress) as progress:
         result = convert(
@@ -481,6 +493,7 @@ def convert_command(
             zarr_format=int(zarr_format) if zarr_format else None,
             dtype=dtype,
             force=force,
+            stats=stats,
             progress=progress,
             executor=executor,
             scheduler=scheduler,
@@ -488,7 +501,9 @@ def convert_command(
         )
     for w in result.warnings:
         click.echo(f"actfmt: warning: {w}", err=True)
-    if not quiet:
+    if output_format == "json":
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
         skipped = f", {len(result.skipped)} already complete" if result.skipped else ""
         click.echo(
             f"Converted {len(result.splits)} split(s){skipped} · {result.layers} layers · "
@@ -564,8 +579,6 @@ def verify_command(
 
     Exit 0 when they do, 1 when they differ (the first differing layer and row are shown).
     """
-    import json
-
     from actfmt.convert import verify
     from actfmt.reporters import display_path
 
@@ -589,6 +602,113 @@ def verify_command(
     click.get_current_context().exit(0 if res.equal else 1)
 
 
+@cli.command("stats")
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...", type=PathOrURL(exists=True))
+@click.option(
+    "--layers",
+    metavar="LIST",
+    help="Only these layers: indices and ranges, e.g. 0,5,10-12 (default: every layer).",
+)
+@click.option(
+    "--output-format",
+    type=click.Choice(["text", "json", "csv"]),
+    default="text",
+    show_default=True,
+    help="text: tables with per-layer curves; json: the versioned document (see the README); csv: one row "
+    "per split or pair and layer.",
+)
+@click.option(
+    "-o", "--output-file", type=click.Path(dir_okay=False), help="Write the output to this file, not stdout."
+)
+@click.option(
+    "--plot",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Also draw the figures across layers to FILE.png or FILE.svg (needs actfmt[plot]).",
+)
+@click.option(
+    "--no-pairs", is_flag=True, help="Skip the pair figures of sibling splits (and their second pass)."
+)
+@click.option(
+    "--recompute", is_flag=True, help="Read the values even where `actfmt convert` kept the figures."
+)
+@jobs_option(
+    0,
+    "Layers read in parallel (0: one per CPU); with --executor dask and no --scheduler, the number of local "
+    "worker processes.",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "dask"]),
+    default="local",
+    show_default=True,
+    help="Where layers are read: this process, or tasks on dask.distributed (needs actfmt[dask]).",
+)
+@click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    help="With --executor dask: the scheduler to use (tcp://host:8786); default: a local cluster.",
+)
+@progress_options("the output")
+@storage_options_option
+def stats_command(
+    paths: tuple[str, ...],
+    layers: str | None,
+    output_format: str,
+    output_file: str | None,
+    plot: str | None,
+    no_pairs: bool,
+    recompute: bool,
+    jobs: int,
+    executor: str,
+    scheduler: str | None,
+    quiet: bool,
+    no_progress: bool,
+    storage_options: dict[str, Any] | None,
+) -> None:
+    """Per-layer statistics of every split, and where sibling splits (EM / Neutral) separate.
+
+    Per split and layer: rows, mean_norm, rms, std, row_norm_mean, row_norm_max, abs_max, nonfinite, zero_rows
+    and scale_factor (sqrt(hidden_dim) / row_norm_mean, SAELens' normalisation constant).  Per pair of sibling
+    splits and layer, along the difference of their means: diff_of_means_norm, cosine_of_means, cohens_d and
+    midpoint_accuracy (the diff-in-means probe); the text output names the best layer.  Stores written by
+    `actfmt convert` keep the per-split figures: they are read at once (--recompute reads the values).
+
+    \b
+    Examples:
+      actfmt stats Activations/model/ds
+      actfmt stats Activations/ --layers 10-20 --no-pairs
+      actfmt stats out.zarr/ --output-format json -o stats.json --plot stats.png
+      actfmt stats s3://bucket/Activations --executor dask --scheduler tcp://10.0.0.5:8786
+
+    Exit status: 0 done, 2 usage error, no split found or input that cannot be read.
+    """
+    from actfmt.reporters import check_plot, plot_stats, render_stats
+    from actfmt.statistics import stats
+
+    if plot:
+        check_plot(plot)
+    with progress_renderer(quiet=quiet, no_progress=no_progress) as progress:
+        result = stats(
+            list(paths),
+            layers=layers,
+            pairs=not no_pairs,
+            recompute=recompute,
+            jobs=jobs or None,
+            executor=executor,
+            scheduler=scheduler,
+            progress=progress,
+            storage_options=storage_options,
+        )
+
+    if plot:
+        plot_stats(result, plot)
+    with output_stream(output_file) as out:
+        render_stats(output_format, result, out)
+    if plot and not quiet:
+        click.echo(f"actfmt: plot written to {plot}", err=True)
+
+
 @cli.command("info")
 @click.argument("path", type=PathOrURL(exists=True))
 @storage_options_option
@@ -603,7 +723,6 @@ def info_command(
 
     Exit 2 when PATH holds no split.
     """
-    import json
     import shutil
 
     from actfmt._console import render_info
@@ -621,21 +740,12 @@ def info_command(
         click.echo(click.style(line, bold=True) if bold and styled else line)
 
 
-def _pin_malloc_mmap_threshold() -> None:
-    """Keep peak memory flat on huge splits (Linux/glibc): blocks of rows >= 4 MiB always get their own mmap.
-
-    glibc raises its mmap threshold after a large block is freed, so later blocks come from the heap, which
-    fragments and grows with the split (0.35 GB on a 1.6 GB split, 0.49 GB on one 4x larger); pinned: 0.37 GB.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 4 * 1024 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to pin
-        pass
+#: BLAS thread pools this process does not want: actfmt runs layers on threads of its own, so a pool per BLAS
+#: call would only oversubscribe the cores (and OpenBLAS's start-up costs ~50 ms of every command).
+_SINGLE_THREADED_BLAS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def main() -> None:
+    for var in _SINGLE_THREADED_BLAS:
+        os.environ.setdefault(var, "1")
     cli(prog_name="actfmt")

@@ -5,6 +5,8 @@
 ...     rows = split.layer(15)[[3, 1, 3]]      # any rows, any order, repeats allowed
 ...     for batch in split.layer(15).iter_batches(256, shuffle=True, seed=0): ...
 ...     e = split.example(42)                  # [num_layers, hidden_dim]
+...     split.layer(15).stats().scale_factor  # figures kept by `actfmt convert`, else one pass
+...     mu, sigma = split.layer(15).mean(), split.layer(15).std()
 
 Rows come back as torch tensors in the stored dtype (bfloat16 restored).  Reads are memory-mapped where the
 format allows; nothing loads a whole shard to return a few rows.
@@ -17,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import NotASplitError
 from actfmt.formats import find_splits, open_reader
-from actfmt.formats.base import LayerInfo, Reader, torch_dtype
+from actfmt.formats.base import LayerInfo, Reader, StoredVectors, torch_dtype
+from actfmt.moments import LayerStats, Moments, layer_moments
+from actfmt.statistics import stored_layer_stats
 from actfmt.storage import Location, PathLike, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,9 +33,10 @@ __all__ = ["LayerView", "Split", "open", "open_tree"]
 class LayerView:
     """One layer of a split: ``len``, ``shape``, ``dtype``, indexing, batches."""
 
-    def __init__(self, reader: Reader, pos: int) -> None:
+    def __init__(self, reader: Reader, pos: int, cache: dict[str, Any] | None = None) -> None:
         self._reader = reader
         self._pos = pos
+        self._cache = cache if cache is not None else {}  # the split's: statistics computed once
         self.info: LayerInfo = reader.layers[pos]
         #: ``layer_03``, 3, ``(rows, hidden_dim)``
         self.name, self.index, self.shape = (
@@ -123,6 +128,49 @@ class LayerView:
                 return
             yield self._reader.take(self._pos, ids)
 
+    # -- statistics ----------------------------------------------------------------------------------------
+    def _moments(self) -> Moments:
+        key = f"moments:{self._pos}"
+        if key not in self._cache:
+            self._cache[key] = layer_moments(self._reader, self._pos)
+        m: Moments = self._cache[key]
+        return m
+
+    def _stored(self, recompute: bool) -> tuple[LayerStats | None, StoredVectors | None]:
+        if recompute:
+            return None, None
+        if "stored" not in self._cache:
+            self._cache["stored"] = (stored_layer_stats(self._reader), self._reader.stored_vectors())
+        figures, vectors = self._cache["stored"]
+        return figures.get(self.name), vectors
+
+    def stats(self, recompute: bool = False) -> LayerStats:
+        """The layer's figures (as ``actfmt stats`` shows them): kept by ``actfmt convert``, or computed with one
+        pass over the values (once per open split; ``recompute`` forces it)."""
+        stored, _ = self._stored(recompute)
+        if stored is not None:
+            return stored
+        return LayerStats.from_summary(self.name, self.index, self._moments().summary())
+
+    def mean(self, recompute: bool = False) -> torch.Tensor:
+        """The per-dimension mean, ``[hidden_dim]`` float32 (kept by ``actfmt convert``, else computed)."""
+        return self._vector("mean", recompute)
+
+    def std(self, recompute: bool = False) -> torch.Tensor:
+        """The per-dimension population standard deviation, ``[hidden_dim]`` float32."""
+        return self._vector("std", recompute)
+
+    def _vector(self, name: str, recompute: bool) -> torch.Tensor:
+        import numpy as np
+        import torch
+
+        _, vectors = self._stored(recompute)
+        row = vectors.row(name, self.name) if vectors is not None else None
+        if row is None:
+            m = self._moments()
+            row = m.mean if name == "mean" else np.sqrt(m.variance)
+        return torch.from_numpy(np.array(row, dtype=np.float32))
+
     def to_dask(self, chunk_rows: int | None = None, dtype: Any = None) -> Any:
         """A lazy dask array over this layer (needs ``dask``); picklable, so it computes on a cluster too.
 
@@ -140,6 +188,7 @@ class Split:
     def __init__(self, reader: Reader) -> None:
         self._reader = reader
         self._by_index = {li.index: pos for pos, li in enumerate(reader.layers)}
+        self._cache: dict[str, Any] = {}
         #: Where the split is (``str()`` gives its path or URL) and its format's name.
         self.path: Location = reader.location
         self.format: str = reader.format
@@ -179,7 +228,7 @@ class Split:
         if index < 0:
             index = self.layers[index] if -len(self.layers) <= index else index
         try:
-            return LayerView(self._reader, self._by_index[index])
+            return LayerView(self._reader, self._by_index[index], self._cache)
         except KeyError:
             raise IndexError(
                 f"{self.path}: no layer {index}; the split has layers {self.layers[0]}..{self.layers[-1]}"

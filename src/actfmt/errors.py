@@ -20,6 +20,7 @@ __all__ = [
     "NotATensorError",
     "RemoteStorageError",
     "ShardNotFoundError",
+    "StatsError",
     "TruncatedError",
     "UnsafeShardError",
     "ValidationFailedError",
@@ -86,6 +87,10 @@ class RemoteStorageError(ActfmtError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class StatsError(ActfmtError, ValueError):
+    """``actfmt stats`` cannot do what was asked (an unknown layer, input that cannot be read)."""
 
 
 class ValidationFailedError(ActfmtError, ValueError):

@@ -1,4 +1,5 @@
-"""Render validation :class:`~actfmt.report.Report` objects: ``text``, ``json``, ``github``, ``junit``, ``sarif``.
+"""Render validation :class:`~actfmt.report.Report` objects (``text``, ``json``, ``github``, ``junit``, ``sarif``)
+and statistics (:class:`~actfmt.statistics.StatsResult`: ``text``, ``json``, ``csv``, and a plot).
 
 Every renderer takes the list of reports of one run (one per PATH given on the command line) and returns, or
 writes, the whole output.  Nothing here decides an exit code (see :meth:`Report.exit_code`) and nothing here
@@ -21,28 +22,41 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from actfmt.checks.base import ERROR, WARNING, Finding
+from actfmt.errors import ActfmtError
 from actfmt.report import Report, SkippedChecks
+from actfmt.statistics import StatsResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
 __all__ = [
     "FORMATS",
+    "STATS_FORMATS",
+    "PlotError",
     "RuleInfo",
+    "check_plot",
     "display_path",
     "group_by_split",
+    "plot_stats",
     "render",
     "render_github",
     "render_json",
     "render_junit",
     "render_sarif",
+    "render_stats",
+    "render_stats_text",
     "render_text",
+    "sparkline",
     "summary_line",
 ]
 
 FORMATS = ("text", "json", "github", "junit", "sarif")
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 _SEVERITY_ORDER = {ERROR: 0, WARNING: 1}
+
+
+class PlotError(ActfmtError, ValueError):
+    """``--plot`` cannot be done (a suffix other than .png / .svg, matplotlib missing, a file not writable)."""
 
 
 class RuleInfo(Protocol):
@@ -510,3 +524,238 @@ def render(
         out.write(render_sarif(reports))
     else:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+# --------------------------------------------------------------------------------------------- statistics
+
+#: ``actfmt stats --output-format`` choices.
+STATS_FORMATS = ("text", "json", "csv")
+_SPARK = "▁▂▃▄▅▆▇█"
+_SPARK_ASCII = " .:-=+*#"
+
+
+def sparkline(values: Sequence[float | None], fancy: bool = True) -> str:
+    """One character per value, scaled from the lowest to the highest (``None``: a blank)."""
+    marks = _SPARK if fancy else _SPARK_ASCII
+    finite = [v for v in values if v is not None and v == v and abs(v) != float("inf")]
+    if not finite:
+        return " " * len(values)
+    lo, hi = min(finite), max(finite)
+    out = []
+    for v in values:
+        if v is None or v != v or abs(v) == float("inf"):
+            out.append(" ")
+        else:
+            out.append(marks[0] if hi == lo else marks[round((v - lo) / (hi - lo) * (len(marks) - 1))])
+    return "".join(out)
+
+
+def _num(v: Any) -> str:
+    """A figure in a table: integers as is, floats with 4 significant digits."""
+    if v is None:
+        return "-"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if v != v:
+        return "nan"
+    return f"{v:.4g}"
+
+
+#: Column headers of the text tables (short: a table fits 80 columns) and the JSON names they stand for.
+SPLIT_COLUMNS = (
+    ("|mean|", "mean_norm"),
+    ("rms", "rms"),
+    ("std", "std"),
+    ("norm avg", "row_norm_mean"),
+    ("norm max", "row_norm_max"),
+    ("abs max", "abs_max"),
+    ("scale", "scale_factor"),
+    ("nan/inf", "nonfinite"),
+    ("zero", "zero_rows"),
+)
+PAIR_COLUMNS = (
+    ("diff norm", "diff_of_means_norm"),
+    ("cosine", "cosine_of_means"),
+    ("cohen d", "cohens_d"),
+    ("accuracy", "midpoint_accuracy"),
+)
+
+
+def render_stats_text(result: StatsResult, console: Console) -> None:
+    """Rich tables: per split, the figures of each layer and curves of the main ones across layers; per pair
+    of sibling splits, the pair figures of each layer, and the layer where they separate best."""
+    from rich.table import Table
+    from rich.text import Text
+
+    encoding = (getattr(console.file, "encoding", None) or "utf-8").lower().replace("-", "")
+    fancy = encoding.startswith("utf")
+    one_root = len(result.roots) == 1
+
+    def table(columns: Sequence[tuple[str, str]]) -> Table:
+        t = Table(box=None, padding=(0, 1, 0, 1), pad_edge=False, collapse_padding=True)
+        t.add_column("layer", no_wrap=True)
+        for header, _ in columns:
+            t.add_column(header, justify="right", no_wrap=True)
+        return t
+
+    def curves(names: Sequence[str], rows: Sequence[Any], ranges: bool) -> None:
+        for name in names:
+            values = [getattr(r, name) for r in rows]
+            shown = [v for v in values if v is not None]
+            span = (
+                f"  {_num(min(shown))} {'…' if fancy else '..'} {_num(max(shown))}"
+                if ranges and shown
+                else ""
+            )
+            console.print(
+                Text.assemble(f"  {name:<18} ", (sparkline(values, fancy), "cyan"), span), soft_wrap=True
+            )
+
+    for s in result.splits:
+        title = s.location if s.location != "." and one_root else display_path(s.path)
+        about = ", ".join(
+            x
+            for x in (
+                s.format,
+                s.dtype or "",
+                f"hidden {s.hidden_dim}" if s.hidden_dim else "",
+                f"{s.layers[0].rows:,} rows" if s.layers else "",
+                "kept by actfmt convert" if s.source == "stored" else "computed",
+            )
+            if x
+        )
+        console.print(Text.assemble((_clean(title), "bold"), f"  ({about})"), soft_wrap=True)
+        t = table(SPLIT_COLUMNS)
+        for li in s.layers:
+            cells: list[Any] = [li.layer, *(_num(getattr(li, key)) for _, key in SPLIT_COLUMNS[:-2])]
+            cells.append(Text(_num(li.nonfinite), style="red" if li.nonfinite else ""))
+            cells.append(Text(_num(li.zero_rows), style="yellow" if li.zero_rows else ""))
+            t.add_row(*cells)
+        console.print(t)
+        if len(s.layers) > 1:
+            curves(("row_norm_mean", "std", "mean_norm"), s.layers, True)
+        console.print()
+    for p in result.pairs:
+        where = p.location if p.location != "." and one_root else display_path(p.dataset)
+        console.print(Text.assemble((_clean(where), "bold"), f"  ({p.a} vs {p.b})"), soft_wrap=True)
+        t = table(PAIR_COLUMNS)
+        for pl in p.layers:
+            style = "bold green" if pl.layer == p.best_layer else ""
+            t.add_row(
+                Text(pl.layer, style=style),
+                *(_num(getattr(pl, key)) for _, key in PAIR_COLUMNS[:-1]),
+                Text(_num(pl.midpoint_accuracy), style=style),
+            )
+        console.print(t)
+        if len(p.layers) > 1:
+            curves(("midpoint_accuracy", "cohens_d"), p.layers, False)
+        best = next((pl for pl in p.layers if pl.layer == p.best_layer), None)
+        if best is not None:
+            console.print(
+                Text.assemble(
+                    "  best layer: ",
+                    (best.layer, "bold green"),
+                    f" (midpoint accuracy {_num(best.midpoint_accuracy)}, Cohen's d {_num(best.cohens_d)})",
+                ),
+                soft_wrap=True,
+            )
+        else:
+            console.print("  best layer: none (the means do not differ)")
+        console.print()
+
+
+STATS_LEGEND = (
+    "|mean|: norm of the mean; norm avg/max: of the row norms; scale: sqrt(hidden_dim) / norm avg (SAELens); "
+    "pairs along the difference "
+    "of the means; accuracy: of the midpoint probe. Full names: --output-format json or csv."
+)
+
+
+def render_stats(fmt: str, result: StatsResult, out: IO[str], *, color: bool | None = None) -> None:
+    """Write ``result`` to ``out`` as ``text``, ``json`` or ``csv``."""
+    if fmt == "text":
+        from rich.console import Console
+
+        console = Console(file=out, highlight=False, no_color=None if color is None else not color)
+        render_stats_text(result, console)
+        from rich.text import Text
+
+        console.print(Text(STATS_LEGEND, style="dim"))
+    elif fmt == "json":
+        out.write(_dumps(result.to_dict()))
+    elif fmt == "csv":
+        out.write(result.to_csv())
+    else:
+        raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(STATS_FORMATS)}")
+
+
+def check_plot(path: str) -> Any:
+    """Raise :class:`PlotError` unless ``path`` ends in .png / .svg and matplotlib imports; returns pyplot
+    (called before the statistics are computed: a plot that cannot be drawn fails at once)."""
+    if PurePosixPath(path).suffix.lower() not in (".png", ".svg"):
+        raise PlotError(f"--plot {path}: give a file name ending in .png or .svg.")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotError(
+            "--plot needs matplotlib; install it with `pip install 'actfmt[plot]'` (or `pip install matplotlib`)."
+        ) from None
+    return plt
+
+
+def plot_stats(result: StatsResult, path: str) -> None:
+    """A figure of the figures across layers, as PNG or SVG (by ``path``'s suffix): each split's
+    ``row_norm_mean`` and each pair's midpoint accuracy and Cohen's d.  Needs matplotlib (``actfmt[plot]``)."""
+    plt = check_plot(path)
+    suffix = PurePosixPath(path).suffix.lower()
+    rows = 2 if result.pairs else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(8, 3.2 * rows + 0.6), squeeze=False)
+    ax = axes[0][0]
+    for s in result.splits:
+        ax.plot(
+            [li.index for li in s.layers],
+            [li.row_norm_mean for li in s.layers],
+            marker="o",
+            ms=3,
+            label=s.split,
+        )
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean row norm ‖x‖₂")
+    ax.grid(alpha=0.3)
+    if result.splits:
+        ax.legend(fontsize="small")
+    if result.pairs:
+        ax2 = axes[1][0]
+        twin = ax2.twinx()
+        for p in result.pairs:
+            idx = [pl.index for pl in p.layers]
+            ax2.plot(
+                idx,
+                [pl.midpoint_accuracy for pl in p.layers],
+                marker="o",
+                ms=3,
+                label=f"{p.a} vs {p.b}: accuracy",
+            )
+            twin.plot(idx, [pl.cohens_d for pl in p.layers], ls="--", label=f"{p.a} vs {p.b}: Cohen's d")
+            if p.best_index is not None:
+                ax2.axvline(p.best_index, color="grey", lw=0.8, ls=":")
+        ax2.set_xlabel("layer")
+        ax2.set_ylabel("midpoint accuracy")
+        twin.set_ylabel("Cohen's d")
+        ax2.grid(alpha=0.3)
+        lines = ax2.get_legend_handles_labels()
+        more = twin.get_legend_handles_labels()
+        ax2.legend(lines[0] + more[0], lines[1] + more[1], fontsize="small")
+    models = sorted({s.model_name for s in result.splits if s.model_name})
+    datasets = sorted({s.dataset_name for s in result.splits if s.dataset_name})
+    fig.suptitle(" · ".join([", ".join(models) or "activations", ", ".join(datasets)]).strip(" ·"))
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format=suffix[1:])
+    except OSError as exc:
+        raise PlotError(f"--plot {path}: cannot write it ({exc.strerror or exc}).") from None
+    finally:
+        plt.close(fig)

@@ -47,6 +47,8 @@ CATALOGUE = {
 ADDED = {
     "ACT005": ("unfollowed-link", "warning"),
     "ACT006": ("special-file", "error"),
+    "ACT408": ("norm-outlier", "warning"),
+    "ACT503": ("identical-splits", "error"),
 }
 FIXTURE_CODES = {p.name.split("_")[0] for p in INVALID.iterdir() if p.is_dir()}
 #: Rules whose broken input git cannot hold (a FIFO): the test that makes it at run time, by file.

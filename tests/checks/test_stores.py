@@ -86,3 +86,98 @@ def test_damaged_hdf5_is_a_finding_not_a_crash(tmp_path: Path) -> None:
     codes = {code for code, _ in found(dst)}
     assert codes & {"ACT001", "ACT603"}
     assert all(loc.startswith(f"{DS}/EM.h5") for _, loc in found(dst))
+
+
+def _edit_block(split: Path, fmt: str, edit: object) -> None:
+    """Apply ``edit(block)`` to the actfmt block of a converted split, in place."""
+    if fmt == "zarr":
+        doc = split / "zarr.json"
+        data = json.loads(doc.read_text())
+        edit(data["attributes"]["actfmt"])  # type: ignore[operator]
+        doc.write_text(json.dumps(data))
+    elif fmt == "hdf5":
+        import h5py
+
+        with h5py.File(split, "r+") as f:
+            block = json.loads(f.attrs["actfmt"])
+            edit(block)  # type: ignore[operator]
+            f.attrs["actfmt"] = json.dumps(block)
+    else:
+        md = split / "metadata.json"
+        data = json.loads(md.read_text())
+        edit(data["actfmt"])  # type: ignore[operator]
+        md.write_text(json.dumps(data))
+
+
+def _scale_vector(split: Path, fmt: str, name: str, factor: float) -> None:
+    """Multiply the kept vector ``name`` (every layer's row) by ``factor``, in place."""
+    if fmt == "zarr":
+        import zarr
+
+        arr = zarr.open_array(str(split / "actfmt_stats" / name), mode="r+")
+        arr[:] = arr[:] * factor
+    elif fmt == "hdf5":
+        import h5py
+
+        with h5py.File(split, "r+") as f:
+            f["actfmt_stats"][name][...] = f["actfmt_stats"][name][()] * factor
+    else:
+        from actfmt.formats.vectors import STATS_FILE, read_tensors, write_tensors
+        from actfmt.storage import resolve
+
+        loc = resolve(split / STATS_FILE)
+        found_ = read_tensors(loc)
+        assert found_ is not None
+        arrays, meta = found_
+        arrays = dict(arrays)
+        arrays[name] = arrays[name] * factor
+        write_tensors(loc, arrays, meta)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5", "safetensors"])
+def test_kept_statistics_that_disagree_with_the_data_are_act604_with_deep(tmp_path: Path, fmt: str) -> None:
+    dst = converted(tmp_path, fmt)
+    em = dst / DS / f"EM{SUFFIX[fmt]}"
+
+    def edit(block: dict) -> None:  # type: ignore[type-arg]
+        block["stats"]["layers"]["layer_01"]["std"] *= 1.0001
+
+    _edit_block(em, fmt, edit)
+    assert found(dst) == []  # a deep rule: nothing without --deep
+    assert found(dst, deep=True) == [("ACT604", f"{DS}/EM{SUFFIX[fmt]}/layer_01")]
+    report = validate(dst, deep=True)
+    assert "std" in report.findings[0].message
+
+    neutral = dst / DS / f"Neutral{SUFFIX[fmt]}"
+    _scale_vector(neutral, fmt, "mean", 1.001)
+    got = found(dst, deep=True)
+    assert ("ACT604", f"{DS}/Neutral{SUFFIX[fmt]}/layer_00") in got
+    assert ("ACT604", f"{DS}/Neutral{SUFFIX[fmt]}/layer_01") in got
+
+
+def test_norm_outlier_and_identical_splits_in_stores(tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    from actfmt.convert import convert
+    from tests._trees import make_split
+
+    src = tmp_path / "src"
+    make_split(src / "m" / "ds" / "EM", total=300, hidden=8, layers=2, shard_size=100, batch_size=20)
+    shutil.copytree(src / "m" / "ds" / "EM", src / "m" / "ds" / "Neutral")
+    meta = src / "m" / "ds" / "Neutral" / "metadata.json"
+    meta.write_text(meta.read_text().replace('"split": "EM"', '"split": "Neutral"'))
+    shard = src / "m" / "ds" / "EM" / "layer_01" / "shard_001.pt"
+    t = torch.load(shard)
+    t[5] = t[5] * 2000
+    torch.save(t.clone(), shard)
+    for fmt in ("zarr", "hdf5", "safetensors"):
+        dst = tmp_path / fmt
+        convert(src, dst, to=fmt, force=True)
+        got = found(dst, deep=True)
+        assert ("ACT408", f"m/ds/EM{SUFFIX[fmt]}/layer_01") in got, got
+        assert ("ACT503", f"m/ds/Neutral{SUFFIX[fmt]}") in got, got  # layer_00 is still identical
+        report = validate(dst, deep=True)
+        outlier = next(f for f in report.findings if f.code == "ACT408")
+        assert "row 105" in outlier.message

@@ -24,7 +24,7 @@ from actfmt.checks.context import (
     deep_read,
     scan_split,
 )
-from actfmt.checks.stores import store_checksums, store_units
+from actfmt.checks.stores import store_deep, store_units
 from actfmt.errors import FormatError, NotASplitError
 from actfmt.formats import walk_splits
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
@@ -182,7 +182,7 @@ def validate(
             deep_read(contexts, jobs, on_bytes)
             for ctx in contexts:
                 if ctx.reader is not None:
-                    store_checksums(ctx, on_bytes)
+                    store_deep(ctx, on_bytes)
             emit(progress, ProgressEvent("end", "validate"))
         found: list[Finding] = []
         for rule in RULES.values():

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from actfmt.checks.base import Finding, Rule
 from actfmt.formats import Split, WalkProblem, get_format
 from actfmt.formats.pt.header import ShardHeader, load_shard, probe_shard, read_heads
+from actfmt.formats.vectors import STATS_FILE
 from actfmt.layout import (
     LOOSE_LAYER_RE,
     LOOSE_SHARD_RE,
@@ -33,6 +34,7 @@ from actfmt.layout import (
     shard_index,
     shard_name,
 )
+from actfmt.moments import RowNorms
 from actfmt.storage import Entry, Kind, Location, read_into
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,8 +55,9 @@ __all__ = [
     "scan_split",
 ]
 
-#: Files a split may hold besides metadata.json and the layer directories (a converted .pt split's sidecar).
-ALLOWED_SPLIT_FILES = {METADATA_FILE, ".actfmt.json"}
+#: Files a split may hold besides metadata.json and the layer directories (a converted .pt split's sidecar and
+#: its statistics vectors).
+ALLOWED_SPLIT_FILES = {METADATA_FILE, ".actfmt.json", STATS_FILE}
 #: Rows read per step by the deep pass (bounded memory whatever the shard size).
 DEEP_BLOCK_BYTES = 16 << 20
 
@@ -154,6 +157,7 @@ class ShardEntry(_Named):
     inf: int = 0
     zero_rows: list[int] = field(default_factory=list)
     digest: str | None = None
+    norms: RowNorms | None = None  # the row norms (norm-outlier, ACT408)
 
     @property
     def readable(self) -> bool:
@@ -473,6 +477,7 @@ def _deep_read(entry: ShardEntry) -> None:
     _, magnitude, exponent = _BITS[h.dtype]
     digest = xxhash.xxh3_64()
     digest.update(f"{tuple(h.shape)}|torch.{h.dtype}|".encode())
+    norms = RowNorms()
     row = 0
     try:
         for block in _blocks(entry):
@@ -488,12 +493,15 @@ def _deep_read(entry: ShardEntry) -> None:
             else:
                 entry.zero_rows += list(range(row, row + bits.shape[0]))
             digest.update(np.ascontiguousarray(bits).data.cast("B"))
+            if bits.ndim == 2:
+                norms.update(bits, h.dtype, row)
             row += bits.shape[0]
     except Exception as exc:  # changed since the probe: report it like a probe failure
         entry.header, entry.error = None, exc
         return
     entry.nonfinite = entry.nan + entry.inf
     entry.digest = digest.hexdigest()
+    entry.norms = norms
 
 
 def deep_read(contexts: list[SplitContext], jobs: int, on_bytes: Callable[[int], None]) -> None:

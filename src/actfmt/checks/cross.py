@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from actfmt.checks.base import WARNING, Finding
 from actfmt.checks.context import SplitContext, SplitRule, TreeRule
 
-__all__ = ["DuplicateLayer", "SplitMismatch"]
+__all__ = ["DuplicateLayer", "IdenticalSplits", "SplitMismatch"]
 
 #: Keys sibling splits (EM / Neutral) of one dataset must agree on.
 SIBLING_KEYS = ("total_examples", "hidden_dim", "num_layers", "model_name")
@@ -100,3 +100,62 @@ class SplitMismatch(TreeRule):
                     expected={k: e for k, e, _, _ in items},
                     actual={k: a for k, _, a, _ in items},
                 )
+
+
+def _layer_digests(ctx: SplitContext) -> dict[int, tuple[str, str]]:
+    """Per layer index, ``(kind, digest)`` of its data from the deep pass (pt: the shards' xxh3 digests; a
+    store: the checksum of its rows); digests of different kinds are never compared."""
+    if ctx.format == "pt":
+        return {i: ("pt", d) for i, d in ctx.layer_digests.items()}
+    sums = ctx.cache.get("checksums", {})
+    out = {}
+    for layer in ctx.layers:
+        got = sums.get(layer.name)
+        if isinstance(got, str):
+            out[layer.index] = ("rows", got)
+    return out
+
+
+class IdenticalSplits(TreeRule):
+    """Sibling splits of one dataset hold identical data at some layer (`--deep`).
+
+    Compares, layer by layer, the digests the deep pass takes of sibling splits (EM / Neutral of one dataset
+    directory); reported once per pair of splits, on the later split in name order, naming the layers.
+
+    Why: two runs over different prompts never produce bit-identical activations; identical splits mean a
+    pipeline wrote one run twice under two labels, and every EM-vs-Neutral comparison of those layers is void.
+
+    Fix: re-extract the mislabelled split from its own prompts.
+    """
+
+    code = "ACT503"
+    name = "identical-splits"
+    deep = True
+
+    @classmethod
+    def check_tree(cls, contexts: list[SplitContext]) -> Iterable[Finding]:
+        families: dict[str, list[SplitContext]] = defaultdict(list)
+        for ctx in contexts:
+            if ctx.deep or ctx.cache.get("checksums"):
+                families[str(ctx.path.parent)].append(ctx)
+        for family in families.values():
+            family = sorted(family, key=lambda c: c.path.name)
+            digests = [_layer_digests(c) for c in family]
+            for j, later in enumerate(family):
+                for i in range(j):
+                    same = sorted(k for k, d in digests[j].items() if k in digests[i] and digests[i][k] == d)
+                    if not same:
+                        continue
+                    names = [f"layer_{k:02d}" for k in same]
+                    every = len(same) == len(digests[j]) and len(same) > 1
+                    shown = (
+                        f"every layer ({len(same)})"
+                        if every
+                        else ", ".join(names[:8]) + (f" ... ({len(same)} layers)" if len(same) > 8 else "")
+                    )
+                    yield cls.finding(
+                        later.loc(),
+                        f"{later.path.name} holds exactly the same data as {family[i].path.name} at {shown}",
+                        expected="different data",
+                        actual=names,
+                    )

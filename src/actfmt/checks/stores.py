@@ -1,8 +1,9 @@
 """ACT6xx: converted stores (``.zarr``, ``.h5``, safetensors directories) — complete, every chunk present, and
 (with ``deep``) the data still matching the checksums recorded at conversion.
 
-The scan opens each store's Reader once (:func:`actfmt.checks.context.scan_split`); the deep pass hashes each
-layer the way ``actfmt convert`` did (:func:`actfmt.checksum.layer_checksum`).  The metadata and layer-layout
+The scan opens each store's Reader once (:func:`actfmt.checks.context.scan_split`); the deep pass
+(:func:`store_deep`) reads each layer once: it hashes it the way ``actfmt convert`` did, measures its row norms
+and recomputes the statistics the store keeps.  The metadata and layer-layout
 rules (ACT2xx, ACT102, ACT103, ACT502) also apply to stores; shard rules do not.
 """
 
@@ -13,10 +14,19 @@ from typing import Any
 
 from actfmt.checks.base import Finding
 from actfmt.checks.context import SplitContext, SplitRule
-from actfmt.checksum import layer_checksum
+from actfmt.checksum import Hasher, scan_blocks
 from actfmt.formats import get_format
+from actfmt.moments import LAYER_FIELDS, Moments, RowNorms
 
-__all__ = ["ChecksumMismatch", "Incomplete", "MissingChunk", "store_checksums", "store_info", "store_units"]
+__all__ = [
+    "ChecksumMismatch",
+    "Incomplete",
+    "MissingChunk",
+    "StatsMismatch",
+    "store_deep",
+    "store_info",
+    "store_units",
+]
 
 
 def store_info(ctx: SplitContext) -> dict[str, Any]:
@@ -70,21 +80,41 @@ def store_units(ctx: SplitContext) -> tuple[int, int]:
     return chunks, files
 
 
-def store_checksums(ctx: SplitContext, on_bytes: Any = None) -> None:
-    """Hash every layer with no missing chunk (deep pass); results in ``ctx.cache["checksums"]``."""
+def store_deep(ctx: SplitContext, on_bytes: Any = None) -> None:
+    """The deep pass over a store: read every layer with no missing chunk once, hashing it as ``actfmt convert``
+    did (``ctx.cache["checksums"]``), measuring its row norms (``ctx.cache["norms"]``, ACT408) and, when the
+    store keeps statistics, computing them again (``ctx.cache["moments"]``, ACT604)."""
     info = store_info(ctx)
     reader = ctx.reader
     sums: dict[str, str | BaseException] = {}
-    ctx.cache["checksums"] = sums
+    norms: dict[str, RowNorms] = {}
+    moments: dict[str, Moments] = {}
+    ctx.cache.update(checksums=sums, norms=norms, moments=moments)
     if reader is None or info["error"] is not None:
         return
+    kept = isinstance((info["block"] or {}).get("stats"), dict)
     for pos, layer in enumerate(info["layers"]):
         if layer.name in info["missing"]:
             continue
+        h = Hasher()
+        n = RowNorms()
+        m = Moments(layer.hidden_dim) if kept else None
         try:
-            sums[layer.name] = layer_checksum(reader, pos, on_bytes)
+            for start, stop in scan_blocks(layer):
+                block = reader.read_array(pos, start, stop)
+                h.update(block)
+                n.update(block, layer.dtype, start)
+                if m is not None:
+                    m.update(block, layer.dtype)
+                if on_bytes:
+                    on_bytes(block.nbytes)
         except Exception as exc:
             sums[layer.name] = exc
+            continue
+        sums[layer.name] = h.digest()
+        norms[layer.name] = n
+        if m is not None:
+            moments[layer.name] = m
 
 
 class _StoreRule(SplitRule):
@@ -199,3 +229,116 @@ class Incomplete(_StoreRule):
                 expected={"complete": True},
                 actual=None if block is None else block.get("complete"),
             )
+
+
+#: Relative tolerance between the figures a store keeps and the same figures computed again: both are float64
+#: sums of the same exact values, in blocks of another size (rounding differs by ~1e-15).
+STATS_RTOL = 1e-9
+
+
+def _differs(kept: Any, got: Any, rtol: float) -> bool:
+    if kept is None or got is None:
+        return kept is not got
+    if isinstance(got, int) and not isinstance(got, bool):
+        return bool(kept != got)
+    try:
+        k, g = float(kept), float(got)
+    except (TypeError, ValueError):
+        return True
+    if k != k or g != g:
+        return (k != k) != (g != g)
+    return abs(k - g) > rtol * max(abs(k), abs(g), 1e-300)
+
+
+class StatsMismatch(_StoreRule):
+    """The statistics a store keeps disagree with its data (`--deep`).
+
+    `actfmt convert` records each layer's figures (`actfmt stats`) in the store's `actfmt` block and its
+    mean and std vectors beside the data; this rule computes them again from the values and compares (figures
+    within 1e-9 relative, float32 vectors within 1e-6).  A layer whose data no longer matches its checksum is
+    left to ACT602.
+
+    Why: the values are right (ACT602 checks them) but what `actfmt stats`, `split.layer(i).mean()` and
+    `ActivationDataset(normalize=...)` read is not: an edited block, or vectors copied from another store.
+
+    Fix: convert the split again (or `actfmt stats --recompute` to ignore what is kept).
+    """
+
+    code = "ACT604"
+    name = "stats-mismatch"
+    deep = True
+
+    @classmethod
+    def check_store(cls, ctx: SplitContext, info: dict[str, Any]) -> Iterable[Finding]:
+        import numpy as np
+
+        kept = (info["block"] or {}).get("stats")
+        computed: dict[str, Moments] = ctx.cache.get("moments", {})
+        if not isinstance(kept, dict) or not computed:
+            return
+        found = kept.get("layers")
+        layers: dict[str, Any] = found if isinstance(found, dict) else {}
+        vectors = None
+        if ctx.reader is not None:
+            try:
+                vectors = ctx.reader.stored_vectors()
+            except Exception:  # unreadable vectors: reported below as missing
+                vectors = None
+        recorded = (info["block"] or {}).get("checksums") or {}
+        sums = ctx.cache.get("checksums", {})
+        for name, m in sorted(computed.items()):
+            if isinstance(recorded, dict) and recorded.get(name) not in (None, sums.get(name)):
+                continue  # the data changed: ACT602 says so, and the kept figures are no longer expected to fit
+            got = m.summary()
+            figures = layers.get(name)
+            if not isinstance(figures, dict):
+                yield cls.finding(
+                    ctx.loc(name), f"{name}: the store keeps no figures for it", "figures", None
+                )
+                continue
+            wrong = [k for k in LAYER_FIELDS if _differs(figures.get(k), got[k], STATS_RTOL)]
+            if wrong:
+                k = wrong[0]
+                yield cls.finding(
+                    ctx.loc(name),
+                    f"{name}: the kept {k} is {figures.get(k)!r}, the data gives {got[k]!r}"
+                    + (
+                        f" (and {len(wrong) - 1} more figure{'s' if len(wrong) > 2 else ''})"
+                        if len(wrong) > 1
+                        else ""
+                    ),
+                    expected=got[k],
+                    actual=figures.get(k),
+                )
+                continue
+            if vectors is None:
+                yield cls.finding(
+                    ctx.loc(name),
+                    f"{name}: the store keeps figures but no mean / std vectors",
+                    "vectors",
+                    None,
+                )
+                continue
+            want = {"mean": m.mean, "std": np.sqrt(m.variance), "mean_f64": m.mean}
+            for vec, ref in want.items():
+                row = vectors.row(vec, name)
+                if row is None:
+                    continue
+                tol = 1e-12 if vec == "mean_f64" else 1e-6
+                ref32 = np.asarray(ref, dtype=row.dtype)
+                if row.shape != ref32.shape or not np.allclose(
+                    row, ref32, rtol=tol, atol=tol * float(np.abs(ref).max() or 1)
+                ):
+                    bad = int(np.argmax(np.abs(row - ref32))) if row.shape == ref32.shape else -1
+                    yield cls.finding(
+                        ctx.loc(name),
+                        f"{name}: the kept {vec} vector differs from the data's"
+                        + (
+                            f" (dimension {bad}: {float(row[bad]):.6g} vs {float(ref32[bad]):.6g})"
+                            if bad >= 0
+                            else ""
+                        ),
+                        expected="the data's",
+                        actual=vec,
+                    )
+                    break

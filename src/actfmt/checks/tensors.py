@@ -9,8 +9,19 @@ from collections.abc import Callable, Iterable
 from actfmt.checks.base import WARNING, Finding
 from actfmt.checks.context import ShardEntry, ShardRule, SplitContext, SplitRule
 from actfmt.layout import SUPPORTED_DTYPES
+from actfmt.moments import RowNorms
 
-__all__ = ["BloatedShard", "DtypeMixed", "DtypeUnsupported", "HiddenDim", "NonFinite", "NotTwoD", "ZeroRows"]
+__all__ = [
+    "BloatedShard",
+    "DtypeMixed",
+    "DtypeUnsupported",
+    "HiddenDim",
+    "NonFinite",
+    "NormOutlier",
+    "NotTwoD",
+    "ZeroRows",
+    "layer_norms",
+]
 
 
 def _grouped(
@@ -263,3 +274,63 @@ class ZeroRows(ShardRule):
                 expected=0,
                 actual=len(s.zero_rows),
             )
+
+
+#: A layer is flagged when its largest row norm exceeds this many times its mean row norm.
+NORM_OUTLIER_RATIO = 100.0
+
+
+def layer_norms(ctx: SplitContext) -> dict[str, tuple[str, RowNorms, str]]:
+    """Per layer (its location): ``(name, row norms, where the largest is)`` measured by the deep pass."""
+    out: dict[str, tuple[str, RowNorms, str]] = {}
+    if ctx.format == "pt":
+        for layer in ctx.layers:
+            shards = [s for s in layer.live_shards() if s.norms is not None]
+            if not shards or layer.shadowed:
+                continue
+            total = RowNorms()
+            where = ""
+            for s in shards:
+                assert s.norms is not None
+                if s.norms.max > total.max:
+                    where = f"row {s.norms.max_row} of {s.name}"
+                total.merge(s.norms)
+            out[layer.location] = (layer.name, total, where)
+    else:
+        for name, norms in sorted(ctx.cache.get("norms", {}).items()):
+            out[ctx.loc(name)] = (name, norms, f"row {norms.max_row}")
+    return out
+
+
+class NormOutlier(SplitRule):
+    """A layer holds a row whose norm exceeds 100x the layer's mean row norm (`--deep`).
+
+    Measures every row's L2 norm ‖xᵢ‖₂ (rows holding NaN or Inf are left out: ACT406 reports them) and
+    compares the largest with the mean.
+
+    Why: a row that large is an overflowing hook (float16 / bfloat16 near its range), an attention-sink token
+    taken for the last token, or a padding bug; it dominates every mean, norm and scale factor computed from
+    the layer (`actfmt stats`, SAE normalisation).
+
+    Fix: look at the row named in the message; re-extract it (in float32, or with the right token position), or
+    drop it from every split consistently.
+    """
+
+    code = "ACT408"
+    name = "norm-outlier"
+    severity = WARNING
+    deep = True
+    pt_only = False
+
+    @classmethod
+    def check(cls, ctx: SplitContext) -> Iterable[Finding]:
+        for location, (name, norms, where) in layer_norms(ctx).items():
+            mean = norms.mean
+            if norms.rows and mean > 0 and norms.max > NORM_OUTLIER_RATIO * mean:
+                yield cls.finding(
+                    location,
+                    f"{name}: a row norm of {norms.max:.4g} ({where}) is {norms.max / mean:.0f}x the mean row norm "
+                    f"{mean:.4g} (threshold {NORM_OUTLIER_RATIO:.0f}x)",
+                    expected=f"<= {NORM_OUTLIER_RATIO:.0f} x {mean:.4g}",
+                    actual=norms.max,
+                )

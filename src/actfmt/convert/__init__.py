@@ -85,6 +85,7 @@ def convert(
     zarr_format: int | None = None,
     dtype: str | None = None,
     force: bool = False,
+    stats: bool = True,
     progress: ProgressCallback | None = None,
     executor: str = "local",
     scheduler: Any = None,
@@ -94,6 +95,10 @@ def convert(
 
     ``dtype`` casts explicitly (the result records it and a warning is returned); without it the dtype never
     changes.  A source that fails validation is refused (:class:`ValidationFailedError`) unless ``force``.
+
+    With ``stats`` (the default), each layer's statistics are computed from the bytes on their way and kept with
+    the store: the figures of ``actfmt stats`` in the ``actfmt`` block, the mean and std vectors beside the data
+    (see :meth:`~actfmt.formats.base.Writer.write_stats`).  ``stats=False`` (``--no-stats``) skips that work.
 
     ``executor="dask"`` writes the layers as tasks on dask.distributed (see :mod:`actfmt._dask`): on the
     cluster at ``scheduler`` (an address such as ``tcp://host:8786``, or a ``distributed.Client``), else on a
@@ -176,6 +181,7 @@ def convert(
                 result=result,
                 runner_for=runner_for,
                 per_layer_progress=executor == "dask",
+                stats=stats,
             )
     result.seconds = time.perf_counter() - t0
     return result

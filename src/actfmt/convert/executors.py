@@ -19,13 +19,15 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from actfmt.convert.tasks import Cancelled, LayerResult, LayerRunner, LayerTask, run_layer_task
 from actfmt.errors import ActfmtError, ConversionError
 from actfmt.formats.base import Reader
 
-__all__ = ["TASK_RETRIES", "dask_layer_runner", "local_runner"]
+__all__ = ["TASK_RETRIES", "dask_client", "dask_layer_runner", "dask_map", "local_runner"]
+
+T = TypeVar("T")
 
 #: How many times a failed layer task is retried on dask before the conversion fails.
 TASK_RETRIES = 2
@@ -90,8 +92,8 @@ def _import_distributed() -> Any:
 
 
 @contextlib.contextmanager
-def dask_layer_runner(scheduler: Any, workers: int) -> Iterator[LayerRunner]:
-    """A :data:`~actfmt.convert.LayerRunner` on dask.distributed, for the duration of one ``convert``.
+def dask_client(scheduler: Any, workers: int) -> Iterator[Any]:
+    """A ``distributed.Client`` for the duration of one command.
 
     ``scheduler``: a ``distributed.Client`` (used as is, not closed), an address (``tcp://host:8786``) or
     ``None`` for a ``LocalCluster`` of ``workers`` single-threaded worker processes, closed at the end.
@@ -117,26 +119,51 @@ def dask_layer_runner(scheduler: Any, workers: int) -> Iterator[LayerRunner]:
                 f"`dask scheduler` (and workers with `dask worker {address}`), or omit --scheduler for a "
                 f"local cluster."
             ) from None
+    try:
+        yield client
+    finally:
+        if own:
+            client.close()
+            if cluster is not None:
+                cluster.close()
 
-    def run(tasks: list[LayerTask]) -> Iterator[list[LayerResult]]:
-        token = uuid.uuid4().hex[:8]
-        # dask's model is one task per worker thread: a task's own codec threads would only oversubscribe the
-        # cores the cluster already schedules (2 workers x 2 encode threads on 2 cores scaled 1.12x; 1 thread: 1.9x)
-        tasks = [
-            dataclasses.replace(
-                t, options=dataclasses.replace(t.options, extra={**t.options.extra, "threads": 1})
-            )
-            for t in tasks
-        ]
-        futures = {
-            client.submit(
-                run_layer_task, t, key=f"actfmt-convert-{token}-{t.key}", retries=TASK_RETRIES, pure=False
-            ): t
-            for t in tasks
-        }
-        try:
-            for fut in distributed.as_completed(list(futures), loop=client.loop):
-                task = futures[fut]
+
+def dask_map(client: Any, fn: Callable[[T], Any], items: list[T], name: str) -> Iterator[tuple[T, Any]]:
+    """``fn`` over ``items`` as tasks on ``client`` (each retried :data:`TASK_RETRIES` times): ``(item, future)``
+    as they finish (``future.result()`` gives the result or raises the task's error); the remaining tasks are
+    cancelled when the caller stops early."""
+    distributed = _import_distributed()
+    token = uuid.uuid4().hex[:8]
+    futures = {
+        client.submit(fn, item, key=f"actfmt-{name}-{token}-{i}", retries=TASK_RETRIES, pure=False): item
+        for i, item in enumerate(items)
+    }
+    try:
+        for fut in distributed.as_completed(list(futures), loop=client.loop):
+            yield futures[fut], fut
+    finally:
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            client.cancel(pending)
+
+
+@contextlib.contextmanager
+def dask_layer_runner(scheduler: Any, workers: int) -> Iterator[LayerRunner]:
+    """A :data:`~actfmt.convert.LayerRunner` on dask.distributed, for the duration of one ``convert``
+    (``scheduler`` and ``workers``: see :func:`dask_client`)."""
+
+    def run_on(client: Any) -> LayerRunner:
+        def run(tasks: list[LayerTask]) -> Iterator[list[LayerResult]]:
+            # dask's model is one task per worker thread: a task's own codec threads would only oversubscribe
+            # the cores the cluster already schedules (2 workers x 2 encode threads on 2 cores scaled 1.12x;
+            # 1 thread: 1.9x)
+            tasks = [
+                dataclasses.replace(
+                    t, options=dataclasses.replace(t.options, extra={**t.options.extra, "threads": 1})
+                )
+                for t in tasks
+            ]
+            for task, fut in dask_map(client, run_layer_task, tasks, "convert"):
                 try:
                     yield fut.result()
                 except ActfmtError:
@@ -147,15 +174,8 @@ def dask_layer_runner(scheduler: Any, workers: int) -> Iterator[LayerRunner]:
                         f"{TASK_RETRIES} retries ({type(exc).__name__}: {exc}); nothing was published. Fix "
                         f"the cause and rerun with --resume to continue layer by layer."
                     ) from exc
-        finally:
-            pending = [f for f in futures if not f.done()]
-            if pending:
-                client.cancel(pending)
 
-    try:
-        yield run
-    finally:
-        if own:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+        return run
+
+    with dask_client(scheduler, workers) as client:
+        yield run_on(client)

@@ -11,7 +11,8 @@ The steps, through :mod:`actfmt.storage.commit` (which knows local disks from ob
    pass, then re-reads them from the partial store and checks the checksums; each finished layer is a journal
    line;
 4. check that the source is still what was read (every file's size, mtime and identity), that the lock is still
-   ours, write the actfmt block (the completeness mark) last, and publish (a rename, or nothing more on object
+   ours, keep the layers' statistics (computed from the bytes on their way, unless ``--no-stats``), write the
+   actfmt block (the completeness mark) last, and publish (a rename, or nothing more on object
    storage).
 """
 
@@ -28,7 +29,9 @@ from actfmt.convert.plan import SplitJob
 from actfmt.convert.tasks import LayerResult, LayerRunner, layer_tasks
 from actfmt.errors import ActfmtError, ChangedError, ConversionError, DestinationExistsError
 from actfmt.formats import get_format, open_reader
-from actfmt.formats.base import LayerInfo, Reader, SplitSpec, WriteOptions
+from actfmt.formats.base import LayerInfo, Reader, SplitSpec, StoredVectors, WriteOptions
+from actfmt.moments import SCHEMA_VERSION as STATS_SCHEMA
+from actfmt.moments import Moments, layer_moments
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
 from actfmt.storage import Location
 from actfmt.storage.commit import Commit, commit_for
@@ -56,6 +59,24 @@ class ConvertResult:
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-friendly data (``actfmt convert --output-format json``)."""
+
+        def job(j: SplitJob) -> dict[str, str]:
+            return {"location": j.location, "source": str(j.source), "destination": str(j.destination)}
+
+        return {
+            "splits": [job(j) for j in self.splits],
+            "skipped": [job(j) for j in self.skipped],
+            "layers": self.layers,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 4),
+            "mb_per_s": round(self.mb_per_s, 1),
+            "warnings": self.warnings,
+            "checksums": self.checksums,
+            "timings": {k: round(v, 4) for k, v in self.timings.items()},
+        }
 
     @property
     def mb_per_s(self) -> float:
@@ -160,7 +181,11 @@ def _resume_state(
 
 
 def actfmt_block(
-    spec: SplitSpec, done: dict[str, LayerResult], options: WriteOptions, cast_from: dict[str, str]
+    spec: SplitSpec,
+    done: dict[str, LayerResult],
+    options: WriteOptions,
+    cast_from: dict[str, str],
+    moments: dict[str, Moments] | None = None,
 ) -> dict[str, Any]:
     """The completeness mark and what a store keeps about its conversion."""
     from actfmt._version import __version__
@@ -176,8 +201,53 @@ def actfmt_block(
     }
     if cast_from:
         block["cast_from"] = cast_from  # layer -> the source dtype before an explicit --dtype cast
+    if moments is not None:
+        block["stats"] = {
+            "schema_version": STATS_SCHEMA,
+            "layers": {li.name: moments[li.name].summary() for li in spec.layers},
+        }
     block["complete"] = True  # last key: the completeness mark
     return block
+
+
+def _layer_moments(
+    work: Location, to: str, spec: SplitSpec, done: dict[str, LayerResult], result: ConvertResult
+) -> dict[str, Moments]:
+    """Every layer's moments: as the layer tasks computed them, or (layers converted by an earlier run with
+    ``--no-stats``) from one pass over the layer as written."""
+    out: dict[str, Moments] = {}
+    missing = []
+    for li in spec.layers:
+        state = done[li.name].extra.get("moments")
+        if isinstance(state, dict):
+            out[li.name] = Moments.from_state(state)
+        else:
+            missing.append(li.name)
+    if missing:
+        t0 = time.perf_counter()
+        with get_format(to).open_reader(work) as written:
+            for name in missing:
+                pos = written.position(name)
+                if pos is None:
+                    raise ConversionError(f"{work}: {name} was written but cannot be found in the store.")
+                out[name] = layer_moments(written, pos)
+        result.add_time("stats", time.perf_counter() - t0)
+    return out
+
+
+def _vectors(spec: SplitSpec, moments: dict[str, Moments]) -> StoredVectors:
+    """The layers' mean and std vectors (float32, for users) and exact means (float64), ``[layers, hidden_dim]``."""
+    import numpy as np
+
+    names = [li.name for li in spec.layers]
+    hidden = max((m.hidden for m in moments.values()), default=0)
+    mean = np.zeros((len(names), hidden), dtype=np.float64)
+    std = np.zeros((len(names), hidden), dtype=np.float32)
+    for i, name in enumerate(names):
+        m = moments[name]
+        mean[i, : m.hidden] = m.mean
+        std[i, : m.hidden] = np.sqrt(m.variance)
+    return StoredVectors(names, {"mean": mean.astype(np.float32), "std": std, "mean_f64": mean})
 
 
 def convert_split(
@@ -191,6 +261,7 @@ def convert_split(
     result: ConvertResult,
     runner_for: Callable[[Reader], LayerRunner],
     per_layer_progress: bool,
+    stats: bool = True,
 ) -> None:
     """Convert one split (see the module docstring).  ``requested``: ``to``, ``chunk_rows``, ``compression``,
     ``level``, ``zarr_format``, ``dtype`` (``None``: not given)."""
@@ -260,6 +331,7 @@ def convert_split(
                 verify,
                 dtype,
                 str(final),
+                stats,
             )
             for results in runner_for(reader)(tasks):
                 for res in results:
@@ -290,11 +362,14 @@ def convert_split(
                 f"{job.source}: source changed during conversion ({', '.join(changed)}); nothing was published. "
                 f"Rerun when the source no longer changes (--resume redoes only what changed)."
             )
+        moments = _layer_moments(commit.work, to, spec, done, result) if stats else None
         t0 = time.perf_counter()
         commit.check_owner()  # still ours: only then write the completeness mark
         writer = writer_cls.open(commit.work, spec, options)
         try:
-            writer.finalize(actfmt_block(spec, done, options, cast_from))
+            if moments is not None:
+                writer.write_stats(_vectors(spec, moments))
+            writer.finalize(actfmt_block(spec, done, options, cast_from, moments))
         finally:
             writer.close()
         commit.publish()

@@ -21,6 +21,7 @@ from actfmt.checksum import Hasher, crc32, layer_checksum
 from actfmt.errors import ConversionError
 from actfmt.formats import get_format, open_reader
 from actfmt.formats.base import Reader, Runs, SplitSpec, WriteOptions, Writer
+from actfmt.moments import Moments, RowBatcher
 from actfmt.storage import Location, scan_runs
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,6 +56,8 @@ class LayerTask:
     cast: str | None = None
     #: The destination as the user named it (for messages).
     final: str = ""
+    #: Compute each layer's statistics from the bytes on their way (``convert --no-stats`` turns it off).
+    stats: bool = True
 
 
 @dataclass
@@ -90,8 +93,10 @@ def copy_layer(
     on_bytes: Callable[[int], None] | None = None,
     cast: str | None = None,
     stop: threading.Event | None = None,
+    stats: bool = False,
 ) -> LayerResult:
-    """Copy layer ``pos`` from row 0 (a retried copy rewrites the whole layer).
+    """Copy layer ``pos`` from row 0 (a retried copy rewrites the whole layer).  With ``stats``, the layer's
+    :class:`~actfmt.moments.Moments` are computed from the same bytes on their way (no extra read).
 
     Blocks are the writer's (``Writer.block_rows``).  A helper thread reads and hashes block k+1 while block k
     is written: reads, hashing and writes overlap (all release the GIL), and at most two blocks are in memory.
@@ -111,7 +116,7 @@ def copy_layer(
         )
     h = Hasher()
     convert = cast is not None and cast != source_dtype
-    spent = {"read": 0.0, "write": 0.0}
+    spent = {"read": 0.0, "write": 0.0, "stats": 0.0}
     # two buffers, reused: block k+1 is read into one while block k (in the other) is written; no fresh pages
     # to fault in for every block, and memory stays at two blocks whatever the split's size
     import numpy as np
@@ -120,6 +125,8 @@ def copy_layer(
     buffers = [np.empty(most, dtype=np.uint8), np.empty(most, dtype=np.uint8)]
 
     raw = not convert and writer.copies_raw(pos)
+    moments = Moments(info.hidden_dim) if stats else None
+    batcher = RowBatcher(moments, info.dtype, info.row_bytes) if moments is not None else None
 
     def scan(a: int, b: int) -> Runs | None:
         """The block as the source's byte runs, hashed (and CRC'd) piece by piece: never held in memory."""
@@ -132,16 +139,20 @@ def copy_layer(
             h.update(piece)
             if writer.wants_crc32:
                 crc[0] = crc32(piece, crc[0])
+            if batcher is not None:
+                t = time.perf_counter()
+                batcher.feed(piece)
+                spent["stats"] += time.perf_counter() - t
 
         scan_runs(runs, visit)
         return Runs(runs, crc[0] if writer.wants_crc32 else None)
 
     def load(k: int) -> tuple[np.ndarray | None, list[Any] | None]:
-        t0 = time.perf_counter()
+        t0, s0 = time.perf_counter(), spent["stats"]
         a, b = bounds[k]
         copied = scan(a, b) if raw else None
         if copied is not None:
-            spent["read"] += time.perf_counter() - t0
+            spent["read"] += time.perf_counter() - t0 - (spent["stats"] - s0)
             return None, copied
         block = reader.read_array(pos, a, b, buffers[k % 2])
         runs = None
@@ -150,7 +161,11 @@ def copy_layer(
         else:
             runs = reader.runs(pos, a, b)
         h.update(block)  # one loading thread runs the loads in order: the hash sees row order
-        spent["read"] += time.perf_counter() - t0
+        if moments is not None:
+            t = time.perf_counter()
+            moments.update(block, info.dtype)
+            spent["stats"] += time.perf_counter() - t
+        spent["read"] += time.perf_counter() - t0 - (spent["stats"] - s0)
         return block, runs
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="actfmt-load") as pre:
@@ -169,7 +184,13 @@ def copy_layer(
     t0 = time.perf_counter()
     writer.finish_layer(pos)
     spent["write"] += time.perf_counter() - t0
-    return LayerResult(info.name, h.digest(), info.nbytes, {"seconds": spent})
+    extra: dict[str, Any] = {"seconds": spent}
+    if moments is not None and batcher is not None:
+        t0 = time.perf_counter()
+        batcher.flush()
+        spent["stats"] += time.perf_counter() - t0
+        extra["moments"] = moments.state()
+    return LayerResult(info.name, h.digest(), info.nbytes, extra)
 
 
 def _check(task: LayerTask, res: LayerResult, on_bytes: Callable[[int], None] | None) -> None:
@@ -203,7 +224,7 @@ def run_layer_task(
     results = []
     try:
         for pos in task.layers:
-            res = copy_layer(src, writer, pos, task.spec, on_bytes, task.cast, stop)
+            res = copy_layer(src, writer, pos, task.spec, on_bytes, task.cast, stop, task.stats)
             writer.close()  # the next layer's first write opens it again
             if task.verify:
                 t0 = time.perf_counter()
@@ -231,6 +252,7 @@ def layer_tasks(
     verify: bool,
     cast: str | None,
     final: str = "",
+    stats: bool = True,
 ) -> list[LayerTask]:
     """The tasks for layers ``todo``: one per layer, or one for all when the format has one writer."""
     if not todo:
@@ -249,6 +271,7 @@ def layer_tasks(
             verify,
             cast,
             final,
+            stats,
         )
         for g in groups
     ]

@@ -7,7 +7,15 @@ scattered places.  :func:`walk_splits` is the one split walker.
 
 from __future__ import annotations
 
-from actfmt.formats.registry import ALIASES, FORMATS, all_compressions, get_format, guess_format, open_reader
+from actfmt.formats.registry import (
+    ALIASES,
+    FORMATS,
+    all_compressions,
+    get_format,
+    guess_format,
+    open_reader,
+    shared_reader,
+)
 from actfmt.formats.walk import Split, Walk, WalkProblem, find_splits, walk_splits
 
 __all__ = [
@@ -21,5 +29,6 @@ __all__ = [
     "get_format",
     "guess_format",
     "open_reader",
+    "shared_reader",
     "walk_splits",
 ]

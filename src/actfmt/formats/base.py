@@ -17,6 +17,7 @@ This module imports neither torch nor numpy at import time.
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ACTFMT_KEY",
+    "VECTOR_NAMES",
     "ByteRun",
     "Format",
     "LayerInfo",
@@ -38,6 +40,7 @@ __all__ = [
     "Runs",
     "Segment",
     "SplitSpec",
+    "StoredVectors",
     "WriteOptions",
     "Writer",
     "as_array",
@@ -45,6 +48,7 @@ __all__ = [
     "fingerprint_of",
     "scratch",
     "stored_dtype",
+    "stored_vectors_of",
     "to_torch",
     "torch_dtype",
 ]
@@ -372,6 +376,48 @@ class RowStore:
 # readers and writers
 
 
+#: The arrays ``actfmt convert`` keeps with a store, ``[layers, hidden_dim]`` each: ``mean`` and ``std`` (float32,
+#: for users) and ``mean_f64`` (the exact mean, from which ``actfmt stats`` takes the pair direction).
+VECTOR_NAMES = ("mean", "std", "mean_f64")
+
+
+@dataclass
+class StoredVectors:
+    """The per-layer vectors kept with a store: ``arrays[name][i]`` belongs to layer ``layers[i]``."""
+
+    layers: list[str]
+    arrays: dict[str, np.ndarray]
+
+    def row(self, name: str, layer: str) -> np.ndarray | None:
+        """The vector ``name`` (``mean``, ``std``, ``mean_f64``) of ``layer``, or ``None``."""
+        arr = self.arrays.get(name)
+        if arr is None or layer not in self.layers:
+            return None
+        return arr[self.layers.index(layer)]
+
+
+def stored_vectors_of(arrays: dict[str, np.ndarray], layers: Any) -> StoredVectors | None:
+    """Check what a store holds: a list of layer names and ``[layers, hidden_dim]`` arrays that agree."""
+    if isinstance(layers, str):
+        try:
+            layers = json.loads(layers)
+        except ValueError:
+            return None
+    if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers):
+        return None
+    out = {}
+    for name in VECTOR_NAMES:
+        arr = arrays.get(name)
+        if arr is None:
+            continue
+        if getattr(arr, "ndim", 0) != 2 or arr.shape[0] != len(layers):
+            return None
+        out[name] = arr
+    if "mean" not in out or "std" not in out:
+        return None
+    return StoredVectors(list(layers), out)
+
+
 class Reader(abc.ABC):
     """Read-only access to one split in one format.  Use as a context manager."""
 
@@ -413,6 +459,14 @@ class Reader(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """Chunks, compression and the like, for ``actfmt info``."""
         return {}
+
+    def stored_vectors(self) -> StoredVectors | None:
+        """The per-layer vectors ``actfmt convert`` kept with the store (:data:`VECTOR_NAMES`), or ``None``.
+        Directory stores: the safetensors file :data:`~actfmt.formats.vectors.STATS_FILE`."""
+        from actfmt.formats.vectors import STATS_FILE, read_tensors
+
+        found = read_tensors(self.location / STATS_FILE)
+        return None if found is None else stored_vectors_of(found[0], found[1].get("layers"))
 
     def missing_chunks(self, layer: int) -> list[str]:
         """Parts of layer position ``layer`` the store lacks (they would read back as zeros)."""
@@ -558,6 +612,13 @@ class Writer(abc.ABC):
 
     def finish_layer(self, layer: int) -> None:  # noqa: B027 - optional hook
         """Called once every block of ``layer`` is written (flush, close a per-layer file...)."""
+
+    def write_stats(self, vectors: StoredVectors) -> None:
+        """Keep every layer's vectors (:data:`VECTOR_NAMES`) with the store; called before :meth:`finalize`.
+        Directory stores: a safetensors file (:data:`~actfmt.formats.vectors.STATS_FILE`)."""
+        from actfmt.formats.vectors import STATS_FILE, write_tensors
+
+        write_tensors(self.location / STATS_FILE, vectors.arrays, {"layers": json.dumps(vectors.layers)})
 
     @abc.abstractmethod
     def finalize(self, block: dict[str, Any]) -> None:

@@ -14,6 +14,9 @@ Layout (the contract, readable by stock ``h5ls`` / ``h5dump`` / h5py):
 * Datasets ``layer_00`` ... of shape ``[total_examples, hidden_dim]``, chunked ``(chunk_rows, hidden_dim)``.
   float16 / float32 are stored native little-endian; bfloat16 as its ``<u2`` bits.  Each dataset carries
   ``actfmt_dtype`` (``"bfloat16"``, ...) and, when the source was sharded, ``actfmt_shard_rows``.
+* ``actfmt_stats`` (written by ``actfmt convert`` unless ``--no-stats``): datasets ``mean`` and ``std``
+  (float32) and ``mean_f64`` (float64), ``[layers, hidden_dim]``, and the JSON attribute ``layers`` naming the
+  layer of each row.
 * Compression: ``gzip`` (the default: level 1 with the shuffle filter), ``none``, ``lzf``, and the plugin codecs
   ``zstd``, ``blosc-zstd`` and ``lz4`` (through ``hdf5plugin``).
 
@@ -51,6 +54,7 @@ from typing import IO, TYPE_CHECKING, Any
 from actfmt.errors import ConversionError, FormatError, MetadataError, NotASplitError
 from actfmt.formats.base import (
     ACTFMT_KEY,
+    VECTOR_NAMES,
     ByteRun,
     Format,
     LayerInfo,
@@ -58,12 +62,15 @@ from actfmt.formats.base import (
     RowStore,
     Segment,
     SplitSpec,
+    StoredVectors,
     WriteOptions,
     Writer,
     as_array,
     scratch,
     stored_dtype,
+    stored_vectors_of,
 )
+from actfmt.formats.vectors import STATS_GROUP
 from actfmt.layout import SUPPORTED_DTYPES, layer_index
 from actfmt.storage import Entry, Kind, LocalLocation, Location
 
@@ -487,6 +494,17 @@ class HDF5Writer(Writer):
             self._out.close()
             self._out = None
 
+    def write_stats(self, vectors: StoredVectors) -> None:
+        """The vectors as datasets of the group ``actfmt_stats`` (``mean``, ``std``, ``mean_f64``), with the rows'
+        layer names as the group's JSON attribute ``layers``."""
+        f = self._f()
+        if STATS_GROUP in f:
+            del f[STATS_GROUP]
+        group = f.create_group(STATS_GROUP)
+        group.attrs["layers"] = json.dumps(vectors.layers)
+        for name, arr in vectors.arrays.items():
+            group.create_dataset(name, data=arr)
+
     def finalize(self, block: dict[str, Any]) -> None:
         f = self._f()
         plugins: list[str] = []
@@ -598,6 +616,15 @@ class HDF5Reader(Reader):
     def actfmt(self) -> dict[str, Any] | None:
         self.file  # noqa: B018 - opens it
         return self._block()
+
+    def stored_vectors(self) -> StoredVectors | None:
+        import numpy as np
+
+        group = self.file.get(STATS_GROUP)
+        if group is None or not hasattr(group, "attrs"):
+            return None
+        arrays = {n: np.asarray(group[n][()]) for n in VECTOR_NAMES if n in group}
+        return stored_vectors_of(arrays, _from_attr(group.attrs.get("layers", "null")))
 
     @cached_property
     def _names(self) -> list[tuple[int, str]]:

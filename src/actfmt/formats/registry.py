@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import importlib
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import FormatError, NotASplitError
-from actfmt.storage import Entry, PathLike, resolve
+from actfmt.storage import Entry, Location, PathLike, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
     from actfmt.formats.base import Format, Reader
 
-__all__ = ["ALIASES", "FORMATS", "all_compressions", "get_format", "guess_format", "open_reader"]
+__all__ = [
+    "ALIASES",
+    "FORMATS",
+    "all_compressions",
+    "get_format",
+    "guess_format",
+    "open_reader",
+    "shared_reader",
+]
 
 #: Registry, in detection order (the most specific signature first).
 FORMATS: dict[str, str] = {
@@ -72,3 +82,28 @@ def open_reader(
     if not loc.is_local and not fmt.remote_read:  # pragma: no cover - every format reads object storage
         raise FormatError(f"{loc}: {name} cannot be read from {loc.scheme}://; download it first.")
     return fmt.open_reader(loc)
+
+
+#: Readers kept open per process by tasks (a dask task reads its split through it: opened once per worker, not
+#: once per block).
+_SHARED: OrderedDict[tuple[str, str, str], Reader] = OrderedDict()
+_SHARED_LOCK = threading.Lock()
+_SHARED_READERS = 8
+
+
+def shared_reader(location: Location, format: str) -> Reader:
+    """An open reader of ``location`` shared within this process (the :data:`_SHARED_READERS` most recently
+    used stay open; readers are safe to use from several threads)."""
+    key = (type(location).__name__, repr(location.__reduce__()), format)
+    with _SHARED_LOCK:
+        r = _SHARED.get(key)
+        if r is not None:
+            _SHARED.move_to_end(key)
+            return r
+    r = open_reader(location, format)
+    with _SHARED_LOCK:
+        _SHARED[key] = r
+        while len(_SHARED) > _SHARED_READERS:
+            _, old = _SHARED.popitem(last=False)
+            old.close()
+    return r

@@ -18,11 +18,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import MetadataError
 from actfmt.formats.zarr.codecs import codec_from_v2, codec_from_v3, stored_codecs
 from actfmt.storage import Entry, Location, read_objects
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 __all__ = [
     "DIMENSION_NAMES",
@@ -53,11 +56,18 @@ ZARR_JSON, ZGROUP, ZARRAY, ZATTRS = "zarr.json", ".zgroup", ".zarray", ".zattrs"
 METADATA_NAMES = frozenset({ZARR_JSON, ZGROUP, ZARRAY, ZATTRS})
 DIMENSION_NAMES = ("example", "hidden")
 #: v3 ``data_type`` -> the numpy spelling of the stored dtype.
-_V3_DTYPES = {"float16": "<f2", "float32": "<f4", "uint16": "<u2", "int16": "<i2", "bfloat16": "bfloat16"}
-_V3_NAMES = {"<f2": "float16", "<f4": "float32", "<u2": "uint16", "<i2": "int16"}
+_V3_DTYPES = {
+    "float16": "<f2",
+    "float32": "<f4",
+    "float64": "<f8",
+    "uint16": "<u2",
+    "int16": "<i2",
+    "bfloat16": "bfloat16",
+}
+_V3_NAMES = {"<f2": "float16", "<f4": "float32", "<f8": "float64", "<u2": "uint16", "<i2": "int16"}
 #: Stored dtypes actfmt reads and writes chunks of itself.
 _DIRECT_DTYPES = ("<u2", "<f2", "<f4", "<i2")
-_FLOAT = ("<f2", "<f4")
+_FLOAT = ("<f2", "<f4", "<f8")
 
 
 def encode_json(doc: Any) -> bytes:
@@ -380,3 +390,22 @@ def read_arrays(group: Location, names: Sequence[str]) -> dict[str, ArrayMeta]:
             if m is not None:
                 out[d.name] = m
     return {n: out[n] for n in names if n in out}
+
+
+def small_array_documents(
+    location: Location, name: str, arr: np.ndarray, zarr_format: int
+) -> dict[Location, bytes]:
+    """The documents and the one chunk of a small 2-D float array ``location/name`` (uncompressed)."""
+    import numpy as np
+
+    arr = np.ascontiguousarray(arr, dtype=np.dtype(arr.dtype).newbyteorder("<"))
+    rows, cols = arr.shape
+    dtype = arr.dtype.str
+    docs = {
+        location / name / k: v
+        for k, v in array_documents((rows, cols), max(rows, 1), dtype, "none", None, {}, zarr_format).items()
+    }
+    key = "0.0" if zarr_format == 2 else "c.0.0"
+    if rows:
+        docs[location / name / key] = arr.tobytes()
+    return docs

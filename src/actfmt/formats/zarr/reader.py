@@ -28,15 +28,19 @@ from typing import TYPE_CHECKING, Any
 from actfmt.errors import FormatError, NotASplitError, TruncatedError
 from actfmt.formats.base import (
     ACTFMT_KEY,
+    VECTOR_NAMES,
     ByteRun,
     LayerInfo,
     Reader,
     RowStore,
     Segment,
+    StoredVectors,
     fingerprint_of,
     scratch,
     stored_dtype,
+    stored_vectors_of,
 )
+from actfmt.formats.vectors import STATS_GROUP
 from actfmt.formats.zarr.codecs import codec_name
 from actfmt.formats.zarr.meta import (
     DTYPE_ATTR,
@@ -345,6 +349,28 @@ class ZarrReader(Reader):
         if not (m.direct and m.codec is None):
             return None
         return self._row_store(layer).runs(start, stop)
+
+    def stored_vectors(self) -> StoredVectors | None:
+        import numpy as np
+
+        group = self.location / STATS_GROUP
+        metas = read_arrays(group, list(VECTOR_NAMES))
+        probe = probe_group(group)
+        if probe is None:
+            return None
+        names = list(metas)
+        raws = read_objects([group / n / metas[n].chunk_key(0) for n in names])
+        arrays = {}
+        for n, raw in zip(names, raws, strict=True):
+            m = metas[n]
+            if (
+                raw is None
+                or m.codec is not None
+                or len(raw) != m.chunks[0] * m.chunks[1] * np.dtype(m.dtype).itemsize
+            ):
+                return None
+            arrays[n] = np.frombuffer(raw, dtype=m.dtype).reshape(m.chunks)[: m.shape[0]]
+        return stored_vectors_of(arrays, group_attributes(group, probe).get("layers"))
 
     def own_bytes(self, layer: int) -> Iterator[memoryview] | None:
         m = self._metas[layer]

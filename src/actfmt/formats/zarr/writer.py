@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import ConversionError
 from actfmt.formats.base import (
@@ -27,11 +27,13 @@ from actfmt.formats.base import (
     ByteRun,
     LayerInfo,
     SplitSpec,
+    StoredVectors,
     WriteOptions,
     Writer,
     as_array,
     stored_dtype,
 )
+from actfmt.formats.vectors import STATS_GROUP
 from actfmt.formats.zarr.codecs import resolve_compression
 from actfmt.formats.zarr.meta import (
     DTYPE_ATTR,
@@ -41,9 +43,13 @@ from actfmt.formats.zarr.meta import (
     group_documents,
     read_arrays,
     set_group_attribute,
+    small_array_documents,
 )
 from actfmt.layout import SUPPORTED_DTYPES
 from actfmt.storage import Location
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 __all__ = ["BLOCK_TARGET_BYTES", "CHUNK_TARGET_BYTES", "WRITE_THREADS", "ZarrWriter", "default_chunk_rows"]
 
@@ -258,6 +264,18 @@ class ZarrWriter(Writer):
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+
+    def write_stats(self, vectors: StoredVectors) -> None:
+        """The vectors as arrays of the group ``actfmt_stats`` (``mean``, ``std``, ``mean_f64``; zarr tools read
+        them as any array), the rows' layer names as its attribute ``layers``."""
+        zf = int(self.options.zarr_format or 3)
+        group = self.location / STATS_GROUP
+        docs = {group / k: v for k, v in group_documents({"layers": vectors.layers}, zf).items()}
+        for name, arr in vectors.arrays.items():
+            docs.update(small_array_documents(group, name, arr, zf))
+        for d in {loc.parent for loc in docs}:
+            d.mkdir()
+        self.location.put_many(docs)
 
     def finalize(self, block: dict[str, Any]) -> None:
         """Add the actfmt block to the group attributes (last: one atomic rewrite of the group's document)."""
