@@ -17,6 +17,9 @@ shards; 1.6 GB) under --work.  --work must be on the filesystem the user convert
 * **reads** (in process, page cache warm, best of --repeat): full layer, 256 random rows and one example
   across all layers, against the seed guide's loader (``torch.load`` + ``torch.cat``).
 * **validate**: header-only validation as a process against a bare ``import torch``; ``--deep`` GB/s.
+* **stats**: ``actfmt stats --no-pairs`` as a process on the split (page cache warm): GB/s end to end; and on a
+  converted store, which keeps the figures.  The convert section's ``--no-stats`` rows give what computing the
+  statistics during a conversion costs.
 
 Lower is better; the "goal" column is the issue's target.
 """
@@ -150,6 +153,15 @@ def bench_convert(src: Path, work: Path, repeat: int, formats: Sequence[str]) ->
     for fmt in formats:
         cases.append((f"{fmt} uncompressed", src, fmt, ["--compression", "none"], "<= 1.5"))
         cases.append(
+            (
+                f"{fmt} uncompressed --no-stats",
+                src,
+                fmt,
+                ["--compression", "none", "--no-stats"],
+                "stats <= +10 %",
+            )
+        )
+        cases.append(
             (f"{fmt} uncompressed --no-verify", src, fmt, ["--compression", "none", "--no-verify"], "<= 1.2")
         )
         if fmt != "safetensors":
@@ -205,7 +217,7 @@ def bench_convert(src: Path, work: Path, repeat: int, formats: Sequence[str]) ->
         ratio = statistics.median(times) / statistics.median(cps)
         where = ", ".join(
             f"{k} {statistics.median([p.get(k, 0.0) for p in phases]):.2f}"
-            for k in ("startup", "validate", "read", "write", "verify")
+            for k in ("startup", "validate", "read", "stats", "write", "verify")
         )
         table.add(label, f"{ratio:.2f}", spread(times), spread(cps), f"{rss / 1e9:.2f} GB", where, goal)
     # back to pt from each store
@@ -386,6 +398,41 @@ def bench_validate(src: Path, repeat: int) -> None:
     table.print(["what", "figure", "detail"])
 
 
+def bench_stats(src: Path, work: Path, repeat: int) -> None:
+    """``actfmt stats`` as a process on the split (page cache warm): the per-split figures' end-to-end GB/s;
+    then on the uncompressed zarr store the convert section kept (the figures kept with it: read at once)."""
+    table = Table()
+    warm(src)
+    size = du(src)
+    runs = [
+        timed_process([*ACTFMT, "stats", str(src), "--no-pairs", "-q", "--output-format", "json"])[0]
+        for _ in range(repeat)
+    ]
+    med = statistics.median(runs)
+    table.add(
+        "`actfmt stats SPLIT --no-pairs` (per-split figures, process)",
+        f"{size / 1e9 / med:.2f} GB/s",
+        spread(runs),
+        ">= 2 GB/s",
+    )
+    runs = [
+        timed_process([*ACTFMT, "stats", str(src), "--no-pairs", "-q", "--output-format", "json", "-j", "1"])[
+            0
+        ]
+        for _ in range(repeat)
+    ]
+    table.add("the same, `-j 1`", f"{size / 1e9 / statistics.median(runs):.2f} GB/s", spread(runs), "")
+    store = work / "store-zarr"
+    if store.exists():
+        runs = [
+            timed_process([*ACTFMT, "stats", str(store), "--no-pairs", "-q", "--output-format", "json"])[0]
+            for _ in range(repeat)
+        ]
+        table.add("`actfmt stats` on a converted store (figures kept)", "", spread(runs), "instant")
+    print("### Statistics\n")
+    table.print(["what", "figure", "wall: median (min-max)", "goal"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("split", nargs="?", type=Path, help="a .pt split to measure (default: a synthetic one)")
@@ -399,7 +446,7 @@ def main() -> int:
     ap.add_argument(
         "--quick", action="store_true", help="a small synthetic split (1000 x 1024 x 8) for a smoke run"
     )
-    ap.add_argument("--only", default="convert,demo,reads,validate", help="comma-separated sections")
+    ap.add_argument("--only", default="convert,demo,reads,validate,stats", help="comma-separated sections")
     ap.add_argument("--formats", default="zarr,hdf5,safetensors", help="formats to convert to")
     args = ap.parse_args()
     work = args.work.resolve()
@@ -429,6 +476,8 @@ def main() -> int:
         bench_reads(src, work, args.repeat)
     if "validate" in sections:
         bench_validate(src, args.repeat)
+    if "stats" in sections:
+        bench_stats(src, work, args.repeat)
     return 0
 
 

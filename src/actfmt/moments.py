@@ -90,6 +90,21 @@ def _decode(bits: int, dtype: str) -> float:
     return float(np.array([bits], dtype=view[0]).view(view[1])[0])
 
 
+def _largest_magnitude(bits: np.ndarray, magnitude: int, exponent: int, special: int) -> int:
+    """The largest magnitude (sign bit cleared) among sign-magnitude floats given as unsigned bits, leaving out
+    NaN / Inf when ``special``.  Without them: two reductions and no copy (as unsigned, the largest is the largest
+    negative when there is one; as signed, the largest non-negative)."""
+    import numpy as np
+
+    if special:
+        mags = np.bitwise_and(bits, magnitude)
+        mags[(bits & exponent) == exponent] = 0
+        return int(mags.max())
+    top = int(bits.max())
+    signed = int(bits.view(np.int16 if bits.dtype.itemsize == 2 else np.int32).max())
+    return max(top & magnitude if top > magnitude else 0, signed if signed >= 0 else 0)
+
+
 class Moments:
     """Mergeable per-layer accumulators: per-dimension count, mean and M2, and the row-norm and extreme
     figures.  ``update`` with blocks of rows in any order, ``merge`` partial results in any grouping."""
@@ -190,10 +205,7 @@ class Moments:
                 self.norm_rows += int(norms.size)
                 self.norm_sum += float(norms.sum())
                 self.norm_max = max(self.norm_max, float(norms.max()))
-        mags = np.bitwise_and(block, magnitude)
-        if bad:
-            mags[(block & exponent) == exponent] = 0
-        self.abs_max = max(self.abs_max, _decode(int(mags.max()), dtype))
+        self.abs_max = max(self.abs_max, _decode(_largest_magnitude(block, magnitude, exponent, bad), dtype))
         self.nonfinite += bad
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(n > 0, col / np.maximum(n, 1), 0.0)
@@ -305,29 +317,41 @@ class RowNorms:
         self.total = 0.0
         self.max = 0.0
         self.max_row = -1
+        self._buf: np.ndarray | None = None  # reused work array (a fresh one per block costs page faults)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_buf": None}
 
     def update(self, block: np.ndarray, dtype: str, first_row: int = 0) -> None:
         """Fold in a block of rows (stored dtype; bfloat16 as its bits) whose first row is ``first_row``."""
         import numpy as np
 
         block = np.ascontiguousarray(block).view(_BITS[dtype][0])
-        if block.shape[0] == 0:
+        rows, width = block.shape
+        if rows == 0:
             return
-        if dtype == "bfloat16":
-            x = np.left_shift(block, 16, dtype=np.uint32).view(np.float32)
-        elif dtype == "float16":
-            x = block.view(np.float16).astype(np.float32)
-        else:
-            x = block.view(np.float32).astype(np.float64)
+        wide = np.float64 if dtype == "float32" else np.float32
+        step = max(1, min(rows, (1 << 20) // max(1, width * np.dtype(wide).itemsize)))  # ~1 MiB: in cache
+        if self._buf is None or self._buf.dtype != wide or self._buf.size < step * width:
+            self._buf = np.empty(step * width, dtype=wide)
+        norms = np.empty(rows, dtype=np.float64)
         with np.errstate(over="ignore", invalid="ignore"):
-            np.multiply(x, x, out=x)
-            norms = np.sqrt(x.sum(axis=1, dtype=x.dtype), dtype=np.float64)
+            for a in range(0, rows, step):
+                part = block[a : a + step]
+                x = self._buf[: part.size].reshape(part.shape)
+                if dtype == "bfloat16":
+                    np.left_shift(part, 16, out=x.view(np.uint32), dtype=np.uint32)
+                else:
+                    np.copyto(x, part.view(np.float16 if dtype == "float16" else np.float32))
+                np.multiply(x, x, out=x)
+                norms[a : a + part.shape[0]] = x.sum(axis=1)
+            np.sqrt(norms, out=norms)
         finite = np.isfinite(norms)
         if not finite.all():  # NaN / Inf in the row, or a square beyond float32: those rows again in float64
             redo = np.flatnonzero(~finite)
-            wide = _as_float64(block[redo], dtype, np.empty((redo.size, block.shape[1])))
+            again = _as_float64(block[redo], dtype, np.empty((redo.size, width)))
             with np.errstate(over="ignore", invalid="ignore"):
-                norms[redo] = np.sqrt(np.einsum("ij,ij->i", wide, wide))
+                norms[redo] = np.sqrt(np.einsum("ij,ij->i", again, again))
             finite = np.isfinite(norms)
             norms = np.where(finite, norms, 0.0)
         n = int(np.count_nonzero(finite))
