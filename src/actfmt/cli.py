@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +23,7 @@ from typing import IO, Any, TypeVar
 import click
 
 from actfmt._version import __version__
-from actfmt.errors import ActfmtError
+from actfmt.errors import ActfmtError, Interrupted, os_error_from_text, os_error_message
 from actfmt.formats import FORMATS, all_compressions, get_format
 from actfmt.layout import SUPPORTED_DTYPES
 
@@ -77,9 +78,23 @@ class ActfmtGroup(click.Group):
             raise CliError(str(exc)) from None
         except BrokenPipeError:  # `actfmt info ... | head`: click leaves quietly
             raise
-        except OSError as exc:
-            raise CliError(str(exc)) from None
+        except OSError as exc:  # the environment's fault (full disk, permissions...): one line, exit 2
+            raise CliError(os_error_message(exc)) from None
+        except Interrupted as exc:
+            name = signal.Signals(exc.signum).name
+            kept = (
+                f"; partial kept at {', '.join(exc.partials)}; rerun with --resume to continue"
+                if exc.partials
+                else ""
+            )
+            click.echo(f"actfmt: interrupted ({name}){kept}", err=True)
+            raise click.exceptions.Exit(exc.exit_code) from None
         except Exception as exc:
+            embedded = os_error_from_text(str(exc))
+            if (
+                embedded is not None
+            ):  # a library's wrapped OS error (an HDF5 error stack): still the environment
+                raise CliError(os_error_message(embedded)) from None
             if _debug():
                 import traceback
 
@@ -745,7 +760,21 @@ def info_command(
 _SINGLE_THREADED_BLAS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGINT / SIGTERM: stop the command cleanly (locks released, partial stores kept); a second one quits at
+    once."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _quit_now)
+    raise Interrupted(signum)
+
+
+def _quit_now(signum: int, frame: Any) -> None:
+    os._exit(128 + signum)
+
+
 def main() -> None:
     for var in _SINGLE_THREADED_BLAS:
         os.environ.setdefault(var, "1")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
     cli(prog_name="actfmt")

@@ -7,6 +7,10 @@ file concerned and, where there is one, the fix.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 __all__ = [
     "ActfmtError",
     "ChangedError",
@@ -14,6 +18,7 @@ __all__ = [
     "CorruptShardError",
     "DestinationExistsError",
     "FormatError",
+    "Interrupted",
     "LockedError",
     "MetadataError",
     "NotASplitError",
@@ -24,6 +29,8 @@ __all__ = [
     "TruncatedError",
     "UnsafeShardError",
     "ValidationFailedError",
+    "os_error_from_text",
+    "os_error_message",
 ]
 
 
@@ -99,3 +106,71 @@ class ValidationFailedError(ActfmtError, ValueError):
     def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the command line tool (raised by its signal handlers, like KeyboardInterrupt).
+
+    ``partials``: partial stores an interrupted ``convert`` kept for ``--resume``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.partials: list[str] = []
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+#: Per errno: what the user can do about it.
+_OS_HINTS = {
+    errno.ENOSPC: "free some space or choose another destination",
+    errno.EDQUOT: "the disk quota is exhausted: free some space or choose another destination",
+    errno.EACCES: "check the permissions of the path and its directories, or choose another location",
+    errno.EPERM: "check the permissions of the path and its directories, or choose another location",
+    errno.EROFS: "the file system is mounted read-only: choose a writable destination",
+    errno.ENAMETOOLONG: "shorten the path or the file names",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) or use fewer --jobs",
+    errno.ENFILE: "the system's open-file table is full: close other programs or use fewer --jobs",
+    errno.EIO: "an input/output error: check the disk or the network file system",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EISDIR: "the path is a directory where a file was expected",
+    errno.EXDEV: "source and destination are on different file systems",
+}
+#: ``errno = N`` as HDF5 and other C libraries print it inside their own messages.
+_EMBEDDED_ERRNO = re.compile(r"errno\s*=\s*(\d+)")
+
+
+def os_error_from_text(message: str, path: str | None = None) -> OSError | None:
+    """An ``OSError`` for a library's message that embeds an ``errno = N`` (HDF5's, for one), else ``None``."""
+    m = _EMBEDDED_ERRNO.search(message)
+    if m is None:
+        return None
+    code = int(m.group(1))
+    return OSError(code, os.strerror(code), path)
+
+
+def os_error_message(exc: OSError, path: str | None = None) -> str:
+    """One line for an operating-system error: the path, the cause and what to do.  Library internals (an
+    HDF5 error stack, a C++ assertion) are reduced to their errno when they carry one."""
+    code = exc.errno
+    where = exc.filename if exc.filename is not None else path
+    cause = exc.strerror
+    if code is None:
+        found = os_error_from_text(str(exc))
+        if found is not None:
+            code, cause = found.errno, found.strerror
+    if code is None or cause is None:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"{where}: {text}" if where is not None else text
+    hint = _OS_HINTS.get(code)
+    head = f"{where}: {cause}" if where is not None else cause
+    if exc.filename2 is not None:
+        head = f"{where} -> {exc.filename2}: {cause}"
+    return (
+        f"{head} ({errno.errorcode.get(code, code)}); {hint}."
+        if hint
+        else f"{head} ({errno.errorcode.get(code, code)})."
+    )

@@ -202,6 +202,24 @@ def summary_line(reports: Sequence[Report], dot: str = "·", dash: str = "—") 
 # --------------------------------------------------------------------------------------------- text
 
 
+#: Findings of one rule shown per split in text output (the rest are counted; JSON lists every one).
+MAX_PER_RULE = 10
+
+
+def _capped(findings: Sequence[Finding]) -> tuple[list[Finding], dict[str, int]]:
+    """At most :data:`MAX_PER_RULE` findings of each rule, in order, and how many of each were left out."""
+    seen: dict[str, int] = {}
+    shown: list[Finding] = []
+    rest: dict[str, int] = {}
+    for f in findings:
+        seen[f.code] = seen.get(f.code, 0) + 1
+        if seen[f.code] <= MAX_PER_RULE:
+            shown.append(f)
+        else:
+            rest[f.code] = rest.get(f.code, 0) + 1
+    return shown, rest
+
+
 def render_text(
     reports: Sequence[Report], console: Console, *, strict: bool = False, quiet: bool = False
 ) -> None:
@@ -227,7 +245,8 @@ def render_text(
                 continue
             header = display_path(report.root, split or "")
             console.print(Text(_clean(header), style="bold underline"), soft_wrap=True)
-            for f in findings:
+            shown, rest = _capped(findings)
+            for f in shown:
                 style = "red" if f.severity == ERROR else "yellow"
                 where = _within(f.location, split)
                 line = Text.assemble(
@@ -241,6 +260,15 @@ def render_text(
                 )
                 console.print(line, soft_wrap=True)
                 console.print(Text("          " + _clean(f.message)), soft_wrap=True)
+            for code, n in rest.items():
+                console.print(
+                    Text(
+                        f"  ... and {n} more {code} finding{'s' if n > 1 else ''} in this split "
+                        f"(every finding: --output-format json)",
+                        style="dim",
+                    ),
+                    soft_wrap=True,
+                )
             for s in skips:
                 where = _within(s.location, split)
                 console.print(

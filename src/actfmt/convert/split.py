@@ -27,7 +27,14 @@ from typing import Any
 from actfmt.checksum import ALGORITHM
 from actfmt.convert.plan import SplitJob
 from actfmt.convert.tasks import LayerResult, LayerRunner, layer_tasks
-from actfmt.errors import ActfmtError, ChangedError, ConversionError, DestinationExistsError
+from actfmt.errors import (
+    ActfmtError,
+    ChangedError,
+    ConversionError,
+    DestinationExistsError,
+    Interrupted,
+    os_error_message,
+)
 from actfmt.formats import get_format, open_reader
 from actfmt.formats.base import LayerInfo, Reader, SplitSpec, StoredVectors, WriteOptions
 from actfmt.moments import SCHEMA_VERSION as STATS_SCHEMA
@@ -270,109 +277,129 @@ def convert_split(
     final = job.destination
     commit = commit_for(final, in_place=fmt.remote_write)
     with commit:
-        result.warnings += commit.notes
-        if commit.final_exists():
-            if resume and is_complete(final, to):
-                result.skipped.append(job)
-                return
-            if not overwrite and not (resume and commit.has_partial()):
-                raise DestinationExistsError(
-                    f"{final}: already exists; pass --overwrite to replace it"
-                    + (
-                        " (it is not a complete conversion, so --resume cannot continue it)."
-                        if resume
-                        else "."
-                    )
-                )
-        with open_reader(job.source, job.source_format) as reader:
-            fingerprints = _fingerprints(reader, list(reader.layers))
-            done: dict[str, LayerResult] = {}
-            recorded = None
-            if resume and commit.has_partial():
-                done, notes, recorded = _resume_state(commit, job, requested, fingerprints)
-                result.warnings += notes
-            elif commit.has_partial():
-                result.warnings.append(
-                    f"{final}: an interrupted conversion was left here; it is discarded and the split converted "
-                    f"again (next time, --resume continues it layer by layer)."
-                )
-            chosen = recorded or requested
-            dtype, options = chosen.get("dtype"), write_options(chosen)
-            spec = spec_for(reader, job.source_format, dtype)
-            cast_from = {a.name: a.dtype for a in reader.layers if dtype is not None and a.dtype != dtype}
-            if cast_from:
-                casts = sorted({f"{a} -> {dtype}" for a in cast_from.values()})
-                result.warnings.append(
-                    f"{job.location}: values cast {', '.join(casts)} (--dtype); not bit-exact."
-                )
-            writer_cls = fmt.writer_class()
-            if recorded is not None:
-                writer = writer_cls.open(commit.work, spec, options)
-            else:
-                done = {}
-                commit.prepare(overwrite)
-                commit.start_journal(
-                    {"journal": JOURNAL_VERSION, "options": requested, "source": str(job.source)}
-                )
-                writer = writer_cls.create(commit.work, spec, options)
-            writer.close()  # the tasks open the store themselves
-            todo = [pos for pos, li in enumerate(spec.layers) if li.name not in done]
-            total = sum(spec.layers[p].nbytes for p in todo)
-            emit(progress, ProgressEvent("start", "convert", total=total, description=job.label))
-            tasks = layer_tasks(
-                job.source,
-                job.source_format,
-                commit.work,
-                to,
-                spec,
-                options,
-                todo,
-                job.location,
-                verify,
-                dtype,
-                str(final),
-                stats,
-            )
-            for results in runner_for(reader)(tasks):
-                for res in results:
-                    done[res.name] = res
-                    commit.append_journal(
-                        {
-                            "layer": res.name,
-                            "checksum": res.checksum,
-                            "nbytes": res.nbytes,
-                            "source": fingerprints.get(res.name),
-                            "extra": {k: v for k, v in res.extra.items() if k != "seconds"},
-                        }
-                    )
-                    result.layers += 1
-                    result.bytes += res.nbytes
-                    for phase, seconds in (res.extra.get("seconds") or {}).items():
-                        result.add_time(phase, seconds)
-                    if per_layer_progress:
-                        emit(
-                            progress,
-                            ProgressEvent("advance", "convert", advance=res.nbytes, nbytes=res.nbytes),
-                        )
-            emit(progress, ProgressEvent("end", "convert", description=job.label))
-            now = _fingerprints(reader, spec.layers)
-        if now != fingerprints:
-            changed = sorted(k for k in fingerprints if now.get(k) != fingerprints[k])
-            raise ChangedError(
-                f"{job.source}: source changed during conversion ({', '.join(changed)}); nothing was published. "
-                f"Rerun when the source no longer changes (--resume redoes only what changed)."
-            )
-        moments = _layer_moments(commit.work, to, spec, done, result) if stats else None
-        t0 = time.perf_counter()
-        commit.check_owner()  # still ours: only then write the completeness mark
-        writer = writer_cls.open(commit.work, spec, options)
         try:
-            if moments is not None:
-                writer.write_stats(_vectors(spec, moments))
-            writer.finalize(actfmt_block(spec, done, options, cast_from, moments))
-        finally:
-            writer.close()
-        commit.publish()
-        result.add_time("publish", time.perf_counter() - t0)
+            result.warnings += commit.notes
+            if commit.final_exists():
+                if resume and is_complete(final, to):
+                    result.skipped.append(job)
+                    return
+                if not overwrite and not (resume and commit.has_partial()):
+                    raise DestinationExistsError(
+                        f"{final}: already exists; pass --overwrite to replace it"
+                        + (
+                            " (it is not a complete conversion, so --resume cannot continue it)."
+                            if resume
+                            else "."
+                        )
+                    )
+            with open_reader(job.source, job.source_format) as reader:
+                fingerprints = _fingerprints(reader, list(reader.layers))
+                done: dict[str, LayerResult] = {}
+                recorded = None
+                if resume and commit.has_partial():
+                    done, notes, recorded = _resume_state(commit, job, requested, fingerprints)
+                    result.warnings += notes
+                elif commit.has_partial():
+                    result.warnings.append(
+                        f"{final}: an interrupted conversion was left here; it is discarded and the split converted "
+                        f"again (next time, --resume continues it layer by layer)."
+                    )
+                chosen = recorded or requested
+                dtype, options = chosen.get("dtype"), write_options(chosen)
+                spec = spec_for(reader, job.source_format, dtype)
+                cast_from = {a.name: a.dtype for a in reader.layers if dtype is not None and a.dtype != dtype}
+                if cast_from:
+                    casts = sorted({f"{a} -> {dtype}" for a in cast_from.values()})
+                    result.warnings.append(
+                        f"{job.location}: values cast {', '.join(casts)} (--dtype); not bit-exact."
+                    )
+                writer_cls = fmt.writer_class()
+                writer = None
+                if recorded is not None:
+                    try:
+                        writer = writer_cls.open(commit.work, spec, options)
+                    except ConversionError as exc:  # the source changed shape or dtype since: start again
+                        result.warnings.append(
+                            f"{final}: the partial conversion no longer fits the source ({exc}); converting the "
+                            f"split again from the start."
+                        )
+                        recorded = None
+                if writer is None:
+                    done = {}
+                    commit.prepare(overwrite)
+                    commit.start_journal(
+                        {"journal": JOURNAL_VERSION, "options": requested, "source": str(job.source)}
+                    )
+                    writer = writer_cls.create(commit.work, spec, options)
+                writer.close()  # the tasks open the store themselves
+                todo = [pos for pos, li in enumerate(spec.layers) if li.name not in done]
+                total = sum(spec.layers[p].nbytes for p in todo)
+                emit(progress, ProgressEvent("start", "convert", total=total, description=job.label))
+                tasks = layer_tasks(
+                    job.source,
+                    job.source_format,
+                    commit.work,
+                    to,
+                    spec,
+                    options,
+                    todo,
+                    job.location,
+                    verify,
+                    dtype,
+                    str(final),
+                    stats,
+                )
+                for results in runner_for(reader)(tasks):
+                    for res in results:
+                        done[res.name] = res
+                        commit.append_journal(
+                            {
+                                "layer": res.name,
+                                "checksum": res.checksum,
+                                "nbytes": res.nbytes,
+                                "source": fingerprints.get(res.name),
+                                "extra": {k: v for k, v in res.extra.items() if k != "seconds"},
+                            }
+                        )
+                        result.layers += 1
+                        result.bytes += res.nbytes
+                        for phase, seconds in (res.extra.get("seconds") or {}).items():
+                            result.add_time(phase, seconds)
+                        if per_layer_progress:
+                            emit(
+                                progress,
+                                ProgressEvent("advance", "convert", advance=res.nbytes, nbytes=res.nbytes),
+                            )
+                emit(progress, ProgressEvent("end", "convert", description=job.label))
+                now = _fingerprints(reader, spec.layers)
+            if now != fingerprints:
+                changed = sorted(k for k in fingerprints if now.get(k) != fingerprints[k])
+                raise ChangedError(
+                    f"{job.source}: source changed during conversion ({', '.join(changed)}); nothing was published. "
+                    f"Rerun when the source no longer changes (--resume redoes only what changed)."
+                )
+            moments = _layer_moments(commit.work, to, spec, done, result) if stats else None
+            t0 = time.perf_counter()
+            commit.check_owner()  # still ours: only then write the completeness mark
+            writer = writer_cls.open(commit.work, spec, options)
+            try:
+                if moments is not None:
+                    writer.write_stats(_vectors(spec, moments))
+                writer.finalize(actfmt_block(spec, done, options, cast_from, moments))
+            finally:
+                writer.close()
+            commit.publish()
+            result.add_time("publish", time.perf_counter() - t0)
+        except Interrupted as exc:  # SIGINT / SIGTERM: the lock is released on the way out, the partial kept
+            if commit.has_partial():
+                exc.partials.append(str(commit.work))
+            raise
+        except OSError as exc:  # a full disk, a permission...: say where, and that the work done is kept
+            if isinstance(exc, ActfmtError) or not commit.has_partial():
+                raise
+            raise ConversionError(
+                f"{os_error_message(exc)} The partial conversion is kept at {commit.work}: once fixed, rerun with "
+                f"--resume to continue it."
+            ) from exc
     result.splits.append(job)
     result.checksums[job.location] = {name: r.checksum for name, r in done.items()}

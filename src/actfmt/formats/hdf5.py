@@ -257,6 +257,16 @@ def _encode_gzip(raw: np.ndarray, itemsize: int, shuffle: bool, level: int) -> b
 # writing
 
 
+def _fits(dset: Any, info: LayerInfo) -> bool:
+    """Does an existing dataset have the shape and dtype layer ``info`` needs?"""
+    return (
+        dset is not None
+        and getattr(dset, "shape", None) == (max(0, info.rows), info.hidden_dim)
+        and dset.dtype == stored_dtype(info.dtype)
+        and _from_attr(dset.attrs.get(DTYPE_ATTR)) == info.dtype
+    )
+
+
 class HDF5Writer(Writer):
     """Writes every layer of a split into one local HDF5 file.
 
@@ -307,10 +317,8 @@ class HDF5Writer(Writer):
     @classmethod
     def create(cls, location: Location, spec: SplitSpec, options: WriteOptions) -> HDF5Writer:
         import h5py
-        import numpy as np
 
         self = cls(location, spec, options)
-        codec = self._requested
         for info in spec.layers:
             if info.dtype not in SUPPORTED_DTYPES:
                 raise ConversionError(
@@ -326,35 +334,60 @@ class HDF5Writer(Writer):
                 for key, value in meta.items():
                     f.attrs[key] = _attr_value(value)
                 f.attrs[METADATA_ATTR] = json.dumps(meta, ensure_ascii=False, allow_nan=True)
-                for pos, info in enumerate(spec.layers):
-                    rows = max(0, info.rows)
-                    if self.contiguous(options):
-                        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-                        dcpl.set_layout(h5py.h5d.CONTIGUOUS)
-                        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # the offset is known now
-                        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # nothing written until the data
-                        dset = f.create_dataset(
-                            info.name,
-                            shape=(rows, info.hidden_dim),
-                            dtype=stored_dtype(info.dtype),
-                            dcpl=dcpl,
-                        )
-                    else:
-                        dset = f.create_dataset(
-                            info.name,
-                            shape=(rows, info.hidden_dim),
-                            maxshape=(None if rows == 0 else rows, info.hidden_dim),
-                            dtype=stored_dtype(info.dtype),
-                            chunks=(self.chunk_rows(pos), max(1, info.hidden_dim)),
-                            fillvalue=0,
-                            **codec.kwargs,
-                        )
-                    dset.attrs[DTYPE_ATTR] = info.dtype
-                    if info.shard_rows:
-                        dset.attrs[SHARD_ROWS_ATTR] = np.asarray(info.shard_rows, dtype=np.int64)
+                for pos in range(len(spec.layers)):
+                    self._make_dataset(f, pos)
         except BaseException:
             location.delete()  # never leave a half-made file behind
             raise
+        return self
+
+    def _make_dataset(self, f: h5py.File, pos: int) -> None:
+        """Create the dataset of layer position ``pos`` (empty: contiguous space allocated, or chunked)."""
+        import h5py
+        import numpy as np
+
+        info = self.spec.layers[pos]
+        rows = max(0, info.rows)
+        if self.contiguous(self.options):
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # the offset is known now
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # nothing written until the data
+            dset = f.create_dataset(
+                info.name, shape=(rows, info.hidden_dim), dtype=stored_dtype(info.dtype), dcpl=dcpl
+            )
+        else:
+            dset = f.create_dataset(
+                info.name,
+                shape=(rows, info.hidden_dim),
+                maxshape=(None if rows == 0 else rows, info.hidden_dim),
+                dtype=stored_dtype(info.dtype),
+                chunks=(self.chunk_rows(pos), max(1, info.hidden_dim)),
+                fillvalue=0,
+                **self._requested.kwargs,
+            )
+        dset.attrs[DTYPE_ATTR] = info.dtype
+        if info.shard_rows:
+            dset.attrs[SHARD_ROWS_ATTR] = np.asarray(info.shard_rows, dtype=np.int64)
+
+    @classmethod
+    def open(cls, location: Location, spec: SplitSpec, options: WriteOptions) -> HDF5Writer:
+        """A partial file, with every dataset that no longer has the source's shape or dtype made again, empty
+        (``--resume`` after the source of a layer changed: that layer is converted again)."""
+        import h5py
+
+        self = cls(location, spec, options)
+        if not os.path.exists(self.local_path):
+            return self
+        with h5py.File(self.local_path, "r") as f:
+            stale = [pos for pos, info in enumerate(spec.layers) if not _fits(f.get(info.name), info)]
+        if stale:
+            with h5py.File(self.local_path, "r+") as f:
+                for pos in stale:
+                    name = spec.layers[pos].name
+                    if name in f:
+                        del f[name]
+                    self._make_dataset(f, pos)
         return self
 
     # -- file handle ---------------------------------------------------------------------------------------

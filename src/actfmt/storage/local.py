@@ -399,7 +399,10 @@ def _check_identity(loc: Location, fd: int | None) -> None:
 def _write_all(fd: int, view: memoryview, path: str, offset: int | None = None) -> None:
     done = 0
     while done < len(view):
-        n = os.write(fd, view[done:]) if offset is None else os.pwrite(fd, view[done:], offset + done)
+        try:
+            n = os.write(fd, view[done:]) if offset is None else os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:  # a write names no file: say which (a full disk, a quota...)
+            raise OSError(exc.errno, exc.strerror, path) from None
         if n <= 0:  # pragma: no cover - write never returns 0 for a regular file
             raise OSError(errno.EIO, "short write", path)
         done += n
@@ -467,7 +470,10 @@ class LocalOutput(OutputFile):
         os.ftruncate(self.fd, size)
 
     def fsync(self) -> None:
-        os.fsync(self.fd)
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, self.location.path) from None
 
     def close(self) -> None:
         if self._fd is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import pickle
 import re
 import struct
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from actfmt.errors import ActfmtError, CorruptShardError, NotATensorError, UnsafeShardError
 from actfmt.storage import Location
+from actfmt.storage.local import open_regular
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -396,13 +398,17 @@ def _local_file(location: Location) -> Iterator[Path]:
             raise
 
 
+def _open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """A local file opened for reading without ever blocking: a FIFO, socket or device is an ``OSError``."""
+    return os.fdopen(open_regular(os.fspath(path)), "rb")
+
+
 def load_shard(location: Location, mmap: bool = True) -> torch.Tensor:
     """Load one shard with ``torch.load(weights_only=True)``; a precise :class:`~actfmt.errors.ActfmtError` on
-    bad input.  ``OSError`` (permissions, I/O) propagates as itself, with the file name."""
-    import torch
-
+    bad input.  ``OSError`` (permissions, I/O) propagates as itself, with the file name.  An empty file or one
+    that is no torch.save file at all is told without importing torch."""
     with _local_file(location) as p:
-        with open(p, "rb") as fh:  # OSError (ACT001) propagates
+        with _open_regular(p) as fh:  # OSError (ACT001) propagates; a FIFO is refused, never waited on
             magic = fh.read(4)
         if not magic:
             raise CorruptShardError(f"{location}: empty file (0 bytes); re-create the shard or remove it.")
@@ -412,6 +418,8 @@ def load_shard(location: Location, mmap: bool = True) -> torch.Tensor:
                 f"{location}: not a torch.save file (starts with {magic!r}, expected a zip archive); "
                 f"re-create the shard."
             )
+        import torch
+
         try:
             obj = torch.load(str(p), map_location="cpu", mmap=mmap and is_zip, weights_only=True)
             if isinstance(obj, torch.Tensor) and location.local_path is None:
@@ -475,7 +483,7 @@ def probe_shard(
         return cached
     t = load_shard(location, mmap=True)
     with _local_file(location) as p:
-        with open(p, "rb") as fh:
+        with _open_regular(p) as fh:
             legacy = fh.read(4) != ZIP_MAGIC
         where = None if legacy else _data_offset(p, t)
     return _remember(
@@ -506,7 +514,7 @@ def _data_offset(path: Path, t: torch.Tensor) -> int | None:
             rec = records[0]
         if rec.file_size != t.untyped_storage().nbytes():
             return None
-        with open(path, "rb") as fh:
+        with _open_regular(path) as fh:
             start = zip_data_start(fh, rec.header_offset)
         if start is None:
             return None

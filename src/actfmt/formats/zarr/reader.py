@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from actfmt.errors import FormatError, NotASplitError, TruncatedError
+from actfmt.errors import ChangedError, FormatError, NotASplitError, TruncatedError
 from actfmt.formats.base import (
     ACTFMT_KEY,
     VECTOR_NAMES,
@@ -47,6 +47,7 @@ from actfmt.formats.zarr.meta import (
     SHARD_ROWS_ATTR,
     ZARR_JSON,
     ZARRAY,
+    ZGROUP,
     ArrayMeta,
     group_attributes,
     probe_group,
@@ -93,6 +94,10 @@ class ZarrReader(Reader):
                 f"`actfmt convert SRC DST --to zarr`."
             )
         self._probe = probe
+        # the group's document, as it was when opened: a store replaced since (``--overwrite`` renames a new one
+        # into place) is told by its new document, checked around every read (local stores: one stat each)
+        self._doc = location / (ZARR_JSON if probe.zarr_format == 3 else ZGROUP)
+        self._identity = self._doc_identity() if location.local_path is not None else None
         found = [(i, e.name) for e in entries if (i := layer_index(e.name)) is not None and e.is_dir()]
         self._names = [name for _, name in sorted(found)]
         self._stores: dict[int, RowStore] = {}
@@ -204,6 +209,29 @@ class ZarrReader(Reader):
         return [f"{m.name}/{k}" for k in (m.chunk_key(i) for i in range(m.nchunks)) if k not in present]
 
     # -- data ----------------------------------------------------------------------------------------------
+    def _doc_identity(self) -> tuple[Any, ...] | None:
+        try:
+            return self._doc.stat().identity
+        except OSError:
+            return None
+
+    def _check_unchanged(self) -> None:
+        if self._doc_identity() != self._identity:
+            raise ChangedError(
+                f"{self.location}: the store was replaced or rewritten after it was opened; open it again."
+            )
+
+    @contextlib.contextmanager
+    def _unchanged(self) -> Iterator[None]:
+        """Raise :class:`ChangedError` if the store was replaced before or while the rows were read: a reader
+        returns the rows of the store it opened, or an error, never another store's rows."""
+        if self._identity is None:
+            yield
+            return
+        self._check_unchanged()
+        yield
+        self._check_unchanged()
+
     def _chunk(self, m: ArrayMeta, k: int) -> Location:
         return self.location / m.name / m.chunk_key(k)
 
@@ -280,6 +308,12 @@ class ZarrReader(Reader):
     def read_array(
         self, layer: int, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
     ) -> np.ndarray:
+        with self._unchanged():
+            return self._read_array(layer, start, stop, out)
+
+    def _read_array(
+        self, layer: int, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
         import numpy as np
 
         m, info = self._metas[layer], self.layers[layer]
@@ -310,6 +344,10 @@ class ZarrReader(Reader):
         return out
 
     def take_array(self, layer: int, rows: Any) -> np.ndarray:
+        with self._unchanged():
+            return self._take_array(layer, rows)
+
+    def _take_array(self, layer: int, rows: Any) -> np.ndarray:
         import numpy as np
 
         m, info = self._metas[layer], self.layers[layer]

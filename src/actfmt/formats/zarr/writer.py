@@ -75,6 +75,24 @@ def _chunk_rows(info: LayerInfo, options: WriteOptions, compression: str) -> int
     return default_chunk_rows(info.rows, info.hidden_dim, info.itemsize, target)
 
 
+def _array_docs(
+    location: Location, info: LayerInfo, options: WriteOptions, codec: str, level: int | None, zf: int
+) -> dict[Location, bytes]:
+    """The metadata documents of layer ``info``'s array (no chunk yet)."""
+    attrs: dict[str, Any] = {DTYPE_ATTR: info.dtype}
+    if info.shard_rows:
+        attrs[SHARD_ROWS_ATTR] = list(info.shard_rows)
+    adir = location / info.name
+    shape = (info.rows, info.hidden_dim)
+    dtype = stored_dtype(info.dtype).str
+    return {
+        adir / key: raw
+        for key, raw in array_documents(
+            shape, _chunk_rows(info, options, codec), dtype, codec, level, attrs, zf
+        ).items()
+    }
+
+
 class ZarrWriter(Writer):
     """Writes the group's documents and whole chunk objects itself (see the module docstring)."""
 
@@ -105,17 +123,8 @@ class ZarrWriter(Writer):
         docs: dict[Location, bytes] = {}
         location.mkdir()
         for info in spec.layers:
-            attrs: dict[str, Any] = {DTYPE_ATTR: info.dtype}
-            if info.shard_rows:
-                attrs[SHARD_ROWS_ATTR] = list(info.shard_rows)
-            adir = location / info.name
-            adir.mkdir()
-            shape = (info.rows, info.hidden_dim)
-            dtype = stored_dtype(info.dtype).str
-            for key, raw in array_documents(
-                shape, _chunk_rows(info, options, name), dtype, name, level, attrs, zf
-            ).items():
-                docs[adir / key] = raw
+            (location / info.name).mkdir()
+            docs.update(_array_docs(location, info, options, name, level, zf))
         location.put_many(docs)
         # the group last: a directory is a store only once every array's metadata is there
         attrs = {k: v for k, v in spec.metadata.items() if k != ACTFMT_KEY}
@@ -134,10 +143,16 @@ class ZarrWriter(Writer):
         if not m.direct:
             raise ConversionError(f"{where}: not written by actfmt's zarr writer; use --overwrite.")
         if m.shape != (info.rows, info.hidden_dim) or stored_dtype(info.dtype).str != m.dtype:
-            raise ConversionError(
-                f"{where}: the partial store holds {list(m.shape)} {m.dtype}, the source "
-                f"[{info.rows}, {info.hidden_dim}] {info.dtype}; restart without --resume."
-            )
+            # the source of this layer changed shape or dtype since the partial store was started (--resume
+            # redoes it): the array is made again, empty, before its rows are written from the first
+            name, level = resolve_compression(self.location, self.options.compression, self.options.level)
+            where.delete_tree()
+            where.mkdir()
+            zf = int(self.options.zarr_format or 3)
+            self.location.put_many(_array_docs(self.location, info, self.options, name, level, zf))
+            m = read_arrays(self.location, [info.name]).get(info.name)
+            if m is None:  # pragma: no cover - just written
+                raise ConversionError(f"{where}: the array cannot be made again; restart without --resume.")
         with self._lock:
             self._metas[layer] = m
         return m
