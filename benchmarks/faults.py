@@ -10,7 +10,7 @@ complete-looking that is not, the source unchanged, and ``--resume`` finishing b
 * **signal**: SIGTERM / SIGINT at several moments -> exit 143 / 130, "partial kept at ...", lock released;
 * **full disk** (root: a tmpfs sized to 25 %, 50 % and 90 % of the output) -> exit 2, ENOSPC named with the
   path; the tmpfs grown, ``--resume`` finishes;
-* **source rewritten** while the conversion runs (a layer's shards replaced by float16 ones) -> exit 2 "changed",
+* **source rewritten** while the conversion runs (a layer's shards replaced by others) -> exit 2 "changed",
   nothing published; or, if the rewrite came first, a store equal to the new source;
 * **second writer** into the same destination -> one of the two refuses ("another actfmt convert"), the other
   finishes;
@@ -109,10 +109,15 @@ def scenario_signal(src: Path, work: Path, fmt: str) -> None:
             record("signal", fmt, same(src, out), f"{name} at {delay}s: finished first")
             continue
         locks = list(out.rglob("*.actfmt-lock"))
-        ok = proc.returncode == 128 + sig and "partial kept at" in err and clean(err) and not locks
+        started = any(out.rglob("*.actfmt-partial"))  # a signal before the first layer leaves nothing to keep
+        said = (
+            "partial kept at" in err if started else err.strip().startswith(f"actfmt: interrupted ({name})")
+        )
+        ok = proc.returncode == 128 + sig and said and clean(err) and not locks
         again = run("convert", str(src), str(out), "--to", fmt, "--resume")
         ok = ok and again.returncode == 0 and same(src, out) and digest(src) == before
-        record("signal", fmt, ok, f"{name} at {delay}s -> exit {proc.returncode}, --resume exact")
+        detail = f"{name} at {delay}s -> exit {proc.returncode}{'' if started else ' (before any layer)'}"
+        record("signal", fmt, ok, detail + (", --resume exact" if ok else f": {err.strip()[-300:]}"))
 
 
 def _mount(point: Path, size: str) -> bool:
@@ -169,17 +174,20 @@ def scenario_source_rewritten(src: Path, work: Path, fmt: str) -> None:
     last = sorted(p for p in copy.iterdir() if p.is_dir())[-1]
     for shard in sorted(last.glob("shard_*.pt")):
         t = torch.load(shard)
-        torch.save(t.to(torch.float16).clone(), shard)
+        torch.save((t * 2).clone(), shard)  # new values, same shape and dtype: the source stays valid
     _, err = proc.communicate(timeout=300)
     if proc.returncode == 0:
         ok = same(copy, out)
         record("source rewritten", fmt, ok, "the rewrite came first: the store equals the new source")
     else:
         complete = [p for p in out.rglob("*") if p.name in ("EM", "EM.zarr", "EM.h5")]
-        ok = proc.returncode == 2 and "changed" in err and clean(err) and not complete
+        first = proc.returncode == 2 and "changed" in err and clean(err) and not complete
         again = run("convert", str(copy), str(out), "--to", fmt, "--resume")
-        ok = ok and again.returncode == 0 and same(copy, out)
-        record("source rewritten", fmt, ok, "exit 2 'changed', nothing published; --resume exact")
+        ok = first and again.returncode == 0 and same(copy, out)
+        detail = "exit 2 'changed', nothing published; --resume exact"
+        if not ok:
+            detail = f"exit {proc.returncode} {err.strip()[-200:]!r} / resume {again.returncode} {again.stderr[-300:]!r}"
+        record("source rewritten", fmt, ok, detail)
 
 
 def scenario_second_writer(src: Path, work: Path, fmt: str) -> None:

@@ -394,6 +394,13 @@ def convert_split(
             if commit.has_partial():
                 exc.partials.append(str(commit.work))
             raise
+        except ChangedError as exc:
+            if "source changed during conversion" in str(exc):
+                raise
+            raise ChangedError(
+                f"{job.source}: source changed during conversion ({exc}); nothing was published. Rerun when the "
+                f"source no longer changes (--resume redoes only what changed)."
+            ) from None
         except OSError as exc:  # a full disk, a permission...: say where, and that the work done is kept
             if isinstance(exc, ActfmtError) or not commit.has_partial():
                 raise
