@@ -290,7 +290,9 @@ def test_retries_exhausted_fail_cleanly_then_resume_finishes(
     assert layers <= {"layer_00", "layer_02"} and partial.is_dir()  # the layers that finished are kept
     monkeypatch.undo()
     res = convert(tree, out, to="zarr", executor="dask", scheduler=inproc_client, resume=True)
-    assert res.layers == 1 + LAYERS  # layer_01 of EM, then all of Neutral
+    # the EM layers the first run did not finish (layer_01, and layer_02 when it was cancelled before it ended:
+    # it depends on the cluster's timing), then all of Neutral
+    assert res.layers == (LAYERS - len(layers)) + LAYERS
     same = verify(local_outputs["zarr"][0], out)
     assert same.equal, same.differences
 
