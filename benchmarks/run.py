@@ -210,7 +210,7 @@ def bench_convert(src: Path, work: Path, repeat: int, formats: Sequence[str]) ->
             ]
         )
         shutil.rmtree(work / "rss", ignore_errors=True)
-        if fmt in stores and "--no-verify" not in extra and extra and extra[0] == "--compression":
+        if fmt in stores and extra == ["--compression", "none"]:  # the store (statistics kept) of the default run
             shutil.rmtree(stores[fmt], ignore_errors=True)
             shutil.move(str(out), stores[fmt])
         shutil.rmtree(out, ignore_errors=True)
@@ -300,6 +300,7 @@ def bench_reads(src: Path, work: Path, repeat: int) -> None:
     import torch
 
     import actfmt
+    from actfmt.formats import find_splits
     from actfmt.layout import expected_shard_rows, layer_name, shard_name
 
     meta = json.loads((src / "metadata.json").read_text())
@@ -311,7 +312,7 @@ def bench_reads(src: Path, work: Path, repeat: int) -> None:
         out = work / f"read-{label}"
         if not out.exists():
             actfmt.convert(src, out, to=fmt, compression=comp, force=True)
-        (store,) = [p for p, _ in actfmt.formats.find_splits(out)]
+        (store,) = [p for p, _ in find_splits(out)]
         stores[label] = Path(str(store))
     warm(src)
     layer = n_layers // 2

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import NotASplitError
 from actfmt.formats import find_splits, open_reader
-from actfmt.formats.base import LayerInfo, Reader, StoredVectors, torch_dtype
+from actfmt.formats.base import LayerInfo, Reader, StoredVectors, to_torch, torch_dtype
 from actfmt.moments import LayerStats, Moments, layer_moments
 from actfmt.statistics import stored_layer_stats
 from actfmt.storage import Location, PathLike, resolve
@@ -237,16 +237,15 @@ class Split:
             ) from None
 
     def example(self, i: int) -> torch.Tensor:
-        """Row ``i`` of every layer, stacked: ``[num_layers, hidden_dim]``."""
-        import numpy as np
+        """Row ``i`` of every layer, stacked: ``[num_layers, hidden_dim]`` (one batch of reads)."""
         import torch
 
         n = self.num_examples
         if not -n <= i < n:
             raise IndexError(f"example {i} out of range for {n} examples")
         i %= n
-        ids = np.array([i])
-        return torch.cat([self._reader.take(pos, ids) for pos in range(self.num_layers)])
+        rows = self._reader.example_arrays(i)
+        return torch.cat([to_torch(r, li.dtype) for r, li in zip(rows, self._reader.layers, strict=True)])
 
     def __len__(self) -> int:
         return self.num_examples

@@ -20,6 +20,7 @@ import abc
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from actfmt.storage import Entry, Location, read_into
@@ -53,6 +54,8 @@ __all__ = [
     "torch_dtype",
 ]
 
+#: Takes of at most this many rows skip the sorting and grouping of larger ones.
+SMALL_TAKE = 8
 #: Name of the actfmt block in a store's attributes / metadata.
 ACTFMT_KEY = "actfmt"
 #: Stored numpy dtype of each supported dtype (little-endian; bfloat16 as its bits).
@@ -328,6 +331,43 @@ class RowStore:
                 buf[:] = 0
         return out
 
+    def _take_few(self, rows: list[int]) -> np.ndarray:
+        """A few rows (an example across layers, a probe's query): one request per row, no sorting."""
+        import bisect
+
+        import numpy as np
+
+        got = np.empty((len(rows), self.hidden_dim), dtype=self.dtype)
+        starts = self._starts
+        reqs: list[tuple[Location, int, Any]] = []
+        for j, r in enumerate(rows):
+            k = bisect.bisect_right(starts, r) - 1
+            seg, local = self.segments[k], r - starts[k]
+            if seg.array is not None:
+                got[j] = seg.array[local]
+            else:
+                reqs.append((seg.location, seg.offset + local * self.row_bytes, got[j].view(np.uint8)))
+        for ok, (_, _, buf) in zip(read_into(reqs, self.missing_ok), reqs, strict=True):
+            if not ok:
+                buf[:] = 0
+        return got
+
+    def row_request(self, row: int, dst: np.ndarray) -> tuple[Location, int, Any] | None:
+        """The read request that fills ``dst`` with row ``row`` (``None``: copied from memory already)."""
+        import bisect
+
+        starts = self._starts
+        k = bisect.bisect_right(starts, row) - 1
+        seg, local = self.segments[k], row - starts[k]
+        if seg.array is not None:
+            dst[...] = seg.array[local]
+            return None
+        return (seg.location, seg.offset + local * self.row_bytes, dst.reshape(-1).view("u1"))
+
+    @cached_property
+    def _starts(self) -> list[int]:
+        return [int(x) for x in self.offsets[:-1]] if len(self.offsets) > 1 else [0]
+
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows at sorted-or-not, repeated-or-not indices; runs of nearby rows are one request each."""
         import numpy as np
@@ -335,6 +375,8 @@ class RowStore:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
             raise IndexError(f"row index out of range for {self.rows} rows")
+        if rows.size <= SMALL_TAKE:
+            return self._take_few(rows.tolist())
         uniq, inverse = np.unique(rows, return_inverse=True)
         got = np.empty((uniq.size, self.hidden_dim), dtype=self.dtype)
         if uniq.size == 0:
@@ -527,6 +569,10 @@ class Reader(abc.ABC):
         """Rows at the given indices as a torch tensor of the real dtype."""
         return to_torch(self.take_array(layer, rows), self.layers[layer].dtype)
 
+    def example_arrays(self, row: int) -> list[np.ndarray]:
+        """Row ``row`` of every layer, each ``[1, hidden_dim]`` in its stored dtype (``Split.example``)."""
+        return [self.take_array(pos, [row]) for pos in range(len(self.layers))]
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
 
@@ -535,6 +581,29 @@ class Reader(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def row_across(stores: Sequence[RowStore], row: int) -> list[np.ndarray]:
+    """Row ``row`` of every store (one per layer), each ``[1, hidden_dim]``, in one batch of reads."""
+    import numpy as np
+
+    outs, reqs, owners = [], [], []
+    for store in stores:
+        if not 0 <= row < store.rows:
+            raise IndexError(f"row {row} out of range for {store.rows} rows")
+        got = np.empty((1, store.hidden_dim), dtype=store.dtype)
+        req = store.row_request(row, got[0])
+        if req is not None:
+            reqs.append(req)
+            owners.append(store)
+        outs.append(got)
+    oks = read_into(reqs, missing_ok=any(s.missing_ok for s in owners))
+    for ok, req, store in zip(oks, reqs, owners, strict=True):
+        if not ok:
+            if not store.missing_ok:
+                raise FileNotFoundError(f"{req[0]}: missing")
+            req[2][:] = 0
+    return outs
 
 
 class RowStoreReader(Reader):
@@ -553,6 +622,9 @@ class RowStoreReader(Reader):
 
     def take_array(self, layer: int, rows: Any) -> np.ndarray:
         return self.row_store(layer).take(rows)
+
+    def example_arrays(self, row: int) -> list[np.ndarray]:
+        return row_across([self.row_store(pos) for pos in range(len(self.layers))], row)
 
     def runs(self, layer: int, start: int, stop: int) -> list[ByteRun] | None:
         return self.row_store(layer).runs(start, stop)

@@ -13,6 +13,7 @@ import os
 import shutil
 import stat as stat_mod
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -332,35 +333,112 @@ class LocalLocation(Location):
                 os.close(fd)
 
 
+class _PinnedFds:
+    """Descriptors of pinned files (a location with the identity a reader expects), kept open across reads: a
+    reader asking for a few rows at a time pays one ``fstat`` per read, not an ``open`` + ``fstat`` + ``close``.
+    Keyed by path and identity, so a file replaced since is opened again (and then fails its identity check);
+    a descriptor in use is never closed; the least recently used beyond :attr:`size` are."""
+
+    size = 64
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fds: OrderedDict[tuple[str, tuple[Any, ...]], list[int]] = OrderedDict()  # key -> [fd, users]
+
+    def acquire(self, loc: Location) -> int:
+        key = (loc.path, tuple(loc.expected or ()))
+        with self._lock:
+            entry = self._fds.get(key)
+            if entry is not None:
+                entry[1] += 1
+                self._fds.move_to_end(key)
+        if entry is not None:
+            try:
+                _check_identity(loc, entry[0])  # rewritten in place since: an error, as on a fresh open
+            except BaseException:
+                self.release(loc, entry[0])
+                raise
+            return entry[0]
+        fd = open_regular(loc.path)
+        try:
+            _check_identity(loc, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._lock:
+            if key in self._fds:  # another thread opened it meanwhile: use theirs
+                os.close(fd)
+                entry = self._fds[key]
+                entry[1] += 1
+                return entry[0]
+            self._fds[key] = [fd, 1]
+            self._evict()
+        return fd
+
+    def release(self, loc: Location, fd: int) -> None:
+        key = (loc.path, tuple(loc.expected or ()))
+        with self._lock:
+            entry = self._fds.get(key)
+            if entry is not None and entry[0] == fd:
+                entry[1] -= 1
+            self._evict()
+
+    def _evict(self) -> None:
+        for key in list(self._fds):
+            if len(self._fds) <= self.size:
+                return
+            fd, users = self._fds[key]
+            if users <= 0:
+                del self._fds[key]
+                os.close(fd)
+
+    def close_all(self) -> None:
+        with self._lock:
+            for key, (fd, users) in list(self._fds.items()):
+                if users <= 0:
+                    del self._fds[key]
+                    os.close(fd)
+
+
+_PINNED = _PinnedFds()
+
+
 class _Files:
-    """The files of one batch of reads, each opened once (never blocking, regular files only, pins checked)."""
+    """The files of one batch of reads, each opened once (never blocking, regular files only, pins checked;
+    pinned files through :data:`_PINNED`, kept open for the next batch)."""
 
     def __init__(self, missing_ok: bool) -> None:
         self.missing_ok = missing_ok
         self.fds: dict[str, int | None] = {}
+        self.pinned: list[tuple[Location, int]] = []
 
     def fd(self, loc: Location) -> int | None:
         """The open descriptor of ``loc``, or ``None`` when it is missing (with ``missing_ok``)."""
         path = loc.path
         if path not in self.fds:
+            if loc.expected is not None:
+                fd = _PINNED.acquire(loc)  # FileNotFoundError of a pinned file: it was there, it is gone
+                self.pinned.append((loc, fd))
+                self.fds[path] = fd
+                return fd
             try:
                 self.fds[path] = open_regular(path)
             except FileNotFoundError:
                 if not self.missing_ok:
                     raise
                 self.fds[path] = None
-            else:
-                if loc.expected is not None:
-                    _check_identity(loc, self.fds[path])
         return self.fds[path]
 
     def __enter__(self) -> _Files:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        kept = {fd for _, fd in self.pinned}
         for fd in self.fds.values():
-            if fd is not None:
+            if fd is not None and fd not in kept:
                 os.close(fd)
+        for loc, fd in self.pinned:
+            _PINNED.release(loc, fd)
 
 
 def _pread_all(views: Sequence[tuple[Location, int, memoryview]], missing_ok: bool) -> list[bool]:
