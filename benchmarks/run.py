@@ -210,7 +210,7 @@ def bench_convert(src: Path, work: Path, repeat: int, formats: Sequence[str]) ->
             ]
         )
         shutil.rmtree(work / "rss", ignore_errors=True)
-        if fmt in stores and extra == ["--compression", "none"]:  # the store (statistics kept) of the default run
+        if fmt in stores and extra == ["--compression", "none"]:  # the default run's store (statistics kept)
             shutil.rmtree(stores[fmt], ignore_errors=True)
             shutil.move(str(out), stores[fmt])
         shutil.rmtree(out, ignore_errors=True)
