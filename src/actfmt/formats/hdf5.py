@@ -47,7 +47,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import IO, TYPE_CHECKING, Any, cast
@@ -74,7 +73,7 @@ from actfmt.formats.base import (
 )
 from actfmt.formats.vectors import STATS_GROUP
 from actfmt.layout import SUPPORTED_DTYPES, layer_index
-from actfmt.storage import Entry, Kind, LocalLocation, Location
+from actfmt.storage import Entry, Kind, LocalLocation, Location, read_pool
 
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
@@ -263,21 +262,6 @@ def _encode_gzip(raw: np.ndarray, itemsize: int, shuffle: bool, level: int) -> b
         else:
             return bytes(isal_zlib.compress(memoryview(buf), min(3, (level + 2) // 3)))
     return zlib.compress(memoryview(buf), level)
-
-
-_INFLATE_POOL: Any = None
-_INFLATE_LOCK = threading.Lock()
-
-
-def _inflate_pool() -> Any:
-    """The threads that inflate gzip chunks for every reader (two: the target machine has two cores)."""
-    global _INFLATE_POOL
-    with _INFLATE_LOCK:
-        if _INFLATE_POOL is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _INFLATE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="actfmt-h5-inflate")
-        return _INFLATE_POOL
 
 
 def _unshuffle(planes: np.ndarray, dst: np.ndarray) -> None:
@@ -940,7 +924,7 @@ class HDF5Reader(Reader):
 
         if len(raws) == 1:
             return one(raws[0])
-        return all(_inflate_pool().map(one, raws))
+        return all(read_pool().map(one, raws))
 
     def example_arrays(self, row: int) -> list[np.ndarray]:
         stores = [self._rows(pos) for pos in range(len(self.layers))]

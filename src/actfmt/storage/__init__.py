@@ -15,7 +15,7 @@ from typing import Any
 
 from actfmt.errors import ActfmtError
 from actfmt.storage.base import Entry, Kind, Location, OutputFile, Stat, read_into, read_objects, scan_runs
-from actfmt.storage.local import LocalLocation
+from actfmt.storage.local import LocalLocation, read_pool
 
 __all__ = [
     "Entry",
@@ -30,6 +30,7 @@ __all__ = [
     "parse_storage_options",
     "read_into",
     "read_objects",
+    "read_pool",
     "resolve",
     "scan_runs",
 ]

@@ -68,7 +68,9 @@ def open_regular(path: str) -> int:
     return fd
 
 
-def _read_pool() -> ThreadPoolExecutor:
+def read_pool() -> ThreadPoolExecutor:
+    """Two threads (the target machine has two cores) shared by every reader: the second half of a large local
+    read, and formats' chunk decoding.  A job on it must never wait for another job on it."""
     global _pool
     with _pool_lock:
         if _pool is None:
@@ -224,7 +226,7 @@ class LocalLocation(Location):
                 else:
                     pieces[0 if acc < half else 1].append((loc, off, v))
                 acc += len(v)
-            second = _read_pool().submit(_pread_all, pieces[1], False)
+            second = read_pool().submit(_pread_all, pieces[1], False)
             _pread_all(pieces[0], False)
             second.result()
             return [True] * len(views)
