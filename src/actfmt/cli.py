@@ -201,6 +201,26 @@ def jobs_option(default: int, help: str) -> Any:
     )
 
 
+def executor_options(what: str) -> Any:
+    """``--executor local|dask`` and ``--scheduler ADDRESS``; ``what``: what happens to layers ("written")."""
+
+    def decorate(f: Any) -> Any:
+        f = click.option(
+            "--scheduler",
+            metavar="ADDRESS",
+            help="With --executor dask: the scheduler to use (tcp://host:8786); default: a local cluster.",
+        )(f)
+        return click.option(
+            "--executor",
+            type=click.Choice(["local", "dask"]),
+            default="local",
+            show_default=True,
+            help=f"Where layers are {what}: this process, or tasks on dask.distributed (needs actfmt[dask]).",
+        )(f)
+
+    return decorate
+
+
 # --------------------------------------------------------------------------------------------- the group
 
 
@@ -413,18 +433,7 @@ def _compression_help() -> str:
     "Layers converted in parallel (0: one per CPU); with --executor dask and no --scheduler, the number of "
     "local worker processes.",
 )
-@click.option(
-    "--executor",
-    type=click.Choice(["local", "dask"]),
-    default="local",
-    show_default=True,
-    help="Where layers are written: this process, or tasks on dask.distributed (needs actfmt[dask]).",
-)
-@click.option(
-    "--scheduler",
-    metavar="ADDRESS",
-    help="With --executor dask: the scheduler to use (tcp://host:8786); default: a local cluster.",
-)
+@executor_options("written")
 @click.option("--overwrite", is_flag=True, help="Replace a destination that exists.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted conversion (complete splits are kept).")
 @click.option("--no-verify", is_flag=True, help="Skip re-reading the destination to check its checksums.")
@@ -652,18 +661,7 @@ def verify_command(
     "Layers read in parallel (0: one per CPU); with --executor dask and no --scheduler, the number of local "
     "worker processes.",
 )
-@click.option(
-    "--executor",
-    type=click.Choice(["local", "dask"]),
-    default="local",
-    show_default=True,
-    help="Where layers are read: this process, or tasks on dask.distributed (needs actfmt[dask]).",
-)
-@click.option(
-    "--scheduler",
-    metavar="ADDRESS",
-    help="With --executor dask: the scheduler to use (tcp://host:8786); default: a local cluster.",
-)
+@executor_options("read")
 @progress_options("the output")
 @storage_options_option
 def stats_command(
