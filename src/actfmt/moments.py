@@ -308,8 +308,8 @@ class Moments:
 
 class RowNorms:
     """The row norms ‖xᵢ‖₂ of a layer, cheaply: their count, sum and maximum (and which row), for the deep
-    validation rule norm-outlier (ACT408).  16-bit values are squared exactly in float32 and summed pairwise
-    (relative error ~1e-7: ample for a threshold); float32 values in float64.  Rows holding NaN or Inf are left
+    validation rule norm-outlier (ACT408).  16-bit values are squared exactly in float32 and summed in float32
+    (relative error ~1e-6: ample for a threshold); float32 values in float64.  Rows holding NaN or Inf are left
     out.  Mergeable."""
 
     def __init__(self) -> None:
@@ -322,14 +322,17 @@ class RowNorms:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_buf": None}
 
-    def update(self, block: np.ndarray, dtype: str, first_row: int = 0) -> None:
-        """Fold in a block of rows (stored dtype; bfloat16 as its bits) whose first row is ``first_row``."""
+    def update(self, block: np.ndarray, dtype: str, first_row: int = 0) -> np.ndarray:
+        """Fold in a block of rows (stored dtype; bfloat16 as its bits) whose first row is ``first_row``.
+        Returns each row's norm: NaN or Inf exactly for the rows holding a NaN or an Inf (a finite row whose
+        squares overflow float32 is computed again in float64); 0 for rows of zeros (or of values whose squares
+        underflow float32)."""
         import numpy as np
 
         block = np.ascontiguousarray(block).view(_BITS[dtype][0])
         rows, width = block.shape
         if rows == 0:
-            return
+            return np.empty(0, dtype=np.float64)
         wide = np.float64 if dtype == "float32" else np.float32
         step = max(1, min(rows, (1 << 20) // max(1, width * np.dtype(wide).itemsize)))  # ~1 MiB: in cache
         if self._buf is None or self._buf.dtype != wide or self._buf.size < step * width:
@@ -343,8 +346,7 @@ class RowNorms:
                     np.left_shift(part, 16, out=x.view(np.uint32), dtype=np.uint32)
                 else:
                     np.copyto(x, part.view(np.float16 if dtype == "float16" else np.float32))
-                np.multiply(x, x, out=x)
-                norms[a : a + part.shape[0]] = x.sum(axis=1)
+                norms[a : a + part.shape[0]] = np.einsum("ij,ij->i", x, x)  # fused: no squares array
             np.sqrt(norms, out=norms)
         finite = np.isfinite(norms)
         if not finite.all():  # NaN / Inf in the row, or a square beyond float32: those rows again in float64
@@ -353,14 +355,15 @@ class RowNorms:
             with np.errstate(over="ignore", invalid="ignore"):
                 norms[redo] = np.sqrt(np.einsum("ij,ij->i", again, again))
             finite = np.isfinite(norms)
-            norms = np.where(finite, norms, 0.0)
+        counted = norms if finite.all() else np.where(finite, norms, 0.0)
         n = int(np.count_nonzero(finite))
         if n:
             self.rows += n
-            self.total += float(norms.sum())
-            i = int(np.argmax(norms))
-            if float(norms[i]) > self.max:
-                self.max, self.max_row = float(norms[i]), first_row + i
+            self.total += float(counted.sum())
+            i = int(np.argmax(counted))
+            if float(counted[i]) > self.max:
+                self.max, self.max_row = float(counted[i]), first_row + i
+        return norms
 
     def merge(self, other: RowNorms) -> RowNorms:
         self.rows += other.rows

@@ -482,19 +482,21 @@ def _deep_read(entry: ShardEntry) -> None:
     try:
         for block in _blocks(entry):
             bits = block.view(_BITS[h.dtype][0])
-            special = (bits & exponent) == exponent
-            if special.any():
-                nan = int(np.count_nonzero(special & ((bits & (magnitude ^ exponent)) != 0)))
+            # the row norms say which rows to look at: NaN / Inf only in rows whose norm is not finite, zeros
+            # only in rows whose norm is 0; those few rows are then checked bit by bit
+            row_norms = norms.update(bits, h.dtype, row)
+            odd = np.flatnonzero(~np.isfinite(row_norms))
+            if odd.size:
+                sub = bits[odd]
+                special = (sub & exponent) == exponent
+                nan = int(np.count_nonzero(special & ((sub & (magnitude ^ exponent)) != 0)))
                 entry.nan += nan
                 entry.inf += int(np.count_nonzero(special)) - nan
-            if bits.shape[1]:
-                nonzero = np.any(bits & magnitude, axis=1)
-                entry.zero_rows += (np.flatnonzero(~nonzero) + row).tolist()
-            else:
-                entry.zero_rows += list(range(row, row + bits.shape[0]))
+            maybe = np.flatnonzero(row_norms == 0)
+            if maybe.size:
+                zero = ~np.any(bits[maybe] & magnitude, axis=1)
+                entry.zero_rows += (maybe[zero] + row).tolist()
             digest.update(np.ascontiguousarray(bits).data.cast("B"))
-            if bits.ndim == 2:
-                norms.update(bits, h.dtype, row)
             row += bits.shape[0]
     except Exception as exc:  # changed since the probe: report it like a probe failure
         entry.header, entry.error = None, exc
