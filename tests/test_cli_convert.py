@@ -28,7 +28,7 @@ def test_convert_there_and_back_with_the_cli(tree: Path, tmp_path: Path, to: str
     runner = CliRunner()
     res = runner.invoke(cli, ["convert", str(tree), str(tmp_path / "out"), "--to", to])
     assert res.exit_code == 0, res.output
-    assert "Converted 2 split(s)" in res.output
+    assert "Converted 2 splits" in res.output
     dest = get_format(to).destination(tmp_path / "out" / "org_Tiny-Model" / "SP_test" / "EM")
     assert dest.exists()
     back = runner.invoke(cli, ["convert", str(tmp_path / "out"), str(tmp_path / "back"), "--to", "pt", "-q"])

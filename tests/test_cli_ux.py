@@ -75,7 +75,7 @@ def test_convert_no_progress_keeps_the_summary_and_quiet_drops_it(
     res = run("convert", str(stores["pt"]), str(tmp_path / "a"), "--to", "zarr", "--no-progress")
     assert res.exit_code == 0, res.output
     assert made[-1] == {"quiet": False, "no_progress": True}
-    assert res.stdout.startswith("Converted 2 split(s)")
+    assert res.stdout.startswith("Converted 2 splits")
     res = run("convert", str(stores["pt"]), str(tmp_path / "b"), "--to", "zarr", "-q")
     assert res.exit_code == 0 and res.stdout == "" and made[-1] == {"quiet": True, "no_progress": False}
 

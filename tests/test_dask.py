@@ -148,7 +148,7 @@ def test_cli_executor_dask_starts_a_local_cluster(
         cli, ["convert", str(tree), str(out), "--to", "safetensors", "--executor", "dask", "-j", "2"]
     )
     assert res.exit_code == 0, res.output
-    assert "Converted 2 split(s) · 6 layers" in res.output
+    assert "Converted 2 splits · 6 layers" in res.output
     same = CliRunner().invoke(cli, ["verify", str(local_outputs["safetensors"][0]), str(out)])
     assert same.exit_code == 0, same.output
 

@@ -528,10 +528,15 @@ def convert_command(
     if output_format == "json":
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:
+        from actfmt._console import format_rate, format_size
+
         skipped = f", {len(result.skipped)} already complete" if result.skipped else ""
+        n = len(result.splits)
+        # a rate over less than a second is mostly start-up: say the size and the time only
+        rate = f" ({format_rate(result.bytes, result.seconds)})" if result.seconds >= 1 else ""
         click.echo(
-            f"Converted {len(result.splits)} split(s){skipped} · {result.layers} layers · "
-            f"{result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s ({result.mb_per_s:.0f} MB/s) -> {dst}"
+            f"Converted {n} split{'' if n == 1 else 's'}{skipped} · {result.layers} layers · "
+            f"{format_size(result.bytes)} in {result.seconds:.1f} s{rate} -> {dst}"
         )
 
 
