@@ -14,6 +14,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test,all]"
+	$(BIN)/python -m compileall -q src/actfmt  # as pip does for a wheel: start-up never compiles actfmt
 	touch $@
 
 install: $(VENV)/.installed
