@@ -622,9 +622,11 @@ def verify_command(
         for d in res.differences:
             click.echo(d)
         if not quiet:
+            from actfmt._console import format_size
+
             click.echo(
                 f"✓ Same activations: {_plural(res.splits, 'pair')} of splits, "
-                f"{_plural(res.layers, 'layer')}, {res.bytes / 1e6:.1f} MB."
+                f"{_plural(res.layers, 'layer')}, {format_size(res.bytes)}."
                 if res.equal
                 else f"✗ Different: {_plural(len(res.differences), 'difference')}."
             )
