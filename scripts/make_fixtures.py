@@ -392,6 +392,18 @@ def _(c: Path) -> None:
 
 
 @case(
+    "ACT205_missing_producer_key",
+    "load_in_4bit and dataset_name removed from metadata.json: a warning, the tree still converts",
+    [("ACT205", f"{EM}/metadata.json")],
+)
+def _(c: Path) -> None:
+    p = base(c) / "metadata.json"
+    md = json.loads(p.read_text())
+    del md["load_in_4bit"], md["dataset_name"]
+    write_json(p, md)
+
+
+@case(
     "ACT203_crash_before_first_batch",
     "the producer crashed before its first batch: hidden_dim and num_layers null, no layer directories",
     [("ACT203", f"{EM}/metadata.json")],

@@ -127,3 +127,25 @@ def test_subprocess_convert_and_verify(tree: Path, tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("to", ["zarr", "safetensors"])
+def test_a_tree_without_the_producers_keys_converts_and_reads(tree: Path, tmp_path: Path, to: str) -> None:
+    # load_in_4bit (and the other descriptive keys) are not needed to read the rows: a warning, not a refusal.
+    import actfmt
+
+    for split in ("EM", "Neutral"):
+        md = tree / "org_Tiny-Model" / "SP_test" / split / "metadata.json"
+        data = json.loads(md.read_text())
+        del data["load_in_4bit"], data["model_name"]
+        md.write_text(json.dumps(data))
+    runner = CliRunner()
+    checked = runner.invoke(cli, ["validate", str(tree), "--output-format", "json"])
+    assert checked.exit_code == 0, checked.output
+    codes = {f["code"] for f in json.loads(checked.output)["issues"]}
+    assert codes == {"ACT205"}
+    res = runner.invoke(cli, ["convert", str(tree), str(tmp_path / "out"), "--to", to, "-q"])
+    assert res.exit_code == 0, res.output
+    dest = get_format(to).destination(tmp_path / "out" / "org_Tiny-Model" / "SP_test" / "EM")
+    src = tree / "org_Tiny-Model" / "SP_test" / "EM"
+    assert torch.equal(bits(actfmt.open(dest).layer(1)[:]), bits(seed_load(src, "layer_01")))

@@ -26,6 +26,8 @@ from actfmt.errors import MetadataError
 __all__ = [
     "LAYER_RE",
     "METADATA_FILE",
+    "KNOWN_KEYS",
+    "PRODUCER_KEYS",
     "REQUIRED_KEYS",
     "SHARD_RE",
     "SUPPORTED_DTYPES",
@@ -56,18 +58,27 @@ LOOSE_SHARD_RE = re.compile(r"^shard[_-]?(\d+)\.(?:pt|pth)$", re.IGNORECASE)
 #: dtype names actfmt stores (torch spelling).
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
 
-#: key -> (python type(s), must be positive)
+#: The keys the layout arithmetic needs: key -> (python type(s), must be positive).  A missing one is an
+#: error (ACT202): without it the shards cannot be checked or read.
 REQUIRED_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
-    "model_name": ((str,), False),
-    "dataset_name": ((str,), False),
-    "split": ((str,), False),
-    "load_in_4bit": ((bool,), False),
     "total_examples": ((int,), True),
     "shard_size": ((int,), True),
     "batch_size": ((int,), True),
     "hidden_dim": ((int,), True),
     "num_layers": ((int,), True),
 }
+
+#: The producer's other keys: checked when present; a missing one is a warning (ACT205), since reading,
+#: validating and converting never need them.
+PRODUCER_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "model_name": ((str,), False),
+    "dataset_name": ((str,), False),
+    "split": ((str,), False),
+    "load_in_4bit": ((bool,), False),
+}
+
+#: Every key actfmt checks, the producer's first (the order ``metadata.json`` has them in).
+KNOWN_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {**PRODUCER_KEYS, **REQUIRED_KEYS}
 
 
 def layer_name(index: int) -> str:
@@ -140,7 +151,8 @@ def expected_shard_rows(total: int, shard_size: int, batch_size: int) -> list[in
 
 @dataclass(frozen=True)
 class MetadataProblem:
-    """One problem found while parsing metadata; ``kind`` is ``unparseable``, ``missing-key`` or ``bad-value``."""
+    """One problem found while parsing metadata; ``kind`` is ``unparseable``, ``missing-key`` (a required key),
+    ``missing-producer-key`` (a producer key: not fatal) or ``bad-value``."""
 
     kind: str
     key: str | None
@@ -151,17 +163,18 @@ class MetadataProblem:
 
 @dataclass(frozen=True, eq=True)
 class Metadata:
-    """A parsed, checked ``metadata.json``.  ``raw`` keeps every key verbatim, extra keys included."""
+    """A parsed, checked ``metadata.json``.  ``raw`` keeps every key verbatim, extra keys included.  The
+    producer's keys (:data:`PRODUCER_KEYS`) are ``None`` when the file lacks them."""
 
-    model_name: str
-    dataset_name: str
-    split: str
-    load_in_4bit: bool
     total_examples: int
     shard_size: int
     batch_size: int
     hidden_dim: int
     num_layers: int
+    model_name: str | None = None
+    dataset_name: str | None = None
+    split: str | None = None
+    load_in_4bit: bool | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -199,11 +212,18 @@ def parse_metadata(data: Any) -> tuple[Metadata | None, list[MetadataProblem]]:
             )
         ]
     problems: list[MetadataProblem] = []
-    for key, (types, positive) in REQUIRED_KEYS.items():
+    for key, (types, positive) in KNOWN_KEYS.items():
         if key not in data:
-            problems.append(
-                MetadataProblem("missing-key", key, f"required key {key!r} is missing", key, None)
-            )
+            if key in REQUIRED_KEYS:
+                problems.append(
+                    MetadataProblem("missing-key", key, f"required key {key!r} is missing", key, None)
+                )
+            else:
+                problems.append(
+                    MetadataProblem(
+                        "missing-producer-key", key, f"the producer's key {key!r} is missing", key, None
+                    )
+                )
             continue
         value = data[key]
         wanted = " or ".join(t.__name__ for t in types)
@@ -227,10 +247,10 @@ def parse_metadata(data: Any) -> tuple[Metadata | None, list[MetadataProblem]]:
             problems.append(
                 MetadataProblem("bad-value", key, f"{key!r} must not be empty", "non-empty", value)
             )
-    if problems:
+    if any(p.kind != "missing-producer-key" for p in problems):
         return None, problems
-    kwargs = {key: data[key] for key in REQUIRED_KEYS}
-    return Metadata(**kwargs, raw=dict(data)), []
+    kwargs = {key: data[key] for key in KNOWN_KEYS if key in data}
+    return Metadata(**kwargs, raw=dict(data)), problems
 
 
 def load_metadata(path: str | Path) -> Metadata:

@@ -131,7 +131,8 @@ def _skip_reason(ctx: SplitContext, needed: set[str]) -> str:
     if ctx.metadata_state == "unparseable":
         return f"metadata.json cannot be parsed: {ctx.metadata_detail} (ACT201)"
     bad = sorted(needed - set(ctx.good))
-    codes = sorted({"ACT202" if p.kind == "missing-key" else "ACT203" for p in ctx.problems if p.key in bad})
+    code_of = {"missing-key": "ACT202", "missing-producer-key": "ACT205"}
+    codes = sorted({code_of.get(p.kind, "ACT203") for p in ctx.problems if p.key in bad})
     return f"metadata.json has no usable {', '.join(bad)} ({', '.join(codes)})"
 
 

@@ -23,7 +23,7 @@ from actfmt.layout import (
     LOOSE_LAYER_RE,
     LOOSE_SHARD_RE,
     METADATA_FILE,
-    REQUIRED_KEYS,
+    KNOWN_KEYS,
     SUPPORTED_DTYPES,
     Metadata,
     MetadataProblem,
@@ -321,7 +321,7 @@ def _set_metadata(ctx: SplitContext, data: Any) -> None:
         ctx.metadata_detail = problems[0].message
         return
     bad = {p.key for p in problems}
-    ctx.good = {k: data[k] for k in REQUIRED_KEYS if k not in bad}
+    ctx.good = {k: data[k] for k in KNOWN_KEYS if k in data and k not in bad}
 
 
 def _scan_layer(layer: LayerEntry) -> None:

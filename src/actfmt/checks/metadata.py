@@ -9,7 +9,13 @@ from actfmt.checks.base import WARNING, Finding
 from actfmt.checks.context import SplitContext, SplitRule
 from actfmt.storage import Location
 
-__all__ = ["MetadataBadValue", "MetadataMissingKey", "MetadataPathMismatch", "MetadataUnparseable"]
+__all__ = [
+    "MetadataBadValue",
+    "MetadataMissingKey",
+    "MetadataMissingProducerKey",
+    "MetadataPathMismatch",
+    "MetadataUnparseable",
+]
 
 #: Suffixes a converted store adds to the split name (`EM.zarr` is split `EM`).
 STORE_SUFFIXES = (".zarr", ".h5", ".hdf5", ".safetensors")
@@ -45,9 +51,9 @@ class MetadataUnparseable(SplitRule):
 class MetadataMissingKey(SplitRule):
     """A required key is absent from `metadata.json`.
 
-    Checks that model_name, dataset_name, split, load_in_4bit, total_examples, shard_size, batch_size,
-    hidden_dim and num_layers are all present (extra keys are fine).  All missing keys of one file are
-    reported in one finding.
+    Checks that the keys the layout arithmetic needs are present: total_examples, shard_size, batch_size,
+    hidden_dim and num_layers (extra keys are fine; the producer's other keys are ACT205).  All missing keys
+    of one file are reported in one finding.
 
     Why: the shard arithmetic needs total_examples, shard_size and batch_size; the shape checks need
     hidden_dim and num_layers.  The checks that need a missing key are skipped.
@@ -67,6 +73,36 @@ class MetadataMissingKey(SplitRule):
             yield cls.finding(
                 ctx.metadata_location,
                 f"required key{'s' if len(missing) > 1 else ''} {keys} missing from metadata.json",
+                expected=missing,
+                actual=None,
+            )
+
+
+class MetadataMissingProducerKey(SplitRule):
+    """A key the producer writes (`model_name`, `dataset_name`, `split`, `load_in_4bit`) is absent.
+
+    Checks that the producer's descriptive keys are present.  Reading, validating and converting never need
+    them, so a missing one is a warning: the checks that compare it (ACT204, ACT502) are skipped.
+
+    Why: they say what the activations are (which model, which dataset, which split, whether the model was
+    quantised); a split without them is hard to tell apart from its siblings later.
+
+    Fix: add the key with the value the producer used.
+    """
+
+    code = "ACT205"
+    name = "metadata-missing-producer-key"
+    severity = WARNING
+    pt_only = False
+
+    @classmethod
+    def check(cls, ctx: SplitContext) -> Iterable[Finding]:
+        missing = [p.key for p in ctx.problems if p.kind == "missing-producer-key"]
+        if missing:
+            keys = ", ".join(repr(k) for k in missing)
+            yield cls.finding(
+                ctx.metadata_location,
+                f"the producer's key{'s' if len(missing) > 1 else ''} {keys} missing from metadata.json",
                 expected=missing,
                 actual=None,
             )
