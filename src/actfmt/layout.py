@@ -24,9 +24,9 @@ from typing import Any
 from actfmt.errors import MetadataError
 
 __all__ = [
+    "KNOWN_KEYS",
     "LAYER_RE",
     "METADATA_FILE",
-    "KNOWN_KEYS",
     "PRODUCER_KEYS",
     "REQUIRED_KEYS",
     "SHARD_RE",

@@ -20,10 +20,10 @@ from actfmt.formats import Split, WalkProblem, get_format
 from actfmt.formats.pt.header import ShardHeader, load_shard, probe_shard, read_heads
 from actfmt.formats.vectors import STATS_FILE
 from actfmt.layout import (
+    KNOWN_KEYS,
     LOOSE_LAYER_RE,
     LOOSE_SHARD_RE,
     METADATA_FILE,
-    KNOWN_KEYS,
     SUPPORTED_DTYPES,
     Metadata,
     MetadataProblem,
