@@ -286,7 +286,9 @@ def test_rules_text_lists_every_rule() -> None:
 
 
 def test_rules_json() -> None:
-    data = json.loads(run("rules", "--output-format", "json").stdout)
+    doc = json.loads(run("rules", "--output-format", "json").stdout)
+    assert doc["schema_version"] == 1 and doc["tool"]["name"] == "actfmt"
+    data = doc["rules"]
     assert [d["code"] for d in data] == sorted(RULES)
     for d in data:
         assert d["name"] == RULES[d["code"]].name and d["documentation"] == RULES[d["code"]].documentation()

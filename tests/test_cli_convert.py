@@ -100,7 +100,7 @@ def test_info_json_and_table(tree: Path, tmp_path: Path) -> None:
     )
     res = runner.invoke(cli, ["info", str(tmp_path / "z"), "--json"])
     assert res.exit_code == 0
-    rows = json.loads(res.output)
+    rows = json.loads(res.output)["splits"]
     assert [r["location"] for r in rows] == [
         "org_Tiny-Model/SP_test/EM.zarr",
         "org_Tiny-Model/SP_test/Neutral.zarr",

@@ -303,7 +303,9 @@ def test_info_json_has_every_field_and_the_old_flag(stores: dict[str, Path]) -> 
     new = run("info", str(stores["zarr"]), "--output-format", "json")
     old = run("info", str(stores["zarr"]), "--json")
     assert new.exit_code == old.exit_code == 0 and json.loads(new.stdout) == json.loads(old.stdout)
-    data = json.loads(new.stdout)
+    doc = json.loads(new.stdout)
+    assert doc["schema_version"] == 1 and doc["tool"]["name"] == "actfmt"
+    data = doc["splits"]
     fields = {f.name for f in dataclasses.fields(type(info(str(stores["zarr"]))[0]))}
     for row in data:
         assert fields <= set(row) and "compression_ratio" in row
@@ -348,3 +350,102 @@ def test_readme_info_example_is_what_info_prints(tmp_path: Path, monkeypatch: py
     assert printed[:6] == shown[:6]
     assert [line.split()[0] for line in printed[6:]] == [line.split()[0] for line in shown[6:]]
     assert all(len(line) <= 80 for line in shown)
+
+
+# -- one CLI convention --------------------------------------------------------------------------------------
+#: Every command that reports something: it takes -o/--output-file and --output-format (text first).
+REPORTING = ("validate", "stats", "info", "verify", "convert", "rules")
+
+
+def _opts(name: str) -> dict[str, click.Parameter]:
+    return {o: p for p in cli.commands[name].params for o in getattr(p, "opts", [])}
+
+
+def test_every_reporting_command_takes_the_same_output_options() -> None:
+    for name in REPORTING:
+        opts = _opts(name)
+        assert {"-o", "--output-file", "--output-format"} <= set(opts), name
+        fmt = opts["--output-format"]
+        assert fmt.default == "text" and "json" in fmt.type.choices, name  # type: ignore[attr-defined]
+        assert opts["-o"] is opts["--output-file"], name
+    for name, cmd in cli.commands.items():
+        for p in cmd.params:
+            if "--json" in getattr(p, "opts", []):
+                assert p.hidden, f"{name}: --json is the old spelling, kept hidden"  # type: ignore[attr-defined]
+            if "--jobs" in getattr(p, "opts", []):
+                assert p.default == 0 and "-j" in p.opts, f"{name}: one --jobs default (0: one per CPU)"
+
+
+def test_several_paths_wherever_one_makes_sense() -> None:
+    for name in ("validate", "stats", "info"):
+        (arg,) = [p for p in cli.commands[name].params if isinstance(p, click.Argument)]
+        assert arg.nargs == -1, name
+
+
+def test_every_json_output_says_its_schema_and_tool(stores: dict[str, Path], tmp_path: Path) -> None:
+    z = str(stores["zarr"])
+    outputs = {
+        "validate": run("validate", z, "--output-format", "json"),
+        "stats": run("stats", z, "--output-format", "json", "-q"),
+        "info": run("info", z, "--output-format", "json"),
+        "verify": run("verify", str(stores["pt"]), z, "--output-format", "json", "-q"),
+        "convert": run("convert", z, str(tmp_path / "c"), "--to", "st", "--output-format", "json", "-q"),
+        "rules": run("rules", "--output-format", "json"),
+        "rule": run("rule", "ACT302", "--output-format", "json"),
+    }
+    for name, res in outputs.items():
+        assert res.exit_code == 0, (name, res.output)
+        doc = json.loads(res.stdout)
+        assert doc["schema_version"] == 1 and doc["tool"]["name"] == "actfmt", name
+    # -o writes the same document to a file and nothing to stdout
+    res = run("verify", str(stores["pt"]), z, "--output-format", "json", "-q", "-o", str(tmp_path / "v.json"))
+    assert res.exit_code == 0 and res.stdout == ""
+    assert json.loads((tmp_path / "v.json").read_text()) == json.loads(outputs["verify"].stdout)
+
+
+def test_to_takes_aliases_and_suggests_a_near_miss(stores: dict[str, Path], tmp_path: Path) -> None:
+    src = str(stores["pt"] / SPLIT_DIR / "EM")
+    res = run("convert", src, str(tmp_path / "a"), "--to", "h5", "-q")
+    assert res.exit_code == 0 and (tmp_path / "a" / "EM.h5").is_file()
+    res = CliRunner().invoke(cli, ["convert", src, str(tmp_path / "b"), "--to", "safetensor"])
+    assert res.exit_code == 2 and "Did you mean 'safetensors'?" in res.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(stores: dict[str, Path], tmp_path: Path) -> None:
+    dst = tmp_path / "plan"
+    res = run("convert", str(stores["pt"]), str(dst), "--to", "zarr", "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert not dst.exists()
+    lines = res.stdout.splitlines()
+    assert len(lines) == 3 and all(line.endswith("create") for line in lines[:2])
+    assert "EM.zarr" in lines[0] and "2 layers" in lines[0]
+    assert lines[2].startswith("Dry run: 2 splits · 4 layers · ") and "nothing written" in lines[2]
+    doc = json.loads(
+        run(
+            "convert",
+            str(stores["pt"]),
+            str(stores["zarr"]),
+            "--to",
+            "zarr",
+            "--dry-run",
+            "--output-format",
+            "json",
+        ).stdout
+    )
+    assert doc["dry_run"] is True and {p["action"] for p in doc["planned"]} == {"exists"}
+    assert sum(p["bytes"] for p in doc["planned"]) == 2 * 2 * 120 * 8 * 2  # splits x layers x rows x d x bf16
+    replace = json.loads(
+        run(
+            "convert",
+            str(stores["pt"]),
+            str(stores["zarr"]),
+            "--to",
+            "zarr",
+            "--dry-run",
+            "--overwrite",
+            "--output-format",
+            "json",
+        ).stdout
+    )
+    assert {p["action"] for p in replace["planned"]} == {"replace"}

@@ -24,7 +24,7 @@ import click
 
 from actfmt._version import __version__
 from actfmt.errors import ActfmtError, Interrupted, os_error_from_text, os_error_message
-from actfmt.formats import FORMATS, all_compressions, get_format
+from actfmt.formats import ALIASES, FORMATS, all_compressions, get_format
 from actfmt.layout import SUPPORTED_DTYPES
 
 OUTPUT_FORMATS = ("text", "json", "github", "junit", "sarif")
@@ -134,6 +134,29 @@ def output_stream(path: str | None) -> Iterator[IO[str]]:
         yield fh
 
 
+output_file_option = click.option(
+    "-o",
+    "--output-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Write the output to FILE instead of stdout.",
+)
+
+#: The version of every JSON document the commands print (validate's and stats' carry their own).
+JSON_SCHEMA_VERSION = 1
+
+
+def json_document(data: Any, key: str = "items") -> str:
+    """A command's JSON output: ``schema_version`` and ``tool`` first, then the command's fields (a list is
+    put under ``key``)."""
+    head: dict[str, Any] = {
+        "schema_version": JSON_SCHEMA_VERSION,
+        "tool": {"name": "actfmt", "version": __version__},
+    }
+    body = {key: data} if isinstance(data, list) else data
+    return json.dumps(head | body, indent=2)
+
+
 class PathOrURL(click.ParamType):
     """A local path (checked like ``click.Path``) or an fsspec URL (``s3://bucket/key``, ``memory://...``)."""
 
@@ -241,7 +264,7 @@ def cli() -> None:
 @cli.command("validate")
 @click.argument("paths", nargs=-1, required=True, metavar="PATH...", type=PathOrURL(exists=True))
 @click.option("--deep", is_flag=True, help="Also read the values: NaN/Inf, all-zero rows, duplicate layers.")
-@jobs_option(1, "Check N files in parallel (0: one per CPU).")
+@jobs_option(0, "Check N files in parallel (0: one per CPU).")
 @click.option(
     "--output-format",
     type=click.Choice(OUTPUT_FORMATS),
@@ -249,9 +272,7 @@ def cli() -> None:
     show_default=True,
     help="text for people; json (the API's report); github annotations; junit for GitLab/Jenkins; sarif.",
 )
-@click.option(
-    "-o", "--output-file", type=click.Path(dir_okay=False), help="Write the report to this file, not stdout."
-)
+@output_file_option
 @click.option(
     "--select",
     multiple=True,
@@ -359,9 +380,11 @@ def _rule_dict(rule: Any) -> dict[str, Any]:
     type=click.Choice(["text", "json"]),
     default="text",
     show_default=True,
-    help="text: one rule a line; json: a list of {code, name, severity, deep, title, documentation}.",
+    help="text: one rule a line; json: {schema_version, tool, rules: [{code, name, severity, deep, title, "
+    "documentation}]}.",
 )
-def rules_command(output_format: str) -> None:
+@output_file_option
+def rules_command(output_format: str, output_file: str | None) -> None:
     """List every validation rule: code, name, default severity, title.
 
     Rules marked --deep read the values and run only with `actfmt validate --deep`.
@@ -370,13 +393,14 @@ def rules_command(output_format: str) -> None:
     from actfmt.checks import RULES
 
     rules = [RULES[code] for code in sorted(RULES)]
-    if output_format == "json":
-        click.echo(json.dumps([_rule_dict(r) for r in rules], indent=2))
-        return
-    name_width = max((len(r.name) for r in rules), default=0)
-    for r in rules:
-        deep = "--deep" if r.deep else ""
-        click.echo(f"{r.code}  {r.name:<{name_width}}  {r.severity:<7}  {deep:<6}  {r.title()}")
+    with output_stream(output_file) as out:
+        if output_format == "json":
+            out.write(json_document([_rule_dict(r) for r in rules], key="rules") + "\n")
+            return
+        name_width = max((len(r.name) for r in rules), default=0)
+        for r in rules:
+            deep = "--deep" if r.deep else ""
+            out.write(f"{r.code}  {r.name:<{name_width}}  {r.severity:<7}  {deep:<6}  {r.title()}\n")
 
 
 @cli.command("rule")
@@ -397,7 +421,7 @@ def rule_command(rule_id: str, output_format: str) -> None:
     except (KeyError, ActfmtError):
         raise CliError(f"unknown rule {rule_id!r}; `actfmt rules` lists every code and name") from None
     if output_format == "json":
-        click.echo(json.dumps(_rule_dict(rule), indent=2))
+        click.echo(json_document(_rule_dict(rule)))
         return
     deep = "yes (runs with --deep)" if rule.deep else "no"
     click.echo(f"{rule.code} {rule.name}")
@@ -409,6 +433,30 @@ def rule_command(rule_id: str, output_format: str) -> None:
 # --------------------------------------------------------------------------------------------- convert
 
 TARGETS = tuple(FORMATS)
+
+
+class FormatChoice(click.Choice):
+    """A format name, or one of its aliases (``h5``, ``st``, ``torch``); a near miss gets a did-you-mean."""
+
+    def __init__(self) -> None:
+        super().__init__(TARGETS, case_sensitive=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        key = str(value).lower()
+        if key in ALIASES:
+            return ALIASES[key]
+        if key in TARGETS:
+            return key
+        import difflib
+
+        close = difflib.get_close_matches(key, [*TARGETS, *ALIASES], n=1, cutoff=0.5)
+        hint = f" Did you mean {ALIASES.get(close[0], close[0])!r}?" if close else ""
+        aliases = ", ".join(f"{a} = {t}" for a, t in ALIASES.items())
+        self.fail(
+            f"{value!r} is not a format; choose one of: {', '.join(TARGETS)} (aliases: {aliases}).{hint}",
+            param,
+            ctx,
+        )
 
 
 def _compression_help() -> str:
@@ -424,7 +472,14 @@ def _compression_help() -> str:
 @click.argument("src", type=PathOrURL(exists=True))
 @click.argument("dst", type=PathOrURL())
 @storage_options_option
-@click.option("--to", "to", type=click.Choice(TARGETS), required=True, help="The destination format.")
+@click.option(
+    "--to",
+    "to",
+    type=FormatChoice(),
+    required=True,
+    metavar="FORMAT",
+    help=f"The destination format: {', '.join(TARGETS)} (or h5, st, torch).",
+)
 @click.option("--chunk-rows", type=click.IntRange(min=1), metavar="N", help="Rows per chunk (zarr, hdf5).")
 @click.option("--compression", type=click.Choice(all_compressions()), help=_compression_help())
 @click.option("--level", type=int, metavar="N", help="Compression level (the codec's own scale).")
@@ -445,6 +500,12 @@ def _compression_help() -> str:
 )
 @click.option("--force", is_flag=True, help="Convert a source that fails validation.")
 @click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the plan (splits, destinations, layers, bytes, what happens at each destination) and write "
+    "nothing.",
+)
+@click.option(
     "--stats/--no-stats",
     default=True,
     show_default=True,
@@ -458,6 +519,7 @@ def _compression_help() -> str:
     show_default=True,
     help="text: one summary line; json: the result (splits, layers, bytes, checksums, where the time went).",
 )
+@output_file_option
 @progress_options("warnings and errors")
 def convert_command(
     src: str,
@@ -475,8 +537,10 @@ def convert_command(
     zarr_format: str | None,
     dtype: str | None,
     force: bool,
+    dry_run: bool,
     stats: bool,
     output_format: str,
+    output_file: str | None,
     quiet: bool,
     no_progress: bool,
     storage_options: dict[str, Any] | None,
@@ -522,11 +586,17 @@ def convert_command(
             executor=executor,
             scheduler=scheduler,
             storage_options=storage_options,
+            dry_run=dry_run,
         )
     for w in result.warnings:
         click.echo(f"actfmt: warning: {w}", err=True)
     if output_format == "json":
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        with output_stream(output_file) as out:
+            out.write(json_document(result.to_dict()) + "\n")
+    elif dry_run:
+        with output_stream(output_file) as out:
+            for line in _plan_lines(result, dst):
+                out.write(line + "\n")
     elif not quiet:
         from actfmt._console import format_rate, format_size
 
@@ -540,6 +610,35 @@ def convert_command(
         )
 
 
+def _plan_lines(result: Any, dst: str) -> list[str]:
+    """``convert --dry-run``: one line per split (source -> destination, layers, size, action), then a total."""
+    from actfmt._console import format_size
+
+    def shown(dest: Any) -> str:  # DST as the user typed it, then the mirrored part
+        text, root = str(dest), os.path.abspath(dst)
+        return dst.rstrip("/") + text[len(root) :] if text.startswith(root + "/") else text
+
+    rows = [
+        (p.job.label, shown(p.job.destination), p.layers, format_size(p.bytes), p.action)
+        for p in result.planned
+    ]
+    wa = max((len(r[0]) for r in rows), default=0)
+    wb = max((len(r[1]) for r in rows), default=0)
+    lines = [f"{a:<{wa}}  -> {b:<{wb}}  {n:>3} layers  {size:>9}  {act}" for a, b, n, size, act in rows]
+    n = len(rows)
+    lines.append(
+        f"Dry run: {n} split{'' if n == 1 else 's'} · {result.layers} layers · {format_size(result.bytes)} "
+        f"-> {dst}; nothing written."
+    )
+    refused = [p for p in result.planned if p.action == "exists"]
+    if refused:
+        lines.append(
+            f"{len(refused)} destination{'' if len(refused) == 1 else 's'} exist: a real run refuses them; "
+            "add --overwrite (replace) or --resume (continue)."
+        )
+    return lines
+
+
 # --------------------------------------------------------------------------------------------- verify / info
 
 
@@ -547,7 +646,9 @@ def output_format_option(help: str) -> Callable[[F], F]:
     """``--output-format text|json`` and its older spelling ``--json`` (kept so that existing scripts work)."""
 
     def decorate(fn: F) -> F:
-        fn = click.option("--json", "as_json", is_flag=True, help="Same as --output-format json.")(fn)
+        fn = click.option(
+            "--json", "as_json", is_flag=True, hidden=True, help="Same as --output-format json."
+        )(fn)
         fn = click.option(
             "--output-format",
             type=click.Choice(["text", "json"]),
@@ -591,12 +692,14 @@ def _pair_lines(a: str, b: str, pairs: Sequence[tuple[str, str]]) -> list[str]:
     "text: the pairs of splits compared, the differences, a verdict; json: the API's VerifyResult.to_dict() "
     "(a, b, equal, pairs, splits, layers, bytes, differences, first)."
 )
+@output_file_option
 @progress_options("the differences")
 def verify_command(
     a: str,
     b: str,
     output_format: str,
     as_json: bool,
+    output_file: str | None,
     quiet: bool,
     no_progress: bool,
     storage_options: dict[str, Any] | None,
@@ -613,23 +716,25 @@ def verify_command(
 
     with progress_renderer(quiet=quiet, no_progress=no_progress) as progress:
         res = verify(a, b, progress=progress, storage_options=storage_options)
-    if as_json or output_format == "json":
-        click.echo(json.dumps(res.to_dict(), indent=2))
-    else:
-        if not quiet:
-            for line in _pair_lines(display_path(a), display_path(b), res.pairs):
-                click.echo(line)
-        for d in res.differences:
-            click.echo(d)
-        if not quiet:
-            from actfmt._console import format_size
+    with output_stream(output_file) as out:
+        if as_json or output_format == "json":
+            out.write(json_document(res.to_dict()) + "\n")
+        else:
+            lines = []
+            if not quiet:
+                lines += _pair_lines(display_path(a), display_path(b), res.pairs)
+            lines += res.differences
+            if not quiet:
+                from actfmt._console import format_size
 
-            click.echo(
-                f"✓ Same activations: {_plural(res.splits, 'pair')} of splits, "
-                f"{_plural(res.layers, 'layer')}, {format_size(res.bytes)}."
-                if res.equal
-                else f"✗ Different: {_plural(len(res.differences), 'difference')}."
-            )
+                lines.append(
+                    f"✓ Same activations: {_plural(res.splits, 'pair')} of splits, "
+                    f"{_plural(res.layers, 'layer')}, {format_size(res.bytes)}."
+                    if res.equal
+                    else f"✗ Different: {_plural(len(res.differences), 'difference')}."
+                )
+            for line in lines:
+                click.echo(line, file=out)
     click.get_current_context().exit(0 if res.equal else 1)
 
 
@@ -648,9 +753,7 @@ def verify_command(
     help="text: tables with per-layer curves; json: the versioned document (see the README); csv: one row "
     "per split or pair and layer.",
 )
-@click.option(
-    "-o", "--output-file", type=click.Path(dir_okay=False), help="Write the output to this file, not stdout."
-)
+@output_file_option
 @click.option(
     "--plot",
     metavar="FILE",
@@ -730,34 +833,44 @@ def stats_command(
 
 
 @cli.command("info")
-@click.argument("path", type=PathOrURL(exists=True))
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...", type=PathOrURL(exists=True))
 @storage_options_option
 @output_format_option(
     "text: fits the terminal (a table, or one block per split when it is narrow; what every split shares is "
-    "said once); json: a list with every field of every split (the API's SplitInfo.to_dict())."
+    "said once); json: {schema_version, tool, splits: [...]} with every field of every split (the API's "
+    "SplitInfo.to_dict())."
 )
+@output_file_option
 def info_command(
-    path: str, output_format: str, as_json: bool, storage_options: dict[str, Any] | None
+    paths: tuple[str, ...],
+    output_format: str,
+    as_json: bool,
+    output_file: str | None,
+    storage_options: dict[str, Any] | None,
 ) -> None:
-    """Describe every split under PATH: format, layers, examples, hidden_dim, dtype, size, compression.
+    """Describe every split under each PATH: format, layers, examples, hidden_dim, dtype, size, compression.
 
-    Exit 2 when PATH holds no split.
+    Exit 2 when a PATH holds no split.
     """
     import shutil
 
     from actfmt._console import render_info
     from actfmt.convert import info
 
-    rows = info(path, storage_options=storage_options)
-    if as_json or output_format == "json":
-        click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
-        return
-    # The terminal's width (COLUMNS first); 80 when stdout is a pipe or a file.
-    width = shutil.get_terminal_size((80, 24)).columns
-    encoding = (getattr(sys.stdout, "encoding", None) or "utf-8").lower().replace("-", "")
-    styled = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    for line, bold in render_info(rows, path, width, fancy=encoding.startswith("utf")):
-        click.echo(click.style(line, bold=True) if bold and styled else line)
+    found = [(path, info(path, storage_options=storage_options)) for path in paths]
+    with output_stream(output_file) as out:
+        if as_json or output_format == "json":
+            out.write(json_document([r.to_dict() for _, rows in found for r in rows], key="splits") + "\n")
+            return
+        # The terminal's width (COLUMNS first); 80 when stdout is a pipe or a file.
+        width = shutil.get_terminal_size((80, 24)).columns
+        encoding = (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "")
+        styled = out.isatty() and not os.environ.get("NO_COLOR")
+        for n, (path, rows) in enumerate(found):
+            if n:
+                click.echo("", file=out)
+            for line, bold in render_info(rows, path, width, fancy=encoding.startswith("utf")):
+                click.echo(click.style(line, bold=True) if bold and styled else line, file=out)
 
 
 #: BLAS thread pools this process does not want: actfmt runs layers on threads of its own, so a pool per BLAS

@@ -20,7 +20,7 @@ from actfmt.checksum import layer_checksum
 from actfmt.convert.executors import dask_layer_runner, local_runner
 from actfmt.convert.info import SplitInfo, info
 from actfmt.convert.plan import SplitJob, check_safe, plan
-from actfmt.convert.split import ConvertResult, convert_split, spec_for
+from actfmt.convert.split import ConvertResult, PlannedSplit, convert_split, plan_split, spec_for
 from actfmt.convert.tasks import LayerResult, LayerRunner, LayerTask, copy_layer, layer_tasks, run_layer_task
 from actfmt.convert.verify import VerifyResult, verify
 from actfmt.errors import ConversionError, ValidationFailedError
@@ -37,6 +37,7 @@ __all__ = [
     "LayerResult",
     "LayerRunner",
     "LayerTask",
+    "PlannedSplit",
     "SplitInfo",
     "SplitJob",
     "VerifyResult",
@@ -90,8 +91,13 @@ def convert(
     executor: str = "local",
     scheduler: Any = None,
     storage_options: dict[str, Any] | None = None,
+    dry_run: bool = False,
 ) -> ConvertResult:
     """Convert every split under ``src`` (any format) to format ``to`` under ``dst``.
+
+    ``dry_run`` plans, refuses what a real run would refuse (an unsafe destination, a source failing
+    validation) and returns the plan in :attr:`ConvertResult.planned` (splits, destinations, layers, bytes, what
+    happens at each destination) without writing anything.
 
     ``dtype`` casts explicitly (the result records it and a warning is returned); without it the dtype never
     changes.  A source that fails validation is refused (:class:`ValidationFailedError`) unless ``force``.
@@ -142,6 +148,13 @@ def convert(
     result = ConvertResult()
     if not force:
         result.add_time("validate", time.perf_counter() - t_validate)
+    if dry_run:
+        result.dry_run = True
+        result.planned = [plan_split(job, fmt.name, overwrite, resume) for job in jobs_list]
+        result.layers = sum(p.layers for p in result.planned)
+        result.bytes = sum(p.bytes for p in result.planned)
+        result.seconds = time.perf_counter() - t0
+        return result
     requested = {
         "to": fmt.name,
         "chunk_rows": chunk_rows,

@@ -43,10 +43,33 @@ from actfmt.progress import ProgressCallback, ProgressEvent, emit
 from actfmt.storage import Location
 from actfmt.storage.commit import Commit, commit_for
 
-__all__ = ["ConvertResult", "convert_split", "is_complete", "spec_for"]
+__all__ = ["ConvertResult", "PlannedSplit", "convert_split", "is_complete", "plan_split", "spec_for"]
 
 #: Version of the journal's records.
 JOURNAL_VERSION = 1
+
+
+@dataclass
+class PlannedSplit:
+    """One split of a dry run: where it goes, how much it moves, and what would happen at the destination
+    (``create``; ``replace`` with ``--overwrite``; ``resume`` / ``complete`` with ``--resume``; ``exists``:
+    refused without one of them)."""
+
+    job: SplitJob
+    layers: int
+    bytes: int
+    action: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "location": self.job.location,
+            "source": str(self.job.source),
+            "source_format": self.job.source_format,
+            "destination": str(self.job.destination),
+            "layers": self.layers,
+            "bytes": self.bytes,
+            "action": self.action,
+        }
 
 
 @dataclass
@@ -63,6 +86,9 @@ class ConvertResult:
     #: Where the time went: wall seconds of ``validate`` (the source), ``publish``; thread-seconds summed over
     #: the layer tasks for ``read`` (reading and hashing), ``write`` and ``verify``.
     timings: dict[str, float] = field(default_factory=dict)
+    #: ``convert(dry_run=True)``: nothing was written; :attr:`planned` says what would have been.
+    dry_run: bool = False
+    planned: list[PlannedSplit] = field(default_factory=list)
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
@@ -73,7 +99,11 @@ class ConvertResult:
         def job(j: SplitJob) -> dict[str, str]:
             return {"location": j.location, "source": str(j.source), "destination": str(j.destination)}
 
-        return {
+        out: dict[str, Any] = {}
+        if self.dry_run:
+            out["dry_run"] = True
+            out["planned"] = [p.to_dict() for p in self.planned]
+        return out | {
             "splits": [job(j) for j in self.splits],
             "skipped": [job(j) for j in self.skipped],
             "layers": self.layers,
@@ -88,6 +118,22 @@ class ConvertResult:
     @property
     def mb_per_s(self) -> float:
         return self.bytes / 1e6 / self.seconds if self.seconds else 0.0
+
+
+def plan_split(job: SplitJob, to: str, overwrite: bool, resume: bool) -> PlannedSplit:
+    """What converting ``job`` into format ``to`` would do, found without writing (``convert --dry-run``)."""
+    with open_reader(job.source, job.source_format) as reader:
+        layers = list(reader.layers)
+    exists = job.destination.kind() is not None
+    if resume and exists and is_complete(job.destination, to):
+        action = "complete"
+    elif resume and commit_for(job.destination, in_place=get_format(to).remote_write).has_partial():
+        action = "resume"
+    elif not exists:
+        action = "create"
+    else:
+        action = "replace" if overwrite else "exists"
+    return PlannedSplit(job, len(layers), sum(info.nbytes for info in layers), action)
 
 
 def spec_for(reader: Reader, source_format: str, dtype: str | None) -> SplitSpec:
