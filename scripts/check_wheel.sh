@@ -39,6 +39,14 @@ SDIST=$(ls "$WORK"/dist/actfmt-*.tar.gz)
 WHEEL=$(ls "$WORK"/dist/actfmt-*.whl)
 echo "$(basename "$SDIST")  $(basename "$WHEEL")"
 
+step "the wheel is as small as the README says"
+# README, "Use in CI": "(under N kB)"; the figure a user reads is checked on every build.
+SAID=$(grep -o -E '\(under [0-9]+ kB\)' README.md | grep -o -E '[0-9]+' | head -1)
+SIZE=$(($(stat -c %s "$WHEEL") / 1000))
+[ -n "$SAID" ] || fail "README.md no longer says how large the wheel is ('(under N kB)' after its name)"
+[ "$SIZE" -lt "$SAID" ] || fail "the wheel is $SIZE kB; README.md says under $SAID kB"
+echo "wheel: $SIZE kB (README: under $SAID kB)"
+
 step "the wheel holds every module, py.typed and the licence; its metadata is complete"
 # Every file of the package that git tracks (or, outside git, every .py file and py.typed under src/actfmt).
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: the main jobs on the shipped fixtures — validate a good and a broken tree, convert to every
-# format and back, verify, show info.  Usage: scripts/demo.sh BIN_DIR OUT_DIR
+# format and back, verify, show info and the statistics.  Usage: scripts/demo.sh BIN_DIR OUT_DIR
 set -euo pipefail
 BIN=${1:-.venv/bin}
 OUT=${2:-demo-out}
@@ -33,6 +33,15 @@ step actfmt info "$OUT/zarr"
 "$ACTFMT" info "$OUT/zarr"
 step actfmt info "$OUT/hdf5"
 "$ACTFMT" info "$OUT/hdf5"
+
+# The researcher's headline: per-layer figures, and where EM and Neutral separate (kept by convert: instant).
+step actfmt stats "$OUT/zarr"
+"$ACTFMT" stats "$OUT/zarr"
+if "$BIN/python" -c "import matplotlib" 2>/dev/null; then
+  step actfmt stats "$GOOD" --plot "$OUT/stats.png" -q
+  "$ACTFMT" stats "$GOOD" --plot "$OUT/stats.png" -q >/dev/null
+  echo "figure written to $OUT/stats.png"
+fi
 
 step actfmt validate "$OUT/zarr" "$OUT/hdf5" "$OUT/safetensors"
 "$ACTFMT" validate "$OUT/zarr" "$OUT/hdf5" "$OUT/safetensors"

@@ -43,4 +43,25 @@ def test_readme_probe_runs_on_the_shipped_slice() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL.exists(), reason="the real sample (../shared/data) is not in this checkout")
 def test_readme_probe_learns_on_the_real_sample() -> None:
-    assert run_probe(REAL, layer=3) > 55.0  # chance is 50%: the probe separates EM from Neutral
+    acc = run_probe(REAL, layer=3)
+    assert acc > 55.0  # chance is 50%: the probe separates EM from Neutral
+    # The example is seeded: the README's figure is the one it prints.
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    (said,) = re.findall(r"this prints `held-out accuracy: ([\d.]+)%`", text)
+    assert float(said) == acc
+
+
+def test_readme_info_example_is_what_the_demo_prints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `actfmt info demo-out/zarr` block is regenerated: the demo's conversion, then info at 80 columns."""
+    from click.testing import CliRunner
+
+    from actfmt.cli import cli
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    (block,) = re.findall(r"```console\n\$ actfmt info demo-out/zarr\n(.*?)```", text, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    good = ROOT / "fixtures/valid/real_minilm_bf16_slice/Activations"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["convert", str(good), "demo-out/zarr", "--to", "zarr", "-q"]).exit_code == 0
+    res = runner.invoke(cli, ["info", "demo-out/zarr"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0 and res.output == block
