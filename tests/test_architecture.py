@@ -20,7 +20,7 @@ LAYERS = [
     {"actfmt.formats", "actfmt.checksum", "actfmt.moments"},
     {"actfmt.checks", "actfmt.report", "actfmt.convert", "actfmt.statistics"},
     {"actfmt.dataset", "actfmt.torch", "actfmt._dask"},
-    {"actfmt.reporters", "actfmt._console"},
+    {"actfmt.reporters", "actfmt._console", "actfmt.plot"},
     {"actfmt.cli", "actfmt.__main__"},
 ]
 

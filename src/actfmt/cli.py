@@ -758,7 +758,22 @@ def verify_command(
     "--plot",
     metavar="FILE",
     type=click.Path(dir_okay=False),
-    help="Also draw the figures across layers to FILE.png or FILE.svg (needs actfmt[plot]).",
+    help="Also draw the figures across layers to FILE.png or FILE.svg (needs actfmt[plot]): one panel per "
+    "quantity, datasets named, chance level and best layer marked.",
+)
+@click.option(
+    "--plot-dpi",
+    type=click.IntRange(min=20, max=1200),
+    default=150,
+    show_default=True,
+    metavar="N",
+    help="The PNG's resolution.",
+)
+@click.option(
+    "--plot-size",
+    type=(click.FloatRange(min=1, max=40), click.FloatRange(min=1, max=40)),
+    metavar="W H",
+    help="The figure's size in inches (default: 7 wide, 2.6 per panel).",
 )
 @click.option(
     "--no-pairs", is_flag=True, help="Skip the pair figures of sibling splits (and their second pass)."
@@ -780,6 +795,8 @@ def stats_command(
     output_format: str,
     output_file: str | None,
     plot: str | None,
+    plot_dpi: int,
+    plot_size: tuple[float, float] | None,
     no_pairs: bool,
     recompute: bool,
     jobs: int,
@@ -806,7 +823,8 @@ def stats_command(
 
     Exit status: 0 done, 2 usage error, no split found or input that cannot be read.
     """
-    from actfmt.reporters import check_plot, plot_stats, render_stats
+    from actfmt.plot import check_plot, plot_stats
+    from actfmt.reporters import render_stats
     from actfmt.statistics import stats
 
     if plot:
@@ -825,7 +843,7 @@ def stats_command(
         )
 
     if plot:
-        plot_stats(result, plot)
+        plot_stats(result, plot, dpi=plot_dpi, size=plot_size)
     with output_stream(output_file) as out:
         render_stats(output_format, result, out)
     if plot and not quiet:

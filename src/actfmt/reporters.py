@@ -1,5 +1,6 @@
 """Render validation :class:`~actfmt.report.Report` objects (``text``, ``json``, ``github``, ``junit``, ``sarif``)
-and statistics (:class:`~actfmt.statistics.StatsResult`: ``text``, ``json``, ``csv``, and a plot).
+and statistics (:class:`~actfmt.statistics.StatsResult`: ``text``, ``json``, ``csv``; the plot is
+:mod:`actfmt.plot`).
 
 Every renderer takes the list of reports of one run (one per PATH given on the command line) and returns, or
 writes, the whole output.  Nothing here decides an exit code (see :meth:`Report.exit_code`) and nothing here
@@ -22,7 +23,6 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from actfmt.checks.base import ERROR, WARNING, Finding
-from actfmt.errors import ActfmtError
 from actfmt.report import Report, SkippedChecks
 from actfmt.statistics import StatsResult
 
@@ -32,12 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "FORMATS",
     "STATS_FORMATS",
-    "PlotError",
     "RuleInfo",
-    "check_plot",
     "display_path",
     "group_by_split",
-    "plot_stats",
     "render",
     "render_github",
     "render_json",
@@ -53,10 +50,6 @@ __all__ = [
 FORMATS = ("text", "json", "github", "junit", "sarif")
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 _SEVERITY_ORDER = {ERROR: 0, WARNING: 1}
-
-
-class PlotError(ActfmtError, ValueError):
-    """``--plot`` cannot be done (a suffix other than .png / .svg, matplotlib missing, a file not writable)."""
 
 
 class RuleInfo(Protocol):
@@ -715,75 +708,3 @@ def render_stats(fmt: str, result: StatsResult, out: IO[str], *, color: bool | N
         out.write(result.to_csv())
     else:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(STATS_FORMATS)}")
-
-
-def check_plot(path: str) -> Any:
-    """Raise :class:`PlotError` unless ``path`` ends in .png / .svg and matplotlib imports; returns pyplot
-    (called before the statistics are computed: a plot that cannot be drawn fails at once)."""
-    if PurePosixPath(path).suffix.lower() not in (".png", ".svg"):
-        raise PlotError(f"--plot {path}: give a file name ending in .png or .svg.")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PlotError(
-            "--plot needs matplotlib; install it with `pip install 'actfmt[plot]'` (or `pip install matplotlib`)."
-        ) from None
-    return plt
-
-
-def plot_stats(result: StatsResult, path: str) -> None:
-    """A figure of the figures across layers, as PNG or SVG (by ``path``'s suffix): each split's
-    ``row_norm_mean`` and each pair's midpoint accuracy and Cohen's d.  Needs matplotlib (``actfmt[plot]``)."""
-    plt = check_plot(path)
-    suffix = PurePosixPath(path).suffix.lower()
-    rows = 2 if result.pairs else 1
-    fig, axes = plt.subplots(rows, 1, figsize=(8, 3.2 * rows + 0.6), squeeze=False)
-    ax = axes[0][0]
-    for s in result.splits:
-        ax.plot(
-            [li.index for li in s.layers],
-            [li.row_norm_mean for li in s.layers],
-            marker="o",
-            ms=3,
-            label=s.split,
-        )
-    ax.set_xlabel("layer")
-    ax.set_ylabel("mean row norm ‖x‖₂")
-    ax.grid(alpha=0.3)
-    if result.splits:
-        ax.legend(fontsize="small")
-    if result.pairs:
-        ax2 = axes[1][0]
-        twin = ax2.twinx()
-        for p in result.pairs:
-            idx = [pl.index for pl in p.layers]
-            ax2.plot(
-                idx,
-                [pl.midpoint_accuracy for pl in p.layers],
-                marker="o",
-                ms=3,
-                label=f"{p.a} vs {p.b}: accuracy",
-            )
-            twin.plot(idx, [pl.cohens_d for pl in p.layers], ls="--", label=f"{p.a} vs {p.b}: Cohen's d")
-            if p.best_index is not None:
-                ax2.axvline(p.best_index, color="grey", lw=0.8, ls=":")
-        ax2.set_xlabel("layer")
-        ax2.set_ylabel("midpoint accuracy")
-        twin.set_ylabel("Cohen's d")
-        ax2.grid(alpha=0.3)
-        lines = ax2.get_legend_handles_labels()
-        more = twin.get_legend_handles_labels()
-        ax2.legend(lines[0] + more[0], lines[1] + more[1], fontsize="small")
-    models = sorted({s.model_name for s in result.splits if s.model_name})
-    datasets = sorted({s.dataset_name for s in result.splits if s.dataset_name})
-    fig.suptitle(" · ".join([", ".join(models) or "activations", ", ".join(datasets)]).strip(" ·"))
-    fig.tight_layout()
-    try:
-        fig.savefig(path, format=suffix[1:])
-    except OSError as exc:
-        raise PlotError(f"--plot {path}: cannot write it ({exc.strerror or exc}).") from None
-    finally:
-        plt.close(fig)
