@@ -133,6 +133,10 @@ class Location(abc.ABC):
     supports_mmap: ClassVar[bool] = False
     supports_copy_range: ClassVar[bool] = False
     supports_pwrite: ClassVar[bool] = False
+    #: Does a read through a :meth:`pinned` location notice that the object was replaced (ChangedError, or
+    #: the pinned version's bytes), at the storage level?  Where not (object storage, which would need a
+    #: request per object and read), the formats compare identities at the points they re-open.
+    detects_replacement: ClassVar[bool] = False
     #: Byte ranges of one object closer than this are fetched as one request (a round trip costs more).
     merge_gap: ClassVar[int] = 0
 

@@ -368,3 +368,10 @@ class FsspecOutput(OutputFile):
                 discard()
             else:
                 f.close()
+        # s3fs's discard() drops the buffer but leaves the file open: its __del__ would then flush into a dead
+        # upload (an AttributeError in the garbage collector).  (A BytesIO's `closed` cannot be set.)
+        with contextlib.suppress(Exception):
+            f.closed = True
+        if self.location.scheme == "memory":  # memory:// commits an object when it is opened: remove it
+            with contextlib.suppress(Exception):
+                self.location.fs.rm_file(self.location.path)

@@ -87,6 +87,7 @@ class LocalLocation(Location):
     supports_mmap = True
     supports_copy_range = True
     supports_pwrite = True
+    detects_replacement = True
     merge_gap = 0
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
