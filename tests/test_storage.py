@@ -101,7 +101,7 @@ class LocationTests:
     def test_short_read_is_an_error_naming_the_object(self, root: Location) -> None:
         f = root / "short.bin"
         f.write_bytes(b"12345")
-        with pytest.raises((OSError, ActfmtError), match="short.bin"):
+        with pytest.raises((OSError, ActfmtError), match=r"short\.bin"):
             read_into([(f, 2, memoryview(bytearray(10)))])
 
     def test_missing_object(self, root: Location) -> None:
