@@ -376,10 +376,17 @@ def test_cli_text_json_csv(tmp_path: Path) -> None:
     assert doc["pairs"][0]["best_layer"].startswith("layer_")
     check_result(actfmt.stats(REAL_DS), reference_tree(REAL_DS))
     res = runner.invoke(cli, ["stats", str(REAL_DS), "--output-format", "csv", "--layers", "0-1"])
-    lines = res.output.strip().splitlines()
-    assert lines[0].startswith("kind,path,split,b,layer,index,rows,mean_norm")
-    assert sum(line.startswith("split,") for line in lines) == 4
-    assert sum(line.startswith("pair,") for line in lines) == 2
+    import csv as csv_module
+
+    rows = list(csv_module.DictReader(res.output.splitlines()))
+    assert list(rows[0])[:9] == ["kind", "path", "split", "pair", "a", "b", "layer", "index", "rows"]
+    assert all(len(r) == len(rows[0]) and None not in r for r in rows)  # every row as wide as the header
+    splits = [r for r in rows if r["kind"] == "split"]
+    pairs = [r for r in rows if r["kind"] == "pair"]
+    assert len(splits) == 4 and {r["split"] for r in splits} == {"EM", "Neutral"}
+    assert all(r["pair"] == "" and r["midpoint_accuracy"] == "" for r in splits)
+    assert len(pairs) == 2 and {r["pair"] for r in pairs} == {"EM vs Neutral"}
+    assert all((r["a"], r["b"], r["split"], r["rows"]) == ("EM", "Neutral", "", "") for r in pairs)
 
 
 def test_cli_errors_exit_2_with_a_message(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
+from actfmt._console import shorten_left
 from actfmt.checks.base import ERROR, WARNING, Finding
 from actfmt.report import Report, SkippedChecks
 from actfmt.statistics import StatsResult
@@ -572,14 +573,15 @@ def sparkline(values: Sequence[float | None], fancy: bool = True) -> str:
 
 
 def _num(v: Any) -> str:
-    """A figure in a table: integers as is, floats with 4 significant digits."""
+    """A figure in a table: integers as is, floats with 4 significant digits, trailing zeros kept (``5.000``,
+    ``0.7250``), so a column reads at one precision."""
     if v is None:
         return "-"
     if isinstance(v, int):
         return f"{v:,}"
     if v != v:
         return "nan"
-    return f"{v:.4g}"
+    return f"{v:#.4g}"
 
 
 #: Column headers of the text tables (short: a table fits 80 columns) and the JSON names they stand for.
@@ -619,6 +621,17 @@ def render_stats_text(result: StatsResult, console: Console) -> None:
             t.add_column(header, justify="right", no_wrap=True)
         return t
 
+    def heading(title: str, about: str) -> None:
+        """``title  (about)`` on one line when it fits the console, else the title (shortened from the left at
+        a ``/``) and the ``(about)`` indented below it: never wrapped mid-word by the terminal."""
+        width = console.width
+        title = _clean(title)
+        if len(title) + len(about) + 4 <= width:
+            console.print(Text.assemble((title, "bold"), f"  ({about})"), soft_wrap=True)
+            return
+        console.print(Text(shorten_left(title, width, "…" if fancy else "..."), style="bold"), soft_wrap=True)
+        console.print(Text(f"  ({about})"), soft_wrap=True)
+
     def curves(names: Sequence[str], rows: Sequence[Any], ranges: bool) -> None:
         for name in names:
             values = [getattr(r, name) for r in rows]
@@ -645,7 +658,7 @@ def render_stats_text(result: StatsResult, console: Console) -> None:
             )
             if x
         )
-        console.print(Text.assemble((_clean(title), "bold"), f"  ({about})"), soft_wrap=True)
+        heading(title, about)
         t = table(SPLIT_COLUMNS)
         for li in s.layers:
             cells: list[Any] = [li.layer, *(_num(getattr(li, key)) for _, key in SPLIT_COLUMNS[:-2])]
@@ -658,7 +671,7 @@ def render_stats_text(result: StatsResult, console: Console) -> None:
         console.print()
     for p in result.pairs:
         where = p.location if p.location != "." and one_root else display_path(p.dataset)
-        console.print(Text.assemble((_clean(where), "bold"), f"  ({p.a} vs {p.b})"), soft_wrap=True)
+        heading(where, f"{p.a} vs {p.b}")
         t = table(PAIR_COLUMNS)
         for pl in p.layers:
             style = "bold green" if pl.layer == p.best_layer else ""
@@ -669,7 +682,7 @@ def render_stats_text(result: StatsResult, console: Console) -> None:
             )
         console.print(t)
         if len(p.layers) > 1:
-            curves(("midpoint_accuracy", "cohens_d"), p.layers, False)
+            curves(("midpoint_accuracy", "cohens_d"), p.layers, True)
         best = next((pl for pl in p.layers if pl.layer == p.best_layer), None)
         if best is not None:
             console.print(

@@ -168,22 +168,27 @@ class StatsResult:
         }
 
     def to_csv(self) -> str:
-        """One row per (split, layer) and per (pair, layer): ``kind`` is ``split`` or ``pair``."""
+        """One row per (split, layer) and per (pair, layer).  ``kind`` is ``split`` or ``pair``; a split row names
+        its ``split``, a pair row its ``pair`` (``EM vs Neutral``) and both sides (``a``, ``b``); ``path`` is the
+        split, or the directory both splits of the pair lie in."""
         out = io.StringIO()
         w = csv.writer(out, lineterminator="\n")
-        w.writerow(["kind", "path", "split", "b", "layer", "index", *LAYER_FIELDS, *PAIR_FIELDS])
+        w.writerow(["kind", "path", "split", "pair", "a", "b", "layer", "index", *LAYER_FIELDS, *PAIR_FIELDS])
         for s in self.splits:
             for li in s.layers:
                 row = li.to_dict()
+                blank = [""] * len(PAIR_FIELDS)
                 w.writerow(
-                    ["split", s.path, s.split, "", li.layer, li.index, *(row[k] for k in LAYER_FIELDS)]
+                    ["split", s.path, s.split, "", "", "", li.layer, li.index, *(row[k] for k in LAYER_FIELDS)]
+                    + blank
                 )
         for p in self.pairs:
             for pl in p.layers:
                 row = pl.to_dict()
                 blank = [""] * len(LAYER_FIELDS)
                 w.writerow(
-                    ["pair", p.dataset, p.a, p.b, pl.layer, pl.index, *blank, *(row[k] for k in PAIR_FIELDS)]
+                    ["pair", p.dataset, "", f"{p.a} vs {p.b}", p.a, p.b, pl.layer, pl.index, *blank]
+                    + [row[k] for k in PAIR_FIELDS]
                 )
         return out.getvalue()
 
