@@ -179,7 +179,9 @@ class LocationTests:
         bytes (a local file stays readable through its open descriptor) or raises ChangedError, never the new
         object's bytes."""
         if not root.detects_replacement:
-            pytest.skip(f"{root.scheme}:// declares detects_replacement = False (the formats check identities)")
+            pytest.skip(
+                f"{root.scheme}:// declares detects_replacement = False (the formats check identities)"
+            )
         f = root / "pinned.bin"
         f.write_bytes(b"first version")
         pinned = f.pinned(f.stat().identity)

@@ -179,8 +179,18 @@ class StatsResult:
                 row = li.to_dict()
                 blank = [""] * len(PAIR_FIELDS)
                 w.writerow(
-                    ["split", s.path, s.split, "", "", "", li.layer, li.index, *(row[k] for k in LAYER_FIELDS)]
-                    + blank
+                    [
+                        "split",
+                        s.path,
+                        s.split,
+                        "",
+                        "",
+                        "",
+                        li.layer,
+                        li.index,
+                        *(row[k] for k in LAYER_FIELDS),
+                        *blank,
+                    ]
                 )
         for p in self.pairs:
             for pl in p.layers:
