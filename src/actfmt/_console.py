@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from actfmt._escape import escape, escape_line, markup
 from actfmt.progress import ProgressEvent
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -131,8 +132,9 @@ class ProgressRenderer:
                 if task_id is not None:
                     progress.remove_task(task_id)
                 self._nbytes[event.task] = 0
+                # A description names a split or a layer: escaped, and its markup printed as it is.
                 task_id = progress.add_task(
-                    event.description or event.task, total=event.total, rate="", in_bytes=None
+                    markup(event.description or event.task), total=event.total, rate="", in_bytes=None
                 )
                 self._tasks[event.task] = task_id
             if event.kind != "start" and (event.advance or event.nbytes):
@@ -146,7 +148,7 @@ class ProgressRenderer:
                 if task.fields.get("in_bytes") is None:
                     progress.update(task_id, in_bytes=bool(event.nbytes and event.advance == event.nbytes))
                 if event.description:
-                    progress.update(task_id, description=event.description)
+                    progress.update(task_id, description=markup(event.description))
             if event.kind == "end":
                 total = progress.tasks[progress.task_ids.index(task_id)].total
                 if total is not None:
@@ -230,10 +232,10 @@ def info_fields(row: Any) -> dict[str, str]:
     """One :class:`~actfmt.convert.SplitInfo` as the text of each of :data:`INFO_COLUMNS` (``""``: unknown)."""
 
     def text(value: Any) -> str:
-        return "" if value is None else str(value)
+        return "" if value is None else escape(str(value))
 
     return {
-        "format": row.format,
+        "format": escape(row.format),
         "layers": text(row.layers),
         "examples": text(row.examples),
         "hidden": text(row.hidden_dim),
@@ -311,6 +313,14 @@ def _wrap(items: Sequence[str], width: int, indent: str, sep: str, first: str | 
 def render_info(rows: Sequence[Any], root: str, width: int, *, fancy: bool = True) -> list[tuple[str, bool]]:
     """The text of ``actfmt info``: ``(line, is_heading)`` pairs, no line wider than ``width``.
 
+    Names are escaped (:mod:`actfmt._escape`) before they are measured, and no line starts with ``::``.
+    """
+    return [(escape_line(line), heading) for line, heading in _info_lines(rows, escape(root), width, fancy)]
+
+
+def _info_lines(rows: Sequence[Any], root: str, width: int, fancy: bool) -> list[tuple[str, bool]]:
+    """:func:`render_info`'s lines, ``root`` escaped already.
+
     The heading names PATH, the directory every split lies in and what every split shares (format, dtype, chunks,
     ...); the rest is a table with one row per split, its path shortened from the left to fit; when even that
     does not fit (a narrow terminal, a single split), one block per split, the fields wrapped to the width.
@@ -323,7 +333,7 @@ def render_info(rows: Sequence[Any], root: str, width: int, *, fancy: bool = Tru
     shared = [n for n in names if len(rows) > 1 and len({f[n] for f in fields}) == 1]
     varying = [n for n in names if n not in shared]
 
-    labels = [r.location.strip("/") for r in rows]
+    labels = [escape(r.location).strip("/") for r in rows]
     if len(rows) == 1:  # one block, under the split's whole path
         path = root if labels[0] in ("", ".") else root.rstrip("/") + "/" + labels[0]
         items = [f"{n} {fields[0][n]}" for n in names if fields[0][n]]

@@ -22,6 +22,7 @@ from typing import IO, Any, TypeVar
 
 import click
 
+from actfmt._escape import dumps, escape, escape_line, escape_lines
 from actfmt._version import __version__
 from actfmt.errors import ActfmtError, Interrupted, os_error_from_text, os_error_message
 from actfmt.formats import FORMATS, all_compressions, get_format
@@ -42,7 +43,8 @@ class CliError(click.ClickException):
     exit_code = 2
 
     def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"actfmt: error: {self.format_message()}", err=True)
+        # A message may name files of the tree: escaped line by line (actfmt._escape), like every output.
+        click.echo(f"actfmt: error: {escape_lines(self.format_message())}", err=True)
 
 
 class InternalError(click.ClickException):
@@ -54,7 +56,7 @@ class InternalError(click.ClickException):
         super().__init__(f"{type(exc).__name__}: {exc}")
 
     def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"actfmt: internal error: {self.format_message()}", err=True)
+        click.echo(f"actfmt: internal error: {escape_lines(self.format_message())}", err=True)
         click.echo(
             f"This is a bug in actfmt {__version__}. Please report it with the command you ran "
             "(set ACTFMT_DEBUG=1 to print the traceback).",
@@ -72,7 +74,10 @@ class ActfmtGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except click.exceptions.ClickException as exc:  # click's own messages quote the arguments: escaped
+            exc.message = escape_lines(exc.message)  # type: ignore[misc]  # Final in click's stubs
+            raise
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except ActfmtError as exc:
             raise CliError(str(exc)) from None
@@ -83,7 +88,7 @@ class ActfmtGroup(click.Group):
         except Interrupted as exc:
             name = signal.Signals(exc.signum).name
             kept = (
-                f"; partial kept at {', '.join(exc.partials)}; rerun with --resume to continue"
+                f"; partial kept at {escape(', '.join(exc.partials))}; rerun with --resume to continue"
                 if exc.partials
                 else ""
             )
@@ -524,9 +529,9 @@ def convert_command(
             storage_options=storage_options,
         )
     for w in result.warnings:
-        click.echo(f"actfmt: warning: {w}", err=True)
+        click.echo(f"actfmt: warning: {escape_lines(w)}", err=True)
     if output_format == "json":
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(dumps(result.to_dict(), ensure_ascii=True))
     elif not quiet:
         from actfmt._console import format_rate, format_size
 
@@ -536,7 +541,7 @@ def convert_command(
         rate = f" ({format_rate(result.bytes, result.seconds)})" if result.seconds >= 1 else ""
         click.echo(
             f"Converted {n} split{'' if n == 1 else 's'}{skipped} · {result.layers} layers · "
-            f"{format_size(result.bytes)} in {result.seconds:.1f} s{rate} -> {dst}"
+            f"{format_size(result.bytes)} in {result.seconds:.1f} s{rate} -> {escape(dst)}"
         )
 
 
@@ -575,12 +580,13 @@ def _pair_lines(a: str, b: str, pairs: Sequence[tuple[str, str]]) -> list[str]:
             groups.setdefault(dx, []).append((nx, ny))
         else:
             groups.setdefault("", []).append(("A" if x == "." else f"A/{x}", "B" if y == "." else f"B/{y}"))
+    a, b, pairs = escape(a), escape(b), [(escape(x), escape(y)) for x, y in pairs]  # names of the trees
     lines = [f"A: {a}", f"B: {b}"]
     for where, named in groups.items():
         lines.append(f"compared in {where}/:" if where else "compared:")
         width = max(len(x) for x, _ in named)
         lines += [f"  {x:<{width}}  with {y}" for x, y in named]
-    return lines
+    return [escape_line(line) for line in lines]
 
 
 @cli.command("verify")
@@ -614,13 +620,13 @@ def verify_command(
     with progress_renderer(quiet=quiet, no_progress=no_progress) as progress:
         res = verify(a, b, progress=progress, storage_options=storage_options)
     if as_json or output_format == "json":
-        click.echo(json.dumps(res.to_dict(), indent=2))
+        click.echo(dumps(res.to_dict(), ensure_ascii=True))
     else:
         if not quiet:
             for line in _pair_lines(display_path(a), display_path(b), res.pairs):
                 click.echo(line)
         for d in res.differences:
-            click.echo(d)
+            click.echo(escape_line(d))
         if not quiet:
             from actfmt._console import format_size
 
@@ -726,7 +732,7 @@ def stats_command(
     with output_stream(output_file) as out:
         render_stats(output_format, result, out)
     if plot and not quiet:
-        click.echo(f"actfmt: plot written to {plot}", err=True)
+        click.echo(f"actfmt: plot written to {escape(plot)}", err=True)
 
 
 @cli.command("info")
@@ -750,7 +756,7 @@ def info_command(
 
     rows = info(path, storage_options=storage_options)
     if as_json or output_format == "json":
-        click.echo(json.dumps([r.to_dict() for r in rows], indent=2))
+        click.echo(dumps([r.to_dict() for r in rows], ensure_ascii=True))
         return
     # The terminal's width (COLUMNS first); 80 when stdout is a pipe or a file.
     width = shutil.get_terminal_size((80, 24)).columns

@@ -13,7 +13,6 @@ those objects, in the order the PATHs were given.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import urllib.parse
@@ -21,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
+from actfmt._escape import dumps, escape, escape_line, escape_lines, gh_data, gh_property
 from actfmt.checks.base import ERROR, WARNING, Finding
 from actfmt.errors import ActfmtError
 from actfmt.report import Report, SkippedChecks
@@ -148,13 +148,15 @@ _BAD_XML_CHARS = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010
 
 
 def _clean(text: str) -> str:
-    """Printable on any UTF-8 stream: undecodable file-name bytes (surrogates) become ``\\udcxx``."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    """One line of text output that holds names: control characters escaped visibly, undecodable file-name
+    bytes written ``\\xff``, a leading ``::`` neutralised (:func:`actfmt._escape.escape_line`)."""
+    return escape_line(text)
 
 
-def _xml_clean(text: str) -> str:
-    """Text that XML 1.0 can hold (control characters and lone surrogates become U+FFFD)."""
-    return _BAD_XML_CHARS.sub("\ufffd", text)
+def _xml_clean(text: str, *, lines: bool = False) -> str:
+    """Text that XML 1.0 can hold, names escaped like in the text output: on one line, or with ``lines``, each
+    line of ``text`` (its line breaks kept)."""
+    return _BAD_XML_CHARS.sub("\ufffd", escape_lines(text) if lines else escape_line(text))
 
 
 def _plural(n: int, word: str) -> str:
@@ -313,12 +315,9 @@ def render_text(
 
 
 def _dumps(data: Any) -> str:
-    try:
-        text = json.dumps(data, indent=2, ensure_ascii=False)
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable file names: keep the JSON valid and writable
-        text = json.dumps(data, indent=2, ensure_ascii=True)
-    return text + "\n"
+    """JSON valid for any name: an undecodable file-name byte is written ``\\xff`` (as in the text output), and no
+    raw control character reaches the output (:func:`actfmt._escape.dumps`)."""
+    return dumps(data) + "\n"
 
 
 def render_json(reports: Sequence[Report]) -> str:
@@ -331,35 +330,34 @@ def render_json(reports: Sequence[Report]) -> str:
 # --------------------------------------------------------------------------------------------- github
 
 
-def _gh_data(text: str) -> str:
-    return _clean(text).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def _gh_prop(text: str) -> str:
-    return _gh_data(text).replace(":", "%3A").replace(",", "%2C")
-
-
 def render_github(reports: Sequence[Report]) -> str:
     """GitHub Actions workflow commands: ``::error file=…,title=ACT302 missing-shard::…``, worst first.
 
-    Skipped checks follow as ``::notice`` lines.  Nothing else is printed.
+    Skipped checks follow as ``::notice`` lines.  Nothing else is printed.  Names are escaped
+    (:func:`actfmt._escape.escape`), then encoded as GitHub decodes them (``%25 %0D %0A``, and ``%3A %2C`` in
+    properties): a name can neither end a command nor start another.
     """
     lines = []
     for report, f in _all_findings(reports):
         level = "error" if f.severity == ERROR else "warning"
         path = display_path(report.root, f.location)
         lines.append(
-            f"::{level} file={_gh_prop(path)},title={_gh_prop(f'{f.code} {f.name}')}::{_gh_data(f.message)}"
+            f"::{level} file={gh_property(path)},title={gh_property(f'{f.code} {f.name}')}::{gh_data(f.message)}"
         )
     for report in reports:
         for s in report.skipped:
             path = display_path(report.root, s.location)
             text = f"skipped {', '.join(s.codes)}: {s.reason}"
-            lines.append(f"::notice file={_gh_prop(path)},title=actfmt skipped checks::{_gh_data(text)}")
+            lines.append(f"::notice file={gh_property(path)},title=actfmt skipped checks::{gh_data(text)}")
     return "".join(line + "\n" for line in lines)
 
 
 # --------------------------------------------------------------------------------------------- junit
+
+
+def _value(value: Any) -> str:
+    """An expected / actual value on one line, as in the JSON output."""
+    return escape(dumps(value, indent=None))
 
 
 def _classname(path: str) -> str:
@@ -399,10 +397,10 @@ def render_junit(reports: Sequence[Report], *, strict: bool = False) -> str:
                     name=_xml_clean(f"{f.code} {f.name}: {_within(f.location, split) or '.'}"),
                     file=_xml_clean(path),
                 )
-                details = [f"{f.severity} {f.code} {f.name} at {path}", f.message]
+                details = [f"{f.severity} {f.code} {f.name} at {escape(path)}", escape(f.message)]
                 if f.expected is not None or f.actual is not None:
-                    details += [f"expected: {f.expected!r}", f"actual: {f.actual!r}"]
-                body = _xml_clean("\n".join(details))
+                    details += [f"expected: {_value(f.expected)}", f"actual: {_value(f.actual)}"]
+                body = _xml_clean("\n".join(details), lines=True)
                 counts["tests"] += 1
                 if f.severity == ERROR or strict:
                     failure = ET.SubElement(case, "failure", type=f.code, message=_xml_clean(f.message))
@@ -445,9 +443,10 @@ def render_junit(reports: Sequence[Report], *, strict: bool = False) -> str:
 
 
 def _sarif_uri(path: str) -> str:
+    """The file's URI: its bytes percent-encoded (an undecodable byte is ``%FF``, any control character too)."""
     if os.path.isabs(path):
         return Path(path).as_uri()
-    return urllib.parse.quote(path, safe="/")
+    return urllib.parse.quote_from_bytes(os.fsencode(path), safe="/")
 
 
 def _sarif_level(severity: str) -> str:
@@ -652,10 +651,14 @@ def render_stats_text(result: StatsResult, console: Console) -> None:
             )
             if x
         )
-        console.print(Text.assemble((_clean(title), "bold"), f"  ({about})"), soft_wrap=True)
+        console.print(Text.assemble((_clean(title), "bold"), f"  ({escape(about)})"), soft_wrap=True)
         t = table(SPLIT_COLUMNS)
         for li in s.layers:
-            cells: list[Any] = [li.layer, *(_num(getattr(li, key)) for _, key in SPLIT_COLUMNS[:-2])]
+            # A store's layer names are the store's: Text, so that markup in them is printed as it is.
+            cells: list[Any] = [
+                Text(escape(li.layer)),
+                *(_num(getattr(li, key)) for _, key in SPLIT_COLUMNS[:-2]),
+            ]
             cells.append(Text(_num(li.nonfinite), style="red" if li.nonfinite else ""))
             cells.append(Text(_num(li.zero_rows), style="yellow" if li.zero_rows else ""))
             t.add_row(*cells)
@@ -665,12 +668,14 @@ def render_stats_text(result: StatsResult, console: Console) -> None:
         console.print()
     for p in result.pairs:
         where = p.location if p.location != "." and one_root else display_path(p.dataset)
-        console.print(Text.assemble((_clean(where), "bold"), f"  ({p.a} vs {p.b})"), soft_wrap=True)
+        console.print(
+            Text.assemble((_clean(where), "bold"), f"  ({escape(p.a)} vs {escape(p.b)})"), soft_wrap=True
+        )
         t = table(PAIR_COLUMNS)
         for pl in p.layers:
             style = "bold green" if pl.layer == p.best_layer else ""
             t.add_row(
-                Text(pl.layer, style=style),
+                Text(escape(pl.layer), style=style),
                 *(_num(getattr(pl, key)) for _, key in PAIR_COLUMNS[:-1]),
                 Text(_num(pl.midpoint_accuracy), style=style),
             )
@@ -682,7 +687,7 @@ def render_stats_text(result: StatsResult, console: Console) -> None:
             console.print(
                 Text.assemble(
                     "  best layer: ",
-                    (best.layer, "bold green"),
+                    (escape(best.layer), "bold green"),
                     f" (midpoint accuracy {_num(best.midpoint_accuracy)}, Cohen's d {_num(best.cohens_d)})",
                 ),
                 soft_wrap=True,
@@ -712,9 +717,22 @@ def render_stats(fmt: str, result: StatsResult, out: IO[str], *, color: bool | N
     elif fmt == "json":
         out.write(_dumps(result.to_dict()))
     elif fmt == "csv":
-        out.write(result.to_csv())
+        out.write(_safe_csv(result.to_csv()))
     else:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(STATS_FORMATS)}")
+
+
+def _safe_csv(text: str) -> str:
+    """CSV whose every field is :func:`actfmt._escape.escape`-d: a name cannot break a row, hold a control
+    character or start a line (the first column is always ``kind``)."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    for row in csv.reader(io.StringIO(text, newline="")):
+        writer.writerow([escape(cell) for cell in row])
+    return out.getvalue()
 
 
 def check_plot(path: str) -> Any:
