@@ -110,11 +110,14 @@ def _surrogates(text: str) -> str:
 
 def dumps(data: Any, *, indent: int | None = 2, ensure_ascii: bool = False) -> str:
     """JSON for any name: valid UTF-8 (:func:`json_safe`), and no raw control, separator or bidi character
-    (JSON escapes C0; DEL, C1 and the rest are written ``\\u009b``), so the bytes are safe on a terminal.
+    (JSON escapes C0; DEL, C1 and the rest are written ``\\u009b``) nor ``##[``, so the bytes are safe on a
+    terminal and in a CI log while the values are the names.
     ``ensure_ascii``: every non-ASCII character written ``\\uXXXX``."""
     text = json.dumps(json_safe(data), indent=indent, ensure_ascii=ensure_ascii)
-    # Outside strings JSON is ASCII: every such character is inside a string, where \\uXXXX means the same.
-    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    # Outside strings JSON is ASCII: every such character is inside a string, where \\uXXXX means the same;
+    # so is every ``#``, and ``##\\u005b`` is the same string as ``##[`` to a parser, not to a CI runner.
+    text = _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return _INLINE_COMMAND.sub(lambda m: m.group()[:-1] + "\\u005b", text)
 
 
 def gh_data(text: str) -> str:
