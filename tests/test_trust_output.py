@@ -326,6 +326,8 @@ def test_error_messages_are_safe(crafted: Path, tmp_path: Path) -> None:
         (["info", str(nothing)], "no split"),
         (["validate", str(tmp_path / ("missing" + EVIL[0]))], "does not exist"),
         (["validate", str(crafted), "--select", EVIL[1]], "--select"),
+        (["--bad" + EVIL[0], "validate", str(crafted)], "No such option"),
+        (["validate" + EVIL[3], str(crafted)], "No such command"),
     ]
     for args, expected in cases:
         for code, out, err in cli_run(*args):
@@ -354,3 +356,16 @@ def test_progress_descriptions_are_escaped_and_not_markup() -> None:
     assert "\x1b]8;" not in text  # no hyperlink from [link=...]
     assert "g[bold red]x[link=https:example.com]y/layer_01" in text
     assert len(shown) == len(EVIL) and not any(_CONTROL.search(d) for d in shown)
+
+
+def test_library_warnings_and_log_records_are_escaped() -> None:
+    """A zarr / h5py / fsspec warning or log record quoting a name prints escaped, in its usual form."""
+    code = (
+        "import logging, warnings; from actfmt.cli import escape_library_messages; escape_library_messages(); "
+        f"warnings.warn({EVIL[0]!r} + {EVIL[4]!r}); logging.getLogger('zarr').warning('stray %s', {EVIL[1]!r})"
+    )
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=120, check=True)
+    err = proc.stderr.decode("utf-8")
+    assert_safe(err)
+    assert "UserWarning: a" in err and "\\x3a:error file=x::pwned" in err and "stray b" in err

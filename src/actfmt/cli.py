@@ -71,6 +71,15 @@ def _debug() -> bool:
 class ActfmtGroup(click.Group):
     """Translates errors raised by any command: ActfmtError / OSError -> CliError; the rest -> InternalError."""
 
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.ClickException as exc:  # `actfmt --bad-option`: the argument quoted, escaped
+            exc.message = escape_lines(exc.message)  # type: ignore[misc]  # Final in click's stubs
+            raise
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -783,9 +792,32 @@ def _quit_now(signum: int, frame: Any) -> None:
     os._exit(128 + signum)
 
 
+def escape_library_messages() -> None:
+    """Python warnings and log records of the libraries actfmt uses (zarr, h5py, fsspec...) may quote a tree's
+    names: printed escaped like every other output (actfmt._escape), in their usual form."""
+    import logging
+    import warnings
+
+    plain = warnings.formatwarning
+
+    def formatwarning(*args: Any, **kwargs: Any) -> str:
+        return escape_lines(plain(*args, **kwargs).rstrip("\n")) + "\n"
+
+    class EscapedStderr(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                click.echo(escape_lines(self.format(record)), err=True)
+            except Exception:  # pragma: no cover - logging's own policy
+                self.handleError(record)
+
+    warnings.formatwarning = formatwarning
+    logging.lastResort = EscapedStderr(logging.WARNING)
+
+
 def main() -> None:
     for var in _SINGLE_THREADED_BLAS:
         os.environ.setdefault(var, "1")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
+    escape_library_messages()
     cli(prog_name="actfmt")
