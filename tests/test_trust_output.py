@@ -345,7 +345,7 @@ def test_progress_descriptions_are_escaped_and_not_markup() -> None:
     from actfmt.progress import ProgressEvent
 
     buf = StringIO()
-    console = Console(file=buf, force_terminal=True, width=80, color_system="standard")
+    console = Console(file=buf, force_terminal=True, width=200, color_system="standard")  # names whole
     with ProgressRenderer(console=console, transient=False) as progress:
         for name in EVIL:
             progress(ProgressEvent("start", name, total=2, description=f"{name}/layer_00"))

@@ -66,7 +66,15 @@ def _count_column() -> Any:
                 f"{done_units}/{int(total)}" if total is not None else done_units, style="progress.download"
             )
 
-    return CountColumn()
+    from rich.table import Column
+
+    return CountColumn(table_column=Column(no_wrap=True))
+
+
+#: What the columns after the description and the bar take at most: the spinner (1), the count
+#: (``999.9 MB/999.9 MB``, 17), the rate (``999.9 MB/s``, 10), the elapsed time (7), ``ETA`` (3), the time
+#: remaining (7), and the 7 spaces between the 8 columns.
+FIXED_COLUMNS_WIDTH = 1 + 17 + 10 + 7 + 3 + 7 + 7
 
 
 class ProgressRenderer:
@@ -132,9 +140,8 @@ class ProgressRenderer:
                 if task_id is not None:
                     progress.remove_task(task_id)
                 self._nbytes[event.task] = 0
-                # A description names a split or a layer: escaped, and its markup printed as it is.
                 task_id = progress.add_task(
-                    markup(event.description or event.task), total=event.total, rate="", in_bytes=None
+                    self._describe(event.description or event.task), total=event.total, rate="", in_bytes=None
                 )
                 self._tasks[event.task] = task_id
             if event.kind != "start" and (event.advance or event.nbytes):
@@ -148,7 +155,7 @@ class ProgressRenderer:
                 if task.fields.get("in_bytes") is None:
                     progress.update(task_id, in_bytes=bool(event.nbytes and event.advance == event.nbytes))
                 if event.description:
-                    progress.update(task_id, description=markup(event.description))
+                    progress.update(task_id, description=self._describe(event.description))
             if event.kind == "end":
                 total = progress.tasks[progress.task_ids.index(task_id)].total
                 if total is not None:
@@ -156,6 +163,18 @@ class ProgressRenderer:
             if not self._live and now - self._started_at >= self.delay:
                 progress.start()
                 self._live = True
+
+    def _widths(self) -> tuple[int, int]:
+        """The description's and the bar's widths: one line per task, at the console's width (80 columns: 18 and
+        10)."""
+        room = max(self.console.width - FIXED_COLUMNS_WIDTH, 20)
+        bar = 10 if room < 48 else min(30, room // 3)
+        return room - bar, bar
+
+    def _describe(self, text: str) -> str:
+        """A task's description: escaped (it names a split or a layer), shortened from the left to fit
+        (``…/SP_test/EM``), its markup printed as it is."""
+        return markup(shorten_left(escape(text), self._widths()[0]))
 
     def _ensure_progress(self) -> Progress:
         if self._progress is None:
@@ -167,16 +186,25 @@ class ProgressRenderer:
                 TimeElapsedColumn,
                 TimeRemainingColumn,
             )
+            from rich.table import Column
+
+            described, bar = self._widths()
+
+            def one_line(**kw: Any) -> Column:
+                return Column(no_wrap=True, **kw)
 
             self._progress = Progress(
-                SpinnerColumn(),
-                TextColumn("[progress.description]{task.description}"),
-                BarColumn(),
+                SpinnerColumn(table_column=one_line()),
+                TextColumn(
+                    "[progress.description]{task.description}",
+                    table_column=one_line(max_width=described, overflow="ellipsis"),
+                ),
+                BarColumn(bar_width=bar, table_column=one_line()),
                 _count_column(),
-                TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
+                TextColumn("{task.fields[rate]}", table_column=one_line()),
+                TimeElapsedColumn(table_column=one_line()),
+                TextColumn("ETA", table_column=one_line()),
+                TimeRemainingColumn(table_column=one_line()),
                 console=self.console,
                 transient=self.transient,
                 redirect_stdout=False,

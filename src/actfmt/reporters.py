@@ -9,6 +9,10 @@ Paths shown to the user are the PATH as given joined with the finding's ``locati
 current directory when they lie under it (so GitHub annotates the offending file), always with ``/``.
 The ``json`` output of one PATH is exactly ``report.to_dict()``; with several PATHs it is a JSON array of
 those objects, in the order the PATHs were given.
+
+Names come from the tree, so from whoever made it: every renderer shows them through :mod:`actfmt._escape` (one
+rule: control characters and undecodable bytes written visibly, ``\\xff``; no line starting with ``::``; JSON,
+SARIF, JUnit and CSV valid for any byte; an undecodable byte is ``\\xff`` in the JSON too).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from actfmt._escape import dumps, escape, escape_line, escape_lines, gh_data, gh_property
+from actfmt._escape import dumps, escape, escape_line, escape_lines, gh_data, gh_property, neutralise
 from actfmt.checks.base import ERROR, WARNING, Finding
 from actfmt.errors import ActfmtError
 from actfmt.report import Report, SkippedChecks
@@ -222,18 +226,56 @@ def _capped(findings: Sequence[Finding]) -> tuple[list[Finding], dict[str, int]]
     return shown, rest
 
 
+_BREAK = re.compile(r"(?<=/)|(?= )")
+
+
+def fit_lines(text: str, width: int | None, indent: str = "", first: str | None = None) -> list[str]:
+    """``text`` in lines of at most ``width`` characters, broken at a space or after a ``/`` (a path is cut
+    between its components), a piece longer than a line cut where it must; the first line starts with ``first``
+    (default ``indent``), the others with ``indent``.  ``width=None``: one line.  No line starts with ``::``.
+    """
+    first = indent if first is None else first
+    if width is None or len(first) + len(text) <= width:
+        return [neutralise(first + text)]
+    lines: list[str] = []
+    line, lead = "", first
+    for piece in _BREAK.split(text):
+        room = max(width - len(lead), 8)
+        if line and len(line) + len(piece) > room:
+            lines.append(lead + line.rstrip(" "))
+            line, lead, piece = "", indent, piece.lstrip(" ")
+            room = max(width - len(lead), 8)
+        while len(line) + len(piece) > room:  # a piece longer than a line
+            cut = room - len(line)
+            lines.append(lead + line + piece[:cut])
+            line, lead, piece = "", indent, piece[cut:]
+            room = max(width - len(lead), 8)
+        line += piece
+    if line.strip(" ") or not lines:
+        lines.append(lead + line)
+    return [neutralise(x) for x in lines]
+
+
 def render_text(
     reports: Sequence[Report], console: Console, *, strict: bool = False, quiet: bool = False
 ) -> None:
     """Rich text: findings grouped by split, skipped checks, one summary line, and a verdict.
 
-    ``quiet`` keeps the findings and skipped checks only.
+    ``quiet`` keeps the findings and skipped checks only.  On a terminal every line fits its width (paths are
+    broken between components, messages between words, under their indentation); elsewhere (a pipe, a file, a CI
+    log) each item stays on one line.
     """
     from rich.text import Text
 
     encoding = (getattr(console.file, "encoding", None) or "utf-8").lower().replace("-", "")
     fancy = encoding.startswith("utf")
     dot, dash, tick, cross = ("·", "—", "✓", "✗") if fancy else ("-", "-", "OK:", "X")
+    width = console.width if console.is_terminal else None
+
+    def say(text: str, style: str = "", indent: str = "", first: str = "") -> None:
+        """``text`` from ``first``, continued under ``indent``."""
+        for line in fit_lines(text, width, indent, first):
+            console.print(Text(line, style=style), soft_wrap=True)
 
     for report in reports:
         skipped_by_split: dict[str | None, list[SkippedChecks]] = {}
@@ -246,11 +288,12 @@ def render_text(
             if not findings and not skips:
                 continue
             header = display_path(report.root, split or "")
-            console.print(Text(_clean(header), style="bold underline"), soft_wrap=True)
+            say(_clean(header), "bold underline", "  ")
             shown, rest = _capped(findings)
             for f in shown:
                 style = "red" if f.severity == ERROR else "yellow"
-                where = _within(f.location, split)
+                where = _clean(_within(f.location, split))
+                head = f"  {f.severity:<7} {f.code} {f.name}"
                 line = Text.assemble(
                     "  ",
                     (f"{f.severity:<7}", style),
@@ -258,49 +301,44 @@ def render_text(
                     (f.code, "bold"),
                     " ",
                     (f.name, style),
-                    (f"  {_clean(where)}" if where else "", "cyan"),
                 )
+                if where and (width is None or len(head) + 2 + len(where) <= width):
+                    line.append(f"  {where}", "cyan")
+                    where = ""
                 console.print(line, soft_wrap=True)
-                console.print(Text("          " + _clean(f.message)), soft_wrap=True)
+                if where:  # too long for the line: under it
+                    say(where, "cyan", " " * 12, " " * 10)
+                say(_clean(f.message), "", " " * 10, " " * 10)
             for code, n in rest.items():
-                console.print(
-                    Text(
-                        f"  ... and {n} more {code} finding{'s' if n > 1 else ''} in this split "
-                        f"(every finding: --output-format json)",
-                        style="dim",
-                    ),
-                    soft_wrap=True,
+                say(
+                    f"... and {n} more {code} finding{'s' if n > 1 else ''} in this split "
+                    f"(every finding: --output-format json)",
+                    "dim",
+                    "    ",
+                    "  ",
                 )
             for s in skips:
-                where = _within(s.location, split)
-                console.print(
-                    Text.assemble(
-                        "  ",
-                        ("skipped", "magenta"),
-                        " ",
-                        (", ".join(s.codes), "bold"),
-                        f"  {_clean(where)}" if where else "",
-                    ),
-                    soft_wrap=True,
-                )
-                console.print(Text("          " + _clean(s.reason)), soft_wrap=True)
+                where = _clean(_within(s.location, split))
+                line = Text.assemble("  ", ("skipped", "magenta"), " ", (", ".join(s.codes), "bold"))
+                if where and (width is None or line.cell_len + 2 + len(where) <= width):
+                    line.append(f"  {where}")
+                    where = ""
+                console.print(line, soft_wrap=True)
+                if where:
+                    say(where, "", " " * 12, " " * 10)
+                say(_clean(s.reason), "", " " * 10, " " * 10)
             console.print()
 
     if quiet:
         return
     t = _totals(reports)
     failed = t["errors"] > 0 or (strict and t["warnings"] > 0)
-    console.print(
-        Text(summary_line(reports, dot, dash), style="bold red" if failed else "bold"), soft_wrap=True
-    )
+    say(summary_line(reports, dot, dash), "bold red" if failed else "bold", "  ")
     if any(r.partial for r in reports):
-        console.print(
-            Text("Some checks were skipped (see above): fix what they depend on and run again."),
-            soft_wrap=True,
-        )
+        say("Some checks were skipped (see above): fix what they depend on and run again.")
     if failed:
         if not t["errors"]:
-            console.print(Text(f"{cross} Failed {dash} warnings fail with --strict", style="bold red"))
+            say(f"{cross} Failed {dash} warnings fail with --strict", "bold red")
         return
     if t["warnings"]:
         verdict = (
@@ -308,7 +346,7 @@ def render_text(
         )
     else:
         verdict = f"{tick} OK {dash} no problems found"
-    console.print(Text(verdict, style="bold green"), soft_wrap=True)
+    say(verdict, "bold green", "  ")
 
 
 # --------------------------------------------------------------------------------------------- json
