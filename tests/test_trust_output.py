@@ -370,3 +370,28 @@ def test_library_warnings_and_log_records_are_escaped() -> None:
     err = proc.stderr.decode("utf-8")
     assert_safe(err)
     assert "UserWarning: a" in err and "\\x3a:error file=x::pwned" in err and "stray b" in err
+
+
+def test_lines_broken_to_fit_never_start_a_command() -> None:
+    from actfmt.reporters import fit_lines
+
+    text = "word " * 13 + "::error file=x::pwned and ::add-mask::secret and ##[add-mask]s /::warning::x"
+    for width in range(20, 90):
+        lines = fit_lines(escape(text), width, " " * 10, " " * 10)
+        assert len(lines) > 1 or width >= len(text) + 10
+        assert all(github_command(line) is None for line in lines), (width, lines)
+        assert all(len(line) <= max(width, 18) + 3 for line in lines)  # (+3: a neutralised "::")
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_validate_on_a_terminal_is_safe(crafted: Path, columns: int) -> None:
+    """On a terminal the text is broken to fit the width (and coloured): still no command, no control."""
+    from ._pty import in_pty
+
+    for path, cwd in ((str(crafted), None), (".", crafted)):
+        out = in_pty(
+            [sys.executable, "-m", "actfmt", "validate", path], columns, colour=True, cwd=cwd or crafted
+        )
+        assert "\x1b[3" in out  # coloured: rich's SGR codes, which assert_safe allows
+        assert_safe(out.replace("\r\n", "\n"))
+        assert "stray\\xff\\xfe" in out
