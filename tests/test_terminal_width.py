@@ -107,3 +107,23 @@ def test_convert_progress_is_one_line_per_task(
     tail = re.compile(r"\d+:\d\d:\d\d ETA( +(\d+:\d\d:\d\d|-:--:--))?\s*$")
     assert all(tail.search(line) for line in tasks), [x for x in tasks if not tail.search(x)]
     assert any(line.startswith("Converted 2 splits") for line in shown)
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_stats_headings_fit_the_terminal(clean: Path, columns: int) -> None:
+    out = in_pty(
+        [sys.executable, "-m", "actfmt", "stats", "Activations"], columns, colour=True, cwd=clean.parents[2]
+    )
+    shown = lines_of(out)
+    assert all(len(line) <= columns for line in shown), [x for x in shown if len(x) > columns]
+    titles = []  # each split's title: on the line of its "(pt, ...)", or above it, broken after a "/"
+    for j in (i for i, line in enumerate(shown) if "(pt, bfloat16" in line):
+        if not shown[j].lstrip().startswith("("):
+            titles.append(shown[j].split("  (")[0])
+            continue
+        i, parts = j - 1, [shown[j - 1].strip()]
+        while shown[i - 1].endswith("/"):
+            i -= 1
+            parts.insert(0, shown[i].strip())
+        titles.append("".join(parts))
+    assert titles == [f"{MODEL}/{DATASET}/EM", f"{MODEL}/{DATASET}/Neutral"], shown

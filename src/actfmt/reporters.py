@@ -655,6 +655,19 @@ def render_stats_text(result: StatsResult, console: Console) -> None:
     encoding = (getattr(console.file, "encoding", None) or "utf-8").lower().replace("-", "")
     fancy = encoding.startswith("utf")
     one_root = len(result.roots) == 1
+    width = console.width if console.is_terminal else None
+
+    def heading(title: str, about: str) -> None:
+        """``title  (about)`` on one line, or on a terminal too narrow for it: the title broken after a ``/``,
+        then ``(about)`` under it."""
+        title, about = _clean(title), f"({escape(about)})"
+        if width is None or len(title) + 2 + len(about) <= width:
+            console.print(Text.assemble((title, "bold"), f"  {about}"), soft_wrap=True)
+            return
+        for line in fit_lines(title, width, "  ", ""):
+            console.print(Text(line, style="bold"), soft_wrap=True)
+        for line in fit_lines(about, width, "  ", "  "):
+            console.print(Text(line), soft_wrap=True)
 
     def table(columns: Sequence[tuple[str, str]]) -> Table:
         t = Table(box=None, padding=(0, 1, 0, 1), pad_edge=False, collapse_padding=True)
@@ -689,7 +702,7 @@ def render_stats_text(result: StatsResult, console: Console) -> None:
             )
             if x
         )
-        console.print(Text.assemble((_clean(title), "bold"), f"  ({escape(about)})"), soft_wrap=True)
+        heading(title, about)
         t = table(SPLIT_COLUMNS)
         for li in s.layers:
             # A store's layer names are the store's: Text, so that markup in them is printed as it is.
@@ -706,9 +719,7 @@ def render_stats_text(result: StatsResult, console: Console) -> None:
         console.print()
     for p in result.pairs:
         where = p.location if p.location != "." and one_root else display_path(p.dataset)
-        console.print(
-            Text.assemble((_clean(where), "bold"), f"  ({escape(p.a)} vs {escape(p.b)})"), soft_wrap=True
-        )
+        heading(where, f"{p.a} vs {p.b}")
         t = table(PAIR_COLUMNS)
         for pl in p.layers:
             style = "bold green" if pl.layer == p.best_layer else ""
