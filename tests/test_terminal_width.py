@@ -127,3 +127,20 @@ def test_stats_headings_fit_the_terminal(clean: Path, columns: int) -> None:
             parts.insert(0, shown[i].strip())
         titles.append("".join(parts))
     assert titles == [f"{MODEL}/{DATASET}/EM", f"{MODEL}/{DATASET}/Neutral"], shown
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_validate_deep_progress_fits_the_terminal(clean: Path, columns: int) -> None:
+    """``--deep`` draws its bar at once: one line, within the width, its times whole."""
+    out = in_pty(
+        [sys.executable, "-m", "actfmt", "validate", "--deep", "Activations"],
+        columns,
+        colour=True,
+        cwd=clean.parents[2],
+    )
+    shown = [line for line in lines_of(out) if line.strip()]
+    assert all(len(line) <= columns for line in shown), [x for x in shown if len(x) > columns]
+    tasks = [line for line in shown if "ETA" in line]
+    assert tasks, out
+    tail = re.compile(r"\d+:\d\d:\d\d ETA( +(\d+:\d\d:\d\d|-:--:--))?\s*$")
+    assert all(tail.search(line) for line in tasks), [x for x in tasks if not tail.search(x)]
