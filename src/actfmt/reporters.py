@@ -359,7 +359,8 @@ def _dumps(data: Any) -> str:
 
 
 def render_json(reports: Sequence[Report]) -> str:
-    """One PATH: exactly ``report.to_dict()``; several: a JSON array of them, in order."""
+    """One PATH: exactly ``report.to_dict()``; several: a JSON array of them, in order (an undecodable byte of a
+    name is written ``\\xff``, as in every output: :func:`actfmt._escape.dumps`)."""
     if len(reports) == 1:
         return _dumps(reports[0].to_dict())
     return _dumps([r.to_dict() for r in reports])
