@@ -383,15 +383,14 @@ def test_lines_broken_to_fit_never_start_a_command() -> None:
         assert all(len(line) <= max(width, 18) + 3 for line in lines)  # (+3: a neutralised "::")
 
 
+@pytest.mark.parametrize("command", ["validate", "info", "stats"])
 @pytest.mark.parametrize("columns", [80, 120])
-def test_validate_on_a_terminal_is_safe(crafted: Path, columns: int) -> None:
-    """On a terminal the text is broken to fit the width (and coloured): still no command, no control."""
+def test_text_on_a_terminal_is_safe(crafted: Path, columns: int, command: str) -> None:
+    """On a terminal the text is fitted to the width (and coloured): still no command, no control character."""
     from ._pty import in_pty
 
-    for path, cwd in ((str(crafted), None), (".", crafted)):
-        out = in_pty(
-            [sys.executable, "-m", "actfmt", "validate", path], columns, colour=True, cwd=cwd or crafted
-        )
-        assert "\x1b[3" in out  # coloured: rich's SGR codes, which assert_safe allows
+    for path, cwd in ((str(crafted), crafted.parent), (".", crafted)):
+        out = in_pty([sys.executable, "-m", "actfmt", command, path], columns, colour=True, cwd=cwd)
+        assert "\x1b[" in out  # styled: rich's SGR codes, which assert_safe allows
         assert_safe(out.replace("\r\n", "\n"))
-        assert "stray\\xff\\xfe" in out
+        assert "error file=x,line=1::split" in out  # the split named to start a line is shown
