@@ -24,7 +24,13 @@ import click
 
 from actfmt._escape import dumps, escape, escape_line, escape_lines
 from actfmt._version import __version__
-from actfmt.errors import ActfmtError, Interrupted, os_error_from_text, os_error_message
+from actfmt.errors import (
+    ActfmtError,
+    Interrupted,
+    ValidationFailedError,
+    os_error_from_text,
+    os_error_message,
+)
 from actfmt.formats import FORMATS, all_compressions, get_format
 from actfmt.layout import SUPPORTED_DTYPES
 
@@ -42,9 +48,17 @@ class CliError(click.ClickException):
 
     exit_code = 2
 
+    def __init__(self, message: str, *, lines: bool = False) -> None:
+        super().__init__(message)
+        self.lines = lines
+
     def show(self, file: IO[Any] | None = None) -> None:
-        # A message may name files of the tree: escaped line by line (actfmt._escape), like every output.
-        click.echo(f"actfmt: error: {escape_lines(self.format_message())}", err=True)
+        # A message names files of the tree: escaped (actfmt._escape) on one line, a newline in a name written
+        # \n; with ``lines`` (a failed validation's findings, one a line) line by line.
+        message = self.format_message()
+        click.echo(
+            f"actfmt: error: {escape_lines(message) if self.lines else escape_line(message)}", err=True
+        )
 
 
 class InternalError(click.ClickException):
@@ -77,19 +91,20 @@ class ActfmtGroup(click.Group):
         try:
             return super().make_context(info_name, args, parent, **extra)
         except click.exceptions.ClickException as exc:  # `actfmt --bad-option`: the argument quoted, escaped
-            exc.message = escape_lines(exc.message)  # type: ignore[misc]  # Final in click's stubs
+            exc.message = escape_line(exc.message)  # type: ignore[misc]  # Final in click's stubs
             raise
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except click.exceptions.ClickException as exc:  # click's own messages quote the arguments: escaped
-            exc.message = escape_lines(exc.message)  # type: ignore[misc]  # Final in click's stubs
+            if not isinstance(exc, CliError):
+                exc.message = escape_line(exc.message)  # type: ignore[misc]  # Final in click's stubs
             raise
         except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except ActfmtError as exc:
-            raise CliError(str(exc)) from None
+            raise CliError(str(exc), lines=isinstance(exc, ValidationFailedError)) from None
         except BrokenPipeError:  # `actfmt info ... | head`: click leaves quietly
             raise
         except OSError as exc:  # the environment's fault (full disk, permissions...): one line, exit 2
