@@ -203,7 +203,7 @@ def test_text_escapes_markup_and_undecodable_names() -> None:
         "ACT104", "bad-name", ERROR, "model/ds/EM/layer_[bold]x\udcff", "name [red]layer_3[/red] is off"
     )
     out = _text([_report(findings=[f])])
-    assert "layer_[bold]x\\udcff" in out and "name [red]layer_3[/red] is off" in out
+    assert "layer_[bold]x\\xff" in out and "name [red]layer_3[/red] is off" in out
 
 
 def test_render_text_no_color_when_not_a_tty() -> None:
@@ -238,10 +238,11 @@ def test_json_several_reports_is_a_list_in_order() -> None:
 
 
 def test_json_undecodable_name_stays_valid() -> None:
+    # The undecodable byte is written as in the text output (\xff), so the JSON is valid UTF-8.
     report = _report(findings=[_missing("model/ds/EM/\udcffbad")])
     text = render_json([report])
     text.encode("utf-8")
-    assert json.loads(text)["issues"][0]["location"] == "model/ds/EM/\udcffbad"
+    assert json.loads(text)["issues"][0]["location"] == "model/ds/EM/\\xffbad"
 
 
 # ------------------------------------------------------------------------------------- github
@@ -331,7 +332,7 @@ def test_junit_skipped_and_hostile_text_stay_well_formed() -> None:
     suite = root.find("testsuite[@name='data/model/ds/EM']")
     assert suite is not None and suite.get("skipped") == "1" and suite.get("tests") == "2"
     failure = suite.find("testcase/failure")
-    assert failure is not None and failure.get("message") == 'bad "name" <&> \ufffd here'
+    assert failure is not None and failure.get("message") == 'bad "name" <&> \\x00 here'
     skipped = suite.find("testcase/skipped")
     assert skipped is not None and skipped.get("message") == "metadata.json <broken> & co"
 

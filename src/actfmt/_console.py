@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from actfmt._escape import escape, escape_line, markup
 from actfmt.progress import ProgressEvent
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,7 +66,15 @@ def _count_column() -> Any:
                 f"{done_units}/{int(total)}" if total is not None else done_units, style="progress.download"
             )
 
-    return CountColumn()
+    from rich.table import Column
+
+    return CountColumn(table_column=Column(no_wrap=True))
+
+
+#: What the columns after the description and the bar take at most: the spinner (1), the count
+#: (``999.9 MB/999.9 MB``, 17), the rate (``999.9 MB/s``, 10), the elapsed time (7), ``ETA`` (3), the time
+#: remaining (7), and the 7 spaces between the 8 columns.
+FIXED_COLUMNS_WIDTH = 1 + 17 + 10 + 7 + 3 + 7 + 7
 
 
 class ProgressRenderer:
@@ -132,7 +141,7 @@ class ProgressRenderer:
                     progress.remove_task(task_id)
                 self._nbytes[event.task] = 0
                 task_id = progress.add_task(
-                    event.description or event.task, total=event.total, rate="", in_bytes=None
+                    self._describe(event.description or event.task), total=event.total, rate="", in_bytes=None
                 )
                 self._tasks[event.task] = task_id
             if event.kind != "start" and (event.advance or event.nbytes):
@@ -146,7 +155,7 @@ class ProgressRenderer:
                 if task.fields.get("in_bytes") is None:
                     progress.update(task_id, in_bytes=bool(event.nbytes and event.advance == event.nbytes))
                 if event.description:
-                    progress.update(task_id, description=event.description)
+                    progress.update(task_id, description=self._describe(event.description))
             if event.kind == "end":
                 total = progress.tasks[progress.task_ids.index(task_id)].total
                 if total is not None:
@@ -154,6 +163,18 @@ class ProgressRenderer:
             if not self._live and now - self._started_at >= self.delay:
                 progress.start()
                 self._live = True
+
+    def _widths(self) -> tuple[int, int]:
+        """The description's and the bar's widths: one line per task, at the console's width (80 columns: 18 and
+        10)."""
+        room = max(self.console.width - FIXED_COLUMNS_WIDTH, 20)
+        bar = 10 if room < 48 else min(30, room // 3)
+        return room - bar, bar
+
+    def _describe(self, text: str) -> str:
+        """A task's description: escaped (it names a split or a layer), shortened from the left to fit
+        (``…/SP_test/EM``), its markup printed as it is."""
+        return markup(shorten_left(escape(text), self._widths()[0]))
 
     def _ensure_progress(self) -> Progress:
         if self._progress is None:
@@ -165,16 +186,25 @@ class ProgressRenderer:
                 TimeElapsedColumn,
                 TimeRemainingColumn,
             )
+            from rich.table import Column
+
+            described, bar = self._widths()
+
+            def one_line(**kw: Any) -> Column:
+                return Column(no_wrap=True, **kw)
 
             self._progress = Progress(
-                SpinnerColumn(),
-                TextColumn("[progress.description]{task.description}"),
-                BarColumn(),
+                SpinnerColumn(table_column=one_line()),
+                TextColumn(
+                    "[progress.description]{task.description}",
+                    table_column=one_line(max_width=described, overflow="ellipsis"),
+                ),
+                BarColumn(bar_width=bar, table_column=one_line()),
                 _count_column(),
-                TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
+                TextColumn("{task.fields[rate]}", table_column=one_line()),
+                TimeElapsedColumn(table_column=one_line()),
+                TextColumn("ETA", table_column=one_line()),
+                TimeRemainingColumn(table_column=one_line()),
                 console=self.console,
                 transient=self.transient,
                 redirect_stdout=False,
@@ -230,10 +260,10 @@ def info_fields(row: Any) -> dict[str, str]:
     """One :class:`~actfmt.convert.SplitInfo` as the text of each of :data:`INFO_COLUMNS` (``""``: unknown)."""
 
     def text(value: Any) -> str:
-        return "" if value is None else str(value)
+        return "" if value is None else escape(str(value))
 
     return {
-        "format": row.format,
+        "format": escape(row.format),
         "layers": text(row.layers),
         "examples": text(row.examples),
         "hidden": text(row.hidden_dim),
@@ -311,6 +341,14 @@ def _wrap(items: Sequence[str], width: int, indent: str, sep: str, first: str | 
 def render_info(rows: Sequence[Any], root: str, width: int, *, fancy: bool = True) -> list[tuple[str, bool]]:
     """The text of ``actfmt info``: ``(line, is_heading)`` pairs, no line wider than ``width``.
 
+    Names are escaped (:mod:`actfmt._escape`) before they are measured, and no line starts with ``::``.
+    """
+    return [(escape_line(line), heading) for line, heading in _info_lines(rows, escape(root), width, fancy)]
+
+
+def _info_lines(rows: Sequence[Any], root: str, width: int, fancy: bool) -> list[tuple[str, bool]]:
+    """:func:`render_info`'s lines, ``root`` escaped already.
+
     The heading names PATH, the directory every split lies in and what every split shares (format, dtype, chunks,
     ...); the rest is a table with one row per split, its path shortened from the left to fit; when even that
     does not fit (a narrow terminal, a single split), one block per split, the fields wrapped to the width.
@@ -323,7 +361,7 @@ def render_info(rows: Sequence[Any], root: str, width: int, *, fancy: bool = Tru
     shared = [n for n in names if len(rows) > 1 and len({f[n] for f in fields}) == 1]
     varying = [n for n in names if n not in shared]
 
-    labels = [r.location.strip("/") for r in rows]
+    labels = [escape(r.location).strip("/") for r in rows]
     if len(rows) == 1:  # one block, under the split's whole path
         path = root if labels[0] in ("", ".") else root.rstrip("/") + "/" + labels[0]
         items = [f"{n} {fields[0][n]}" for n in names if fields[0][n]]

@@ -12,7 +12,6 @@ found, the tool's own failure.  An unexpected exception prints ``actfmt: interna
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -22,8 +21,15 @@ from typing import IO, Any, TypeVar
 
 import click
 
+from actfmt._escape import dumps, escape, escape_line, escape_lines
 from actfmt._version import __version__
-from actfmt.errors import ActfmtError, Interrupted, os_error_from_text, os_error_message
+from actfmt.errors import (
+    ActfmtError,
+    Interrupted,
+    ValidationFailedError,
+    os_error_from_text,
+    os_error_message,
+)
 from actfmt.formats import ALIASES, FORMATS, all_compressions, get_format
 from actfmt.layout import SUPPORTED_DTYPES
 
@@ -41,8 +47,17 @@ class CliError(click.ClickException):
 
     exit_code = 2
 
+    def __init__(self, message: str, *, lines: bool = False) -> None:
+        super().__init__(message)
+        self.lines = lines
+
     def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"actfmt: error: {self.format_message()}", err=True)
+        # A message names files of the tree: escaped (actfmt._escape) on one line, a newline in a name written
+        # \n; with ``lines`` (a failed validation's findings, one a line) line by line.
+        message = self.format_message()
+        click.echo(
+            f"actfmt: error: {escape_lines(message) if self.lines else escape_line(message)}", err=True
+        )
 
 
 class InternalError(click.ClickException):
@@ -54,7 +69,7 @@ class InternalError(click.ClickException):
         super().__init__(f"{type(exc).__name__}: {exc}")
 
     def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"actfmt: internal error: {self.format_message()}", err=True)
+        click.echo(f"actfmt: internal error: {escape_lines(self.format_message())}", err=True)
         click.echo(
             f"This is a bug in actfmt {__version__}. Please report it with the command you ran "
             "(set ACTFMT_DEBUG=1 to print the traceback).",
@@ -69,13 +84,26 @@ def _debug() -> bool:
 class ActfmtGroup(click.Group):
     """Translates errors raised by any command: ActfmtError / OSError -> CliError; the rest -> InternalError."""
 
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.ClickException as exc:  # `actfmt --bad-option`: the argument quoted, escaped
+            exc.message = escape_line(exc.message)  # type: ignore[misc]  # Final in click's stubs
+            raise
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except click.exceptions.ClickException as exc:  # click's own messages quote the arguments: escaped
+            if not isinstance(exc, CliError):
+                exc.message = escape_line(exc.message)  # type: ignore[misc]  # Final in click's stubs
+            raise
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except ActfmtError as exc:
-            raise CliError(str(exc)) from None
+            raise CliError(str(exc), lines=isinstance(exc, ValidationFailedError)) from None
         except BrokenPipeError:  # `actfmt info ... | head`: click leaves quietly
             raise
         except OSError as exc:  # the environment's fault (full disk, permissions...): one line, exit 2
@@ -83,7 +111,7 @@ class ActfmtGroup(click.Group):
         except Interrupted as exc:
             name = signal.Signals(exc.signum).name
             kept = (
-                f"; partial kept at {', '.join(exc.partials)}; rerun with --resume to continue"
+                f"; partial kept at {escape(', '.join(exc.partials))}; rerun with --resume to continue"
                 if exc.partials
                 else ""
             )
@@ -154,7 +182,7 @@ def json_document(data: Any, key: str = "items") -> str:
         "tool": {"name": "actfmt", "version": __version__},
     }
     body = {key: data} if isinstance(data, list) else data
-    return json.dumps(head | body, indent=2)
+    return dumps(head | body, ensure_ascii=True)
 
 
 class PathOrURL(click.ParamType):
@@ -589,14 +617,14 @@ def convert_command(
             dry_run=dry_run,
         )
     for w in result.warnings:
-        click.echo(f"actfmt: warning: {w}", err=True)
+        click.echo(f"actfmt: warning: {escape_lines(w)}", err=True)
     if output_format == "json":
         with output_stream(output_file) as out:
             out.write(json_document(result.to_dict()) + "\n")
     elif dry_run:
         with output_stream(output_file) as out:
             for line in _plan_lines(result, dst):
-                out.write(line + "\n")
+                out.write(escape_line(line) + "\n")
     elif not quiet:
         from actfmt._console import format_rate, format_size
 
@@ -606,7 +634,7 @@ def convert_command(
         rate = f" ({format_rate(result.bytes, result.seconds)})" if result.seconds >= 1 else ""
         click.echo(
             f"Converted {n} split{'' if n == 1 else 's'}{skipped} · {result.layers} layers · "
-            f"{format_size(result.bytes)} in {result.seconds:.1f} s{rate} -> {dst}"
+            f"{format_size(result.bytes)} in {result.seconds:.1f} s{rate} -> {escape(dst)}"
         )
 
 
@@ -676,12 +704,13 @@ def _pair_lines(a: str, b: str, pairs: Sequence[tuple[str, str]]) -> list[str]:
             groups.setdefault(dx, []).append((nx, ny))
         else:
             groups.setdefault("", []).append(("A" if x == "." else f"A/{x}", "B" if y == "." else f"B/{y}"))
+    a, b, pairs = escape(a), escape(b), [(escape(x), escape(y)) for x, y in pairs]  # names of the trees
     lines = [f"A: {a}", f"B: {b}"]
     for where, named in groups.items():
         lines.append(f"compared in {where}/:" if where else "compared:")
         width = max(len(x) for x, _ in named)
         lines += [f"  {x:<{width}}  with {y}" for x, y in named]
-    return lines
+    return [escape_line(line) for line in lines]
 
 
 @cli.command("verify")
@@ -723,7 +752,7 @@ def verify_command(
             lines = []
             if not quiet:
                 lines += _pair_lines(display_path(a), display_path(b), res.pairs)
-            lines += res.differences
+            lines += [escape_line(d) for d in res.differences]
             if not quiet:
                 from actfmt._console import format_size
 
@@ -847,7 +876,7 @@ def stats_command(
     with output_stream(output_file) as out:
         render_stats(output_format, result, out)
     if plot and not quiet:
-        click.echo(f"actfmt: plot written to {plot}", err=True)
+        click.echo(f"actfmt: plot written to {escape(plot)}", err=True)
 
 
 @cli.command("info")
@@ -908,9 +937,32 @@ def _quit_now(signum: int, frame: Any) -> None:
     os._exit(128 + signum)
 
 
+def escape_library_messages() -> None:
+    """Python warnings and log records of the libraries actfmt uses (zarr, h5py, fsspec...) may quote a tree's
+    names: printed escaped like every other output (actfmt._escape), in their usual form."""
+    import logging
+    import warnings
+
+    plain = warnings.formatwarning
+
+    def formatwarning(*args: Any, **kwargs: Any) -> str:
+        return escape_lines(plain(*args, **kwargs).rstrip("\n")) + "\n"
+
+    class EscapedStderr(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                click.echo(escape_lines(self.format(record)), err=True)
+            except Exception:  # pragma: no cover - logging's own policy
+                self.handleError(record)
+
+    warnings.formatwarning = formatwarning
+    logging.lastResort = EscapedStderr(logging.WARNING)
+
+
 def main() -> None:
     for var in _SINGLE_THREADED_BLAS:
         os.environ.setdefault(var, "1")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_signal)
+    escape_library_messages()
     cli(prog_name="actfmt")

@@ -10,11 +10,14 @@ Paths shown to the user are the PATH as given joined with the finding's ``locati
 current directory when they lie under it (so GitHub annotates the offending file), always with ``/``.
 The ``json`` output of one PATH is exactly ``report.to_dict()``; with several PATHs it is a JSON array of
 those objects, in the order the PATHs were given.
+
+Names come from the tree, so from whoever made it: every renderer shows them through :mod:`actfmt._escape` (one
+rule: control characters and undecodable bytes written visibly, ``\\xff``; no line starting with ``::``; JSON,
+SARIF, JUnit and CSV valid for any byte; an undecodable byte is ``\\xff`` in the JSON too).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import urllib.parse
@@ -22,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from actfmt._console import shorten_left
+from actfmt._escape import dumps, escape, escape_line, escape_lines, gh_data, gh_property, neutralise
 from actfmt.checks.base import ERROR, WARNING, Finding
 from actfmt.report import Report, SkippedChecks
 from actfmt.statistics import StatsResult
@@ -142,13 +145,15 @@ _BAD_XML_CHARS = re.compile("[^\t\n\r\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010
 
 
 def _clean(text: str) -> str:
-    """Printable on any UTF-8 stream: undecodable file-name bytes (surrogates) become ``\\udcxx``."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    """One line of text output that holds names: control characters escaped visibly, undecodable file-name
+    bytes written ``\\xff``, a leading ``::`` neutralised (:func:`actfmt._escape.escape_line`)."""
+    return escape_line(text)
 
 
-def _xml_clean(text: str) -> str:
-    """Text that XML 1.0 can hold (control characters and lone surrogates become U+FFFD)."""
-    return _BAD_XML_CHARS.sub("\ufffd", text)
+def _xml_clean(text: str, *, lines: bool = False) -> str:
+    """Text that XML 1.0 can hold, names escaped like in the text output: on one line, or with ``lines``, each
+    line of ``text`` (its line breaks kept)."""
+    return _BAD_XML_CHARS.sub("\ufffd", escape_lines(text) if lines else escape_line(text))
 
 
 def _plural(n: int, word: str) -> str:
@@ -214,18 +219,56 @@ def _capped(findings: Sequence[Finding]) -> tuple[list[Finding], dict[str, int]]
     return shown, rest
 
 
+_BREAK = re.compile(r"(?<=/)|(?= )")
+
+
+def fit_lines(text: str, width: int | None, indent: str = "", first: str | None = None) -> list[str]:
+    """``text`` in lines of at most ``width`` characters, broken at a space or after a ``/`` (a path is cut
+    between its components), a piece longer than a line cut where it must; the first line starts with ``first``
+    (default ``indent``), the others with ``indent``.  ``width=None``: one line.  No line starts with ``::``.
+    """
+    first = indent if first is None else first
+    if width is None or len(first) + len(text) <= width:
+        return [neutralise(first + text)]
+    lines: list[str] = []
+    line, lead = "", first
+    for piece in _BREAK.split(text):
+        room = max(width - len(lead), 8)
+        if line and len(line) + len(piece) > room:
+            lines.append(lead + line.rstrip(" "))
+            line, lead, piece = "", indent, piece.lstrip(" ")
+            room = max(width - len(lead), 8)
+        while len(line) + len(piece) > room:  # a piece longer than a line
+            cut = room - len(line)
+            lines.append(lead + line + piece[:cut])
+            line, lead, piece = "", indent, piece[cut:]
+            room = max(width - len(lead), 8)
+        line += piece
+    if line.strip(" ") or not lines:
+        lines.append(lead + line)
+    return [neutralise(x) for x in lines]
+
+
 def render_text(
     reports: Sequence[Report], console: Console, *, strict: bool = False, quiet: bool = False
 ) -> None:
     """Rich text: findings grouped by split, skipped checks, one summary line, and a verdict.
 
-    ``quiet`` keeps the findings and skipped checks only.
+    ``quiet`` keeps the findings and skipped checks only.  On a terminal every line fits its width (paths are
+    broken between components, messages between words, under their indentation); elsewhere (a pipe, a file, a CI
+    log) each item stays on one line.
     """
     from rich.text import Text
 
     encoding = (getattr(console.file, "encoding", None) or "utf-8").lower().replace("-", "")
     fancy = encoding.startswith("utf")
     dot, dash, tick, cross = ("·", "—", "✓", "✗") if fancy else ("-", "-", "OK:", "X")
+    width = console.width if console.is_terminal else None
+
+    def say(text: str, style: str = "", indent: str = "", first: str = "") -> None:
+        """``text`` from ``first``, continued under ``indent``."""
+        for line in fit_lines(text, width, indent, first):
+            console.print(Text(line, style=style), soft_wrap=True)
 
     for report in reports:
         skipped_by_split: dict[str | None, list[SkippedChecks]] = {}
@@ -238,11 +281,12 @@ def render_text(
             if not findings and not skips:
                 continue
             header = display_path(report.root, split or "")
-            console.print(Text(_clean(header), style="bold underline"), soft_wrap=True)
+            say(_clean(header), "bold underline", "  ")
             shown, rest = _capped(findings)
             for f in shown:
                 style = "red" if f.severity == ERROR else "yellow"
-                where = _within(f.location, split)
+                where = _clean(_within(f.location, split))
+                head = f"  {f.severity:<7} {f.code} {f.name}"
                 line = Text.assemble(
                     "  ",
                     (f"{f.severity:<7}", style),
@@ -250,49 +294,44 @@ def render_text(
                     (f.code, "bold"),
                     " ",
                     (f.name, style),
-                    (f"  {_clean(where)}" if where else "", "cyan"),
                 )
+                if where and (width is None or len(head) + 2 + len(where) <= width):
+                    line.append(f"  {where}", "cyan")
+                    where = ""
                 console.print(line, soft_wrap=True)
-                console.print(Text("          " + _clean(f.message)), soft_wrap=True)
+                if where:  # too long for the line: under it
+                    say(where, "cyan", " " * 12, " " * 10)
+                say(_clean(f.message), "", " " * 10, " " * 10)
             for code, n in rest.items():
-                console.print(
-                    Text(
-                        f"  ... and {n} more {code} finding{'s' if n > 1 else ''} in this split "
-                        f"(every finding: --output-format json)",
-                        style="dim",
-                    ),
-                    soft_wrap=True,
+                say(
+                    f"... and {n} more {code} finding{'s' if n > 1 else ''} in this split "
+                    f"(every finding: --output-format json)",
+                    "dim",
+                    "    ",
+                    "  ",
                 )
             for s in skips:
-                where = _within(s.location, split)
-                console.print(
-                    Text.assemble(
-                        "  ",
-                        ("skipped", "magenta"),
-                        " ",
-                        (", ".join(s.codes), "bold"),
-                        f"  {_clean(where)}" if where else "",
-                    ),
-                    soft_wrap=True,
-                )
-                console.print(Text("          " + _clean(s.reason)), soft_wrap=True)
+                where = _clean(_within(s.location, split))
+                line = Text.assemble("  ", ("skipped", "magenta"), " ", (", ".join(s.codes), "bold"))
+                if where and (width is None or line.cell_len + 2 + len(where) <= width):
+                    line.append(f"  {where}")
+                    where = ""
+                console.print(line, soft_wrap=True)
+                if where:
+                    say(where, "", " " * 12, " " * 10)
+                say(_clean(s.reason), "", " " * 10, " " * 10)
             console.print()
 
     if quiet:
         return
     t = _totals(reports)
     failed = t["errors"] > 0 or (strict and t["warnings"] > 0)
-    console.print(
-        Text(summary_line(reports, dot, dash), style="bold red" if failed else "bold"), soft_wrap=True
-    )
+    say(summary_line(reports, dot, dash), "bold red" if failed else "bold", "  ")
     if any(r.partial for r in reports):
-        console.print(
-            Text("Some checks were skipped (see above): fix what they depend on and run again."),
-            soft_wrap=True,
-        )
+        say("Some checks were skipped (see above): fix what they depend on and run again.")
     if failed:
         if not t["errors"]:
-            console.print(Text(f"{cross} Failed {dash} warnings fail with --strict", style="bold red"))
+            say(f"{cross} Failed {dash} warnings fail with --strict", "bold red")
         return
     if t["warnings"]:
         verdict = (
@@ -300,23 +339,21 @@ def render_text(
         )
     else:
         verdict = f"{tick} OK {dash} no problems found"
-    console.print(Text(verdict, style="bold green"), soft_wrap=True)
+    say(verdict, "bold green", "  ")
 
 
 # --------------------------------------------------------------------------------------------- json
 
 
 def _dumps(data: Any) -> str:
-    try:
-        text = json.dumps(data, indent=2, ensure_ascii=False)
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable file names: keep the JSON valid and writable
-        text = json.dumps(data, indent=2, ensure_ascii=True)
-    return text + "\n"
+    """JSON valid for any name: an undecodable file-name byte is written ``\\xff`` (as in the text output), and no
+    raw control character reaches the output (:func:`actfmt._escape.dumps`)."""
+    return dumps(data) + "\n"
 
 
 def render_json(reports: Sequence[Report]) -> str:
-    """One PATH: exactly ``report.to_dict()``; several: a JSON array of them, in order."""
+    """One PATH: exactly ``report.to_dict()``; several: a JSON array of them, in order (an undecodable byte of a
+    name is written ``\\xff``, as in every output: :func:`actfmt._escape.dumps`)."""
     if len(reports) == 1:
         return _dumps(reports[0].to_dict())
     return _dumps([r.to_dict() for r in reports])
@@ -325,35 +362,34 @@ def render_json(reports: Sequence[Report]) -> str:
 # --------------------------------------------------------------------------------------------- github
 
 
-def _gh_data(text: str) -> str:
-    return _clean(text).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def _gh_prop(text: str) -> str:
-    return _gh_data(text).replace(":", "%3A").replace(",", "%2C")
-
-
 def render_github(reports: Sequence[Report]) -> str:
     """GitHub Actions workflow commands: ``::error file=…,title=ACT302 missing-shard::…``, worst first.
 
-    Skipped checks follow as ``::notice`` lines.  Nothing else is printed.
+    Skipped checks follow as ``::notice`` lines.  Nothing else is printed.  Names are escaped
+    (:func:`actfmt._escape.escape`), then encoded as GitHub decodes them (``%25 %0D %0A``, and ``%3A %2C`` in
+    properties): a name can neither end a command nor start another.
     """
     lines = []
     for report, f in _all_findings(reports):
         level = "error" if f.severity == ERROR else "warning"
         path = display_path(report.root, f.location)
         lines.append(
-            f"::{level} file={_gh_prop(path)},title={_gh_prop(f'{f.code} {f.name}')}::{_gh_data(f.message)}"
+            f"::{level} file={gh_property(path)},title={gh_property(f'{f.code} {f.name}')}::{gh_data(f.message)}"
         )
     for report in reports:
         for s in report.skipped:
             path = display_path(report.root, s.location)
             text = f"skipped {', '.join(s.codes)}: {s.reason}"
-            lines.append(f"::notice file={_gh_prop(path)},title=actfmt skipped checks::{_gh_data(text)}")
+            lines.append(f"::notice file={gh_property(path)},title=actfmt skipped checks::{gh_data(text)}")
     return "".join(line + "\n" for line in lines)
 
 
 # --------------------------------------------------------------------------------------------- junit
+
+
+def _value(value: Any) -> str:
+    """An expected / actual value on one line, as in the JSON output."""
+    return escape(dumps(value, indent=None))
 
 
 def _classname(path: str) -> str:
@@ -393,10 +429,10 @@ def render_junit(reports: Sequence[Report], *, strict: bool = False) -> str:
                     name=_xml_clean(f"{f.code} {f.name}: {_within(f.location, split) or '.'}"),
                     file=_xml_clean(path),
                 )
-                details = [f"{f.severity} {f.code} {f.name} at {path}", f.message]
+                details = [f"{f.severity} {f.code} {f.name} at {escape(path)}", escape(f.message)]
                 if f.expected is not None or f.actual is not None:
-                    details += [f"expected: {f.expected!r}", f"actual: {f.actual!r}"]
-                body = _xml_clean("\n".join(details))
+                    details += [f"expected: {_value(f.expected)}", f"actual: {_value(f.actual)}"]
+                body = _xml_clean("\n".join(details), lines=True)
                 counts["tests"] += 1
                 if f.severity == ERROR or strict:
                     failure = ET.SubElement(case, "failure", type=f.code, message=_xml_clean(f.message))
@@ -439,9 +475,10 @@ def render_junit(reports: Sequence[Report], *, strict: bool = False) -> str:
 
 
 def _sarif_uri(path: str) -> str:
+    """The file's URI: its bytes percent-encoded (an undecodable byte is ``%FF``, any control character too)."""
     if os.path.isabs(path):
         return Path(path).as_uri()
-    return urllib.parse.quote(path, safe="/")
+    return urllib.parse.quote_from_bytes(os.fsencode(path), safe="/")
 
 
 def _sarif_level(severity: str) -> str:
@@ -613,6 +650,19 @@ def render_stats_text(result: StatsResult, console: Console) -> None:
     encoding = (getattr(console.file, "encoding", None) or "utf-8").lower().replace("-", "")
     fancy = encoding.startswith("utf")
     one_root = len(result.roots) == 1
+    width = console.width if console.is_terminal else None
+
+    def heading(title: str, about: str) -> None:
+        """``title  (about)`` on one line, or on a terminal too narrow for it: the title broken after a ``/``,
+        then ``(about)`` under it."""
+        title, about = _clean(title), f"({escape(about)})"
+        if width is None or len(title) + 2 + len(about) <= width:
+            console.print(Text.assemble((title, "bold"), f"  {about}"), soft_wrap=True)
+            return
+        for line in fit_lines(title, width, "  ", ""):
+            console.print(Text(line, style="bold"), soft_wrap=True)
+        for line in fit_lines(about, width, "  ", "  "):
+            console.print(Text(line), soft_wrap=True)
 
     def table(columns: Sequence[tuple[str, str]]) -> Table:
         t = Table(box=None, padding=(0, 1, 0, 1), pad_edge=False, collapse_padding=True)
@@ -620,17 +670,6 @@ def render_stats_text(result: StatsResult, console: Console) -> None:
         for header, _ in columns:
             t.add_column(header, justify="right", no_wrap=True)
         return t
-
-    def heading(title: str, about: str) -> None:
-        """``title  (about)`` on one line when it fits the console, else the title (shortened from the left at
-        a ``/``) and the ``(about)`` indented below it: never wrapped mid-word by the terminal."""
-        width = console.width
-        title = _clean(title)
-        if len(title) + len(about) + 4 <= width:
-            console.print(Text.assemble((title, "bold"), f"  ({about})"), soft_wrap=True)
-            return
-        console.print(Text(shorten_left(title, width, "…" if fancy else "..."), style="bold"), soft_wrap=True)
-        console.print(Text(f"  ({about})"), soft_wrap=True)
 
     def curves(names: Sequence[str], rows: Sequence[Any], ranges: bool) -> None:
         for name in names:
@@ -661,7 +700,11 @@ def render_stats_text(result: StatsResult, console: Console) -> None:
         heading(title, about)
         t = table(SPLIT_COLUMNS)
         for li in s.layers:
-            cells: list[Any] = [li.layer, *(_num(getattr(li, key)) for _, key in SPLIT_COLUMNS[:-2])]
+            # A store's layer names are the store's: Text, so that markup in them is printed as it is.
+            cells: list[Any] = [
+                Text(escape(li.layer)),
+                *(_num(getattr(li, key)) for _, key in SPLIT_COLUMNS[:-2]),
+            ]
             cells.append(Text(_num(li.nonfinite), style="red" if li.nonfinite else ""))
             cells.append(Text(_num(li.zero_rows), style="yellow" if li.zero_rows else ""))
             t.add_row(*cells)
@@ -676,7 +719,7 @@ def render_stats_text(result: StatsResult, console: Console) -> None:
         for pl in p.layers:
             style = "bold green" if pl.layer == p.best_layer else ""
             t.add_row(
-                Text(pl.layer, style=style),
+                Text(escape(pl.layer), style=style),
                 *(_num(getattr(pl, key)) for _, key in PAIR_COLUMNS[:-1]),
                 Text(_num(pl.midpoint_accuracy), style=style),
             )
@@ -688,7 +731,7 @@ def render_stats_text(result: StatsResult, console: Console) -> None:
             console.print(
                 Text.assemble(
                     "  best layer: ",
-                    (best.layer, "bold green"),
+                    (escape(best.layer), "bold green"),
                     f" (midpoint accuracy {_num(best.midpoint_accuracy)}, Cohen's d {_num(best.cohens_d)})",
                 ),
                 soft_wrap=True,
@@ -718,6 +761,19 @@ def render_stats(fmt: str, result: StatsResult, out: IO[str], *, color: bool | N
     elif fmt == "json":
         out.write(_dumps(result.to_dict()))
     elif fmt == "csv":
-        out.write(result.to_csv())
+        out.write(_safe_csv(result.to_csv()))
     else:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(STATS_FORMATS)}")
+
+
+def _safe_csv(text: str) -> str:
+    """CSV whose every field is :func:`actfmt._escape.escape`-d: a name cannot break a row, hold a control
+    character or start a line (the first column is always ``kind``)."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    for row in csv.reader(io.StringIO(text, newline="")):
+        writer.writerow([escape(cell) for cell in row])
+    return out.getvalue()
