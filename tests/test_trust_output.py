@@ -335,10 +335,27 @@ def test_error_messages_are_safe(crafted: Path, tmp_path: Path) -> None:
             assert code == 2, (args, out, err)
             assert "internal error" not in err and "Traceback" not in err
             assert_safe(out + err)
-            if name is None:  # a failed validation: its findings one a line, each neutralised
+            if name is None:  # a failed validation: its findings one a line, each escaped on its own
                 assert expected in err and len(err.splitlines()) > 2, err
+                # every line is the head or a finding ("  ACT..."): a newline in a name broke none of them
+                assert all(
+                    line.startswith(("actfmt: error:", "  ACT", "  ...")) for line in err.splitlines()
+                ), err
             else:
                 assert any(expected in line and escape(name) in line for line in err.splitlines()), err
+
+
+def test_a_refused_conversion_lists_each_finding_on_its_own_line(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_split(src / "ds" / "EM", total=40, hidden=8, layers=1, shard_size=20, batch_size=10)
+    (src / "ds" / "EM" / "layer_00" / "shard_001.pt").unlink()  # an error: convert refuses the source
+    (src / "ds" / "EM" / "layer_00" / f"{EVIL[0]}.pt").write_bytes(b"x")  # a finding naming a newline
+    for code, out, err in cli_run("convert", str(src), str(tmp_path / "out"), "--to", "zarr"):
+        assert code == 2 and "fails validation" in err, err
+        assert_safe(out + err)
+        lines = err.splitlines()
+        assert all(line.startswith(("actfmt: error:", "  ACT", "  ...")) for line in lines), err
+        assert any(line.startswith("  ACT105") and escape(EVIL[0]) in line for line in lines), err
 
 
 def test_progress_descriptions_are_escaped_and_not_markup() -> None:

@@ -47,17 +47,19 @@ class CliError(click.ClickException):
 
     exit_code = 2
 
-    def __init__(self, message: str, *, lines: bool = False) -> None:
+    def __init__(self, message: str, *, lines: Sequence[str] | None = None) -> None:
         super().__init__(message)
-        self.lines = lines
+        self.lines = list(lines) if lines is not None else None
 
     def show(self, file: IO[Any] | None = None) -> None:
         # A message names files of the tree: escaped (actfmt._escape) on one line, a newline in a name written
-        # \n; with ``lines`` (a failed validation's findings, one a line) line by line.
-        message = self.format_message()
-        click.echo(
-            f"actfmt: error: {escape_lines(message) if self.lines else escape_line(message)}", err=True
+        # \n; with ``lines`` (a failed validation's findings, one a line) each line escaped on its own.
+        text = (
+            "\n".join(escape_line(line) for line in self.lines)
+            if self.lines is not None
+            else escape_line(self.format_message())
         )
+        click.echo(f"actfmt: error: {text}", err=True)
 
 
 class InternalError(click.ClickException):
@@ -103,7 +105,8 @@ class ActfmtGroup(click.Group):
         except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except ActfmtError as exc:
-            raise CliError(str(exc), lines=isinstance(exc, ValidationFailedError)) from None
+            lines = exc.lines if isinstance(exc, ValidationFailedError) else None
+            raise CliError(str(exc), lines=lines) from None
         except BrokenPipeError:  # `actfmt info ... | head`: click leaves quietly
             raise
         except OSError as exc:  # the environment's fault (full disk, permissions...): one line, exit 2

@@ -101,11 +101,13 @@ class StatsError(ActfmtError, ValueError):
 
 
 class ValidationFailedError(ActfmtError, ValueError):
-    """A conversion source failed validation; ``report`` holds the findings."""
+    """A conversion source failed validation; ``report`` holds the findings, ``lines`` the message's lines (a
+    name inside a line may hold any character: a renderer escapes each line on its own)."""
 
-    def __init__(self, message: str, report: object = None) -> None:
+    def __init__(self, message: str, report: object = None, lines: list[str] | None = None) -> None:
         super().__init__(message)
         self.report = report
+        self.lines = lines if lines is not None else message.split("\n")
 
 
 class Interrupted(BaseException):

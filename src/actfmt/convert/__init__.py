@@ -62,13 +62,14 @@ def _validate_source(src: Location) -> None:
     report = validate(src)
     if report.errors:
         worst = report.sorted_findings()[:5]
-        lines = "\n".join(f"  {f.code} {f.location}: {f.message}" for f in worst)
-        more = f"\n  ... and {report.errors - len(worst)} more" if report.errors > len(worst) else ""
-        raise ValidationFailedError(
+        lines = [
             f"{src}: the source fails validation ({report.errors} error{'s' if report.errors != 1 else ''}); "
-            f"fix it, or convert anyway with --force:\n{lines}{more}",
-            report,
-        )
+            f"fix it, or convert anyway with --force:",
+            *(f"  {f.code} {f.location}: {f.message}" for f in worst),
+        ]
+        if report.errors > len(worst):
+            lines.append(f"  ... and {report.errors - len(worst)} more")
+        raise ValidationFailedError("\n".join(lines), report, lines)
 
 
 def convert(
