@@ -219,11 +219,15 @@ def array_documents(
     dimension_names: Sequence[str] = DIMENSION_NAMES,
 ) -> dict[str, bytes]:
     """The documents of an array of ``shape`` stored as ``dtype`` (numpy spelling: ``<u2``, ``<f2``, ``<f4``,
-    ``<i8``, or ``bfloat16``), chunks ``(chunk_rows, *shape[1:])``, fill value 0, C order, default chunk key
+    ``<i8``, or ``bfloat16``), chunks ``(chunk_rows, *shape[1:])``, fill value 0 (v2: null), C order, default chunk key
     encoding, its dimensions named (v3 ``dimension_names``; v2 the attribute ``_ARRAY_DIMENSIONS``, as xarray
     reads them)."""
     itemsize = itemsize_of(dtype)
-    fill: int | float = 0.0 if dtype in _FLOAT else 0
+    fill: int | float | None = 0.0 if dtype in _FLOAT else 0
+    if zarr_format == 2:
+        # null: xarray takes a v2 fill value for a missing-value marker and would show every stored 0 as NaN
+        # (zarr-python still reads a missing chunk as zeros)
+        fill = None
     chunks = [int(chunk_rows), *(int(n) for n in shape[1:])]
     codecs = stored_codecs(compression, level, itemsize, zarr_format)
     if zarr_format == 2:
