@@ -48,12 +48,13 @@ def section_blocks() -> list[tuple[str, str]]:
     return re.findall(r"```(sh|python)\n(.*?)```", text[start:end], flags=re.S)
 
 
-def run_cli(line: str) -> None:
-    """One ``actfmt ...`` command line, run in process (CliRunner)."""
+def run_cli(line: str) -> str:
+    """One ``actfmt ...`` command line, run in process (CliRunner); its output (warnings)."""
     args = shlex.split(line.split("#", 1)[0])
     assert args[0] == "actfmt", line
     result = CliRunner().invoke(cli, [*args[1:], "-q"], catch_exceptions=False)
     assert result.exit_code == 0, (line, result.output)
+    return result.output
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +210,8 @@ def test_to_xarray_is_typed_and_ordered(stores: Path, source: torch.Tensor, lazy
 
 
 def test_to_xarray_float16_stays_float16(tmp_path: Path) -> None:
-    run_cli(f"actfmt convert {SLICE} {tmp_path} --to zarr --dtype float16")
+    out = run_cli(f"actfmt convert {SLICE} {tmp_path} --to zarr --dtype float16")
+    assert "bfloat16 -> float16 (--dtype); not bit-exact" in out  # narrowing: said so
     with actfmt.open(tmp_path / "EM.zarr") as split:
         ds = split.to_xarray()
         assert ds["layer_00"].dtype == np.float16

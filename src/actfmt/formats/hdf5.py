@@ -13,7 +13,9 @@ Layout (the contract, readable by stock ``h5ls`` / ``h5dump`` / h5py):
   codecs; ``["lzf"]`` for LZF, a filter h5py bundles but other HDF5 tools need as a plugin).
 * Datasets ``layer_00`` ... of shape ``[total_examples, hidden_dim]``, chunked ``(chunk_rows, hidden_dim)``.
   float16 / float32 are stored native little-endian; bfloat16 as its ``<u2`` bits.  Each dataset carries
-  ``actfmt_dtype`` (``"bfloat16"``, ...) and, when the source was sharded, ``actfmt_shard_rows``.
+  ``actfmt_dtype`` (``"bfloat16"``, ...), a bfloat16 one ``actfmt_encoding`` (how to decode the bits), and, when
+  the source was sharded, ``actfmt_shard_rows``.  Dimensions labelled ``example`` / ``hidden``, with the
+  dimension scales ``/example`` and ``/hidden`` (int64 ``0 .. n-1``) attached.
 * ``actfmt_stats`` (written by ``actfmt convert`` unless ``--no-stats``): datasets ``mean`` and ``std``
   (float32) and ``mean_f64`` (float64), ``[layers, hidden_dim]``, and the JSON attribute ``layers`` naming the
   layer of each row.
