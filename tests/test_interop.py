@@ -183,6 +183,20 @@ def test_float32_zarr_in_xarray(stores: Path, store: str, source: torch.Tensor) 
         assert meta[".zattrs"]["actfmt"]["complete"] is True
 
 
+@pytest.mark.skipif(not shutil.which("h5dump"), reason="hdf5-tools (h5dump) not installed")
+def test_h5dump_shows_the_encoding_and_the_dimensions(stores: Path) -> None:
+    import subprocess
+
+    out = subprocess.run(
+        ["h5dump", "-A", "-d", "/layer_01", str(stores / "bf16/EM.h5")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert 'ATTRIBUTE "actfmt_encoding"' in out and "ml_dtypes.bfloat16" in out
+    assert 'ATTRIBUTE "DIMENSION_LABELS"' in out and '"example"' in out and '"hidden"' in out
+
+
 def test_hdf5_dimension_scales_and_marked_bits(stores: Path, source: torch.Tensor) -> None:
     with h5py.File(stores / "bf16/EM.h5", "r") as f:
         for name in ("layer_00", "layer_01", "layer_02"):
