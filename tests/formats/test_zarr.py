@@ -694,3 +694,28 @@ for zf in (2, 3):
 assert "zarr" not in sys.modules and "torch" not in sys.modules
 """
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_stores_of_earlier_versions_bf16_as_uint16_still_read(tmp_path: Path, zarr_format: int) -> None:
+    """Before the ``bfloat16`` data type, bf16 layers were ``uint16`` + ``actfmt_dtype``: still read bit for bit."""
+    spec, data = make_spec("bfloat16", rows=203, hidden=24, layers=2)
+    path = tmp_path / "EM.zarr"
+    write_split(ZarrWriter, path, spec, data, WriteOptions(chunk_rows=64, zarr_format=zarr_format))
+    for info in spec.layers:
+        doc_path = path / info.name / ("zarr.json" if zarr_format == 3 else ".zarray")
+        doc = json.loads(doc_path.read_text())
+        if zarr_format == 3:
+            assert doc["data_type"] == "bfloat16"
+            doc["data_type"], doc["fill_value"] = "uint16", 0
+        else:
+            assert doc["dtype"] == "bfloat16"
+            doc["dtype"] = "<u2"
+        doc_path.write_text(json.dumps(doc, indent=2))
+    with ZarrReader(LocalLocation(path)) as r:
+        assert [li.dtype for li in r.layers] == ["bfloat16", "bfloat16"]
+        for pos in range(2):
+            np.testing.assert_array_equal(bits(r.read(pos)), bits(data[pos]))
+    arr = zarr.open_group(str(path), mode="r", use_consolidated=False)["layer_01"]
+    assert arr.dtype == np.dtype("uint16")
+    np.testing.assert_array_equal(np.asarray(arr[:]).view(np.int16), bits(data[1]))
