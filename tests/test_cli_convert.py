@@ -80,6 +80,7 @@ def test_dtype_cast_warns(tree: Path, tmp_path: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     assert "warning" in res.output and "bfloat16 -> float32" in res.output
+    assert "every value exact" in res.output  # widening: the values are the source's
 
 
 def test_verify_exit_1_on_difference(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from actfmt.errors import NotASplitError
+from actfmt.errors import ActfmtError, NotASplitError
 from actfmt.formats import find_splits, open_reader
 from actfmt.formats.base import LayerInfo, Reader, StoredVectors, to_torch, torch_dtype
 from actfmt.moments import LayerStats, Moments, layer_moments
@@ -246,6 +246,47 @@ class Split:
         i %= n
         rows = self._reader.example_arrays(i)
         return torch.cat([to_torch(r, li.dtype) for r, li in zip(rows, self._reader.layers, strict=True)])
+
+    def to_xarray(self, dtype: Any = None, chunk_rows: int | None = None, lazy: bool | None = None) -> Any:
+        """The split as an ``xarray.Dataset`` (needs ``xarray``): one variable per layer, ``layer_00`` ... in
+        layer order, dimensions ``example`` / ``hidden`` with integer coordinates, the split's metadata as
+        attributes and each variable's stored dtype as its attribute ``actfmt_dtype``.
+
+        ``dtype=None``: float16 and float32 as stored, **bfloat16 as float32** (exact: every bfloat16 value is a
+        float32; numpy has no bfloat16 of its own, and sums in ``ml_dtypes.bfloat16`` would round at every
+        step); ``dtype="float32"``: every layer as float32.  ``lazy=None``: dask arrays (rows read when
+        computed, ``chunk_rows`` as in :meth:`LayerView.to_dask`) when dask is installed, else the layers read
+        into memory; ``lazy=True`` requires dask, ``lazy=False`` reads now."""
+        import numpy as np
+
+        try:
+            import xarray as xr
+        except ImportError as exc:
+            raise ActfmtError(f"to_xarray() needs xarray ({exc}); pip install xarray.") from None
+        if dtype is not None and np.dtype(dtype) != np.float32:
+            raise ValueError(f"to_xarray(dtype={dtype!r}): choose None (natural) or 'float32'.")
+        if lazy is None:
+            try:
+                import dask.array  # noqa: F401
+            except ImportError:
+                lazy = False
+            else:
+                lazy = True
+        data_vars: dict[str, Any] = {}
+        for index in self.layers:
+            view = self.layer(index)
+            want = "float32" if dtype is not None or view.info.dtype == "bfloat16" else None
+            if lazy:
+                arr: Any = view.to_dask(chunk_rows, dtype=want)
+            else:
+                t = view.read()
+                arr = (t.float() if want else t).numpy()
+            data_vars[view.name] = (("example", "hidden"), arr, {"actfmt_dtype": view.info.dtype})
+        coords = {
+            "example": np.arange(self.num_examples, dtype=np.int64),
+            "hidden": np.arange(self.hidden_dim, dtype=np.int64),
+        }
+        return xr.Dataset(data_vars, coords=coords, attrs=self.metadata)
 
     def __len__(self) -> int:
         return self.num_examples

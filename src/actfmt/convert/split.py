@@ -356,8 +356,10 @@ def convert_split(
                 cast_from = {a.name: a.dtype for a in reader.layers if dtype is not None and a.dtype != dtype}
                 if cast_from:
                     casts = sorted({f"{a} -> {dtype}" for a in cast_from.values()})
+                    exact = dtype == "float32"  # every float16 and bfloat16 value is a float32
                     result.warnings.append(
-                        f"{job.location}: values cast {', '.join(casts)} (--dtype); not bit-exact."
+                        f"{job.location}: values cast {', '.join(casts)} (--dtype); "
+                        + ("every value exact, in more bytes." if exact else "not bit-exact.")
                     )
                 writer_cls = fmt.writer_class()
                 writer = None

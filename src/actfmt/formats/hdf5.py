@@ -13,7 +13,9 @@ Layout (the contract, readable by stock ``h5ls`` / ``h5dump`` / h5py):
   codecs; ``["lzf"]`` for LZF, a filter h5py bundles but other HDF5 tools need as a plugin).
 * Datasets ``layer_00`` ... of shape ``[total_examples, hidden_dim]``, chunked ``(chunk_rows, hidden_dim)``.
   float16 / float32 are stored native little-endian; bfloat16 as its ``<u2`` bits.  Each dataset carries
-  ``actfmt_dtype`` (``"bfloat16"``, ...) and, when the source was sharded, ``actfmt_shard_rows``.
+  ``actfmt_dtype`` (``"bfloat16"``, ...), a bfloat16 one ``actfmt_encoding`` (how to decode the bits), and, when
+  the source was sharded, ``actfmt_shard_rows``.  Dimensions labelled ``example`` / ``hidden``, with the
+  dimension scales ``/example`` and ``/hidden`` (int64 ``0 .. n-1``) attached.
 * ``actfmt_stats`` (written by ``actfmt convert`` unless ``--no-stats``): datasets ``mean`` and ``std``
   (float32) and ``mean_f64`` (float64), ``[layers, hidden_dim]``, and the JSON attribute ``layers`` naming the
   layer of each row.
@@ -92,6 +94,15 @@ REMOTE_SUFFIXES = (".h5", ".hdf5")
 METADATA_ATTR = "actfmt_metadata"
 #: Dataset attributes.
 DTYPE_ATTR = "actfmt_dtype"
+#: On a bfloat16 layer: how to get the values back from the uint16 bits (h5py users see it in ``dset.attrs``,
+#: ``h5dump -A`` and ``h5ls -v`` print it).
+ENCODING_ATTR = "actfmt_encoding"
+BF16_ENCODING = (
+    "bfloat16 values stored as their uint16 bits: decode with x.view(ml_dtypes.bfloat16), or "
+    "torch.from_numpy(x.view('int16')).view(torch.bfloat16); the integers themselves mean nothing"
+)
+#: The layers' dimensions (also the names of the dimension scales).
+DIMENSION_NAMES = ("example", "hidden")
 SHARD_ROWS_ATTR = "actfmt_shard_rows"
 RESERVED_ATTRS = (ACTFMT_KEY, METADATA_ATTR)
 H5Z_DEFLATE, H5Z_SHUFFLE, H5Z_LZF = 1, 2, 32000
@@ -313,6 +324,30 @@ def _fits(dset: Any, info: LayerInfo) -> bool:
     )
 
 
+def _attach_scales(f: h5py.File, dset: h5py.Dataset) -> None:
+    """Name the layer's dimensions ``example`` / ``hidden`` and attach the dimension scales of those names
+    (int64 ``0 .. n-1``, made with the first layer): h5py's ``dset.dims``, ``h5dump`` and netCDF-4 readers
+    (xarray's ``h5netcdf`` engine) then know which axis is which."""
+    import numpy as np
+
+    for axis, dim in enumerate(DIMENSION_NAMES):
+        n = int(dset.shape[axis])
+        scale = f.get(dim)
+        if scale is None:
+            scale = f.create_dataset(dim, data=np.arange(n, dtype="<i8"))
+            scale.make_scale(dim)
+        dset.dims[axis].label = dim
+        if scale.shape == (n,):
+            dset.dims[axis].attach_scale(scale)
+
+
+def _detach_scales(dset: h5py.Dataset) -> None:
+    """Detach a dataset from its scales before it is deleted (no dangling references left in the scales)."""
+    for axis in range(dset.ndim):
+        for scale in list(dset.dims[axis].values()):
+            dset.dims[axis].detach_scale(scale)
+
+
 class HDF5Writer(Writer):
     """Writes every layer of a split into one local HDF5 file.
 
@@ -414,8 +449,11 @@ class HDF5Writer(Writer):
                 **self._requested.kwargs,
             )
         dset.attrs[DTYPE_ATTR] = info.dtype
+        if info.dtype == "bfloat16":
+            dset.attrs[ENCODING_ATTR] = BF16_ENCODING
         if info.shard_rows:
             dset.attrs[SHARD_ROWS_ATTR] = np.asarray(info.shard_rows, dtype=np.int64)
+        _attach_scales(f, dset)
 
     @classmethod
     def open(cls, location: Location, spec: SplitSpec, options: WriteOptions) -> HDF5Writer:
@@ -433,6 +471,7 @@ class HDF5Writer(Writer):
                 for pos in stale:
                     name = spec.layers[pos].name
                     if name in f:
+                        _detach_scales(f[name])
                         del f[name]
                     self._make_dataset(f, pos)
         return self

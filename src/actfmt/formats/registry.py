@@ -6,7 +6,7 @@ import importlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from actfmt.errors import FormatError, NotASplitError
 from actfmt.storage import Entry, Location, PathLike, resolve
@@ -100,7 +100,9 @@ def shared_reader(location: Location, format: str) -> Reader:
         if r is not None:
             _SHARED.move_to_end(key)
             return r
-    r = open_reader(location, format)
+    # opened at the location's absolute form (its key): a relative path must not follow a later chdir
+    reduced = cast("tuple[Any, tuple[Any, ...]]", location.__reduce__())
+    r = open_reader(reduced[0](*reduced[1]), format)
     with _SHARED_LOCK:
         _SHARED[key] = r
         while len(_SHARED) > _SHARED_READERS:

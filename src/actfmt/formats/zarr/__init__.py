@@ -6,10 +6,18 @@ Layout (the contract, readable by zarr-python, tensorstore and any Zarr v2/v3 re
   written by ``finalize`` last (it holds ``complete: true``; until then the group has no ``actfmt`` key).
 * Arrays ``layer_00`` ... of shape ``[total_examples, hidden_dim]``, chunks ``(chunk_rows, hidden_dim)`` (the
   full hidden dimension in every chunk), the default chunk key encoding with a ``.`` separator (v3 ``c.<i>.0``,
-  v2 ``<i>.0``: every chunk a file of the array's directory, no directory per chunk to create), fill value 0,
-  C order, v3 dimension names ``example`` / ``hidden``.  float16 / float32 are stored natively little-endian;
-  bfloat16 as its ``uint16`` bits.  Every array carries the attribute ``actfmt_dtype`` (``"bfloat16"``, ...)
-  and, when the source was sharded, ``actfmt_shard_rows``; the actfmt block records the dtypes too (``dtype``).
+  v2 ``<i>.0``: every chunk a file of the array's directory, no directory per chunk to create), fill value 0
+  (v2: null, which xarray does not take for a missing-value marker), C order, dimension names ``example`` /
+  ``hidden`` (v3 ``dimension_names``, v2 the attribute ``_ARRAY_DIMENSIONS`` xarray reads).  float16 / float32
+  are stored natively little-endian; bfloat16 as the ``bfloat16`` data type (zarr-extensions in v3, tensorstore's
+  spelling in v2: the same little-endian bits as uint16), so tensorstore reads bfloat16 and zarr-python 3.1 /
+  xarray refuse the array rather than show integers (stores of earlier versions, uint16 + ``actfmt_dtype``,
+  are read too).  Every array carries the attribute ``actfmt_dtype`` (``"bfloat16"``, ...) and, when the
+  source was sharded, ``actfmt_shard_rows``; the actfmt block records the dtypes too (``dtype``).
+* Coordinate arrays ``example`` (0 .. rows-1) and ``hidden`` (0 .. hidden_dim-1), int64, one chunk each.
+* Consolidated metadata, written by ``finalize`` after the actfmt block, for stores without a bfloat16 layer
+  (zarr-python could not parse it, and would then not open the group at all): v3 inline in ``zarr.json``, v2
+  ``.zmetadata``, in name order, so ``xr.open_zarr`` lists the layers in order and gives no warning.
 * Only standard codecs: v3 ``bytes`` (little) + ``blosc`` / ``zstd`` / ``gzip``; v2 the same numcodecs ids.
   Every chunk is whole: the edge chunk is padded to the full chunk.
 

@@ -32,6 +32,7 @@ __all__ = [
     "DTYPE_ATTR",
     "METADATA_NAMES",
     "SHARD_ROWS_ATTR",
+    "XARRAY_DIMENSIONS",
     "ZARRAY",
     "ZARR_JSON",
     "ZATTRS",
@@ -42,6 +43,7 @@ __all__ = [
     "encode_json",
     "group_attributes",
     "group_documents",
+    "itemsize_of",
     "probe_group",
     "read_arrays",
     "read_json",
@@ -55,6 +57,8 @@ ZARR_JSON, ZGROUP, ZARRAY, ZATTRS = "zarr.json", ".zgroup", ".zarray", ".zattrs"
 #: Names of metadata documents (everything else in an array's directory is a chunk).
 METADATA_NAMES = frozenset({ZARR_JSON, ZGROUP, ZARRAY, ZATTRS})
 DIMENSION_NAMES = ("example", "hidden")
+#: The v2 array attribute naming its dimensions (xarray's convention; v3 has ``dimension_names``).
+XARRAY_DIMENSIONS = "_ARRAY_DIMENSIONS"
 #: v3 ``data_type`` -> the numpy spelling of the stored dtype.
 _V3_DTYPES = {
     "float16": "<f2",
@@ -64,10 +68,24 @@ _V3_DTYPES = {
     "int16": "<i2",
     "bfloat16": "bfloat16",
 }
-_V3_NAMES = {"<f2": "float16", "<f4": "float32", "<f8": "float64", "<u2": "uint16", "<i2": "int16"}
-#: Stored dtypes actfmt reads and writes chunks of itself.
-_DIRECT_DTYPES = ("<u2", "<f2", "<f4", "<i2")
-_FLOAT = ("<f2", "<f4", "<f8")
+_V3_NAMES = {
+    "<f2": "float16",
+    "<f4": "float32",
+    "<f8": "float64",
+    "<u2": "uint16",
+    "<i2": "int16",
+    "<i8": "int64",
+    "bfloat16": "bfloat16",
+}
+#: Stored dtypes actfmt reads and writes chunks of itself (``bfloat16``: the zarr-extensions data type, v3, and
+#: tensorstore's v2 spelling; its chunks hold the same little-endian bits as ``<u2``).
+_DIRECT_DTYPES = ("<u2", "<f2", "<f4", "<i2", "bfloat16")
+_FLOAT = ("<f2", "<f4", "<f8", "bfloat16")
+
+
+def itemsize_of(dtype: str) -> int:
+    """Bytes per value of a stored dtype (numpy spelling, or ``bfloat16``)."""
+    return 2 if dtype == "bfloat16" else int(dtype[-1])
 
 
 def encode_json(doc: Any) -> bytes:
@@ -191,19 +209,26 @@ def set_group_attribute(location: Location, key: str, value: Any) -> None:
 
 
 def array_documents(
-    shape: tuple[int, int],
+    shape: tuple[int, ...],
     chunk_rows: int,
     dtype: str,
     compression: str,
     level: int | None,
     attributes: Mapping[str, Any],
     zarr_format: int,
+    dimension_names: Sequence[str] = DIMENSION_NAMES,
 ) -> dict[str, bytes]:
-    """The documents of an array of ``shape`` stored as ``dtype`` (numpy spelling: ``<u2``, ``<f2``, ``<f4``),
-    chunks ``(chunk_rows, shape[1])``, fill value 0, C order, default chunk key encoding."""
-    itemsize = int(dtype[-1])
-    fill: int | float = 0.0 if dtype in _FLOAT else 0
-    chunks = [int(chunk_rows), int(shape[1])]
+    """The documents of an array of ``shape`` stored as ``dtype`` (numpy spelling: ``<u2``, ``<f2``, ``<f4``,
+    ``<i8``, or ``bfloat16``), chunks ``(chunk_rows, *shape[1:])``, fill value 0 (v2: null), C order, default chunk key
+    encoding, its dimensions named (v3 ``dimension_names``; v2 the attribute ``_ARRAY_DIMENSIONS``, as xarray
+    reads them)."""
+    itemsize = itemsize_of(dtype)
+    fill: int | float | None = 0.0 if dtype in _FLOAT else 0
+    if zarr_format == 2:
+        # null: xarray takes a v2 fill value for a missing-value marker and would show every stored 0 as NaN
+        # (zarr-python still reads a missing chunk as zeros)
+        fill = None
+    chunks = [int(chunk_rows), *(int(n) for n in shape[1:])]
     codecs = stored_codecs(compression, level, itemsize, zarr_format)
     if zarr_format == 2:
         zarray = {
@@ -217,7 +242,8 @@ def array_documents(
             "compressor": codecs,
             "zarr_format": 2,
         }
-        return {ZARRAY: encode_json(zarray), ZATTRS: encode_json(dict(attributes))}
+        zattrs = {**attributes, XARRAY_DIMENSIONS: list(dimension_names)}
+        return {ZARRAY: encode_json(zarray), ZATTRS: encode_json(zattrs)}
     doc = {
         "shape": list(shape),
         "data_type": _V3_NAMES[dtype],
@@ -226,7 +252,7 @@ def array_documents(
         "fill_value": fill,
         "codecs": codecs,
         "attributes": dict(attributes),
-        "dimension_names": list(DIMENSION_NAMES),
+        "dimension_names": list(dimension_names),
         "zarr_format": 3,
         "node_type": "array",
         "storage_transformers": [],
@@ -393,19 +419,29 @@ def read_arrays(group: Location, names: Sequence[str]) -> dict[str, ArrayMeta]:
 
 
 def small_array_documents(
-    location: Location, name: str, arr: np.ndarray, zarr_format: int
+    location: Location,
+    name: str,
+    arr: np.ndarray,
+    zarr_format: int,
+    dimension_names: Sequence[str] = ("layer", "hidden"),
 ) -> dict[Location, bytes]:
-    """The documents and the one chunk of a small 2-D float array ``location/name`` (uncompressed)."""
+    """The documents and the one chunk of a small array ``location/name`` (uncompressed): the statistics'
+    2-D float arrays, the 1-D coordinates ``example`` / ``hidden``."""
     import numpy as np
 
     arr = np.ascontiguousarray(arr, dtype=np.dtype(arr.dtype).newbyteorder("<"))
-    rows, cols = arr.shape
+    shape = tuple(int(n) for n in arr.shape)
     dtype = arr.dtype.str
+    rows = shape[0]
     docs = {
         location / name / k: v
-        for k, v in array_documents((rows, cols), max(rows, 1), dtype, "none", None, {}, zarr_format).items()
+        for k, v in array_documents(
+            shape, max(rows, 1), dtype, "none", None, {}, zarr_format, dimension_names
+        ).items()
     }
-    key = "0.0" if zarr_format == 2 else "c.0.0"
-    if rows:
+    key = ".".join(["0"] * len(shape))
+    if zarr_format == 3:
+        key = "c." + key
+    if rows and all(shape):
         docs[location / name / key] = arr.tobytes()
     return docs

@@ -51,6 +51,7 @@ from actfmt.formats.zarr.meta import (
     ZGROUP,
     ArrayMeta,
     group_attributes,
+    itemsize_of,
     probe_group,
     read_arrays,
 )
@@ -296,7 +297,7 @@ class ZarrReader(Reader):
 
     def _fetch_decode(self, m: ArrayMeta, keys: list[int], one: Any) -> None:
         """Fetch compressed chunks ``keys`` in batches and call ``one(k, raw)`` for each, on two threads."""
-        row_bytes = m.shape[1] * int(m.dtype[-1])
+        row_bytes = m.shape[1] * itemsize_of(m.dtype)
         per = max(1, FETCH_BATCH_BYTES // max(1, m.chunk_rows * row_bytes))
         for i in range(0, len(keys), per):
             batch = keys[i : i + per]

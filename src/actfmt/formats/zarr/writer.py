@@ -36,22 +36,38 @@ from actfmt.formats.base import (
 from actfmt.formats.vectors import STATS_GROUP
 from actfmt.formats.zarr.codecs import resolve_compression
 from actfmt.formats.zarr.meta import (
+    DIMENSION_NAMES,
     DTYPE_ATTR,
     SHARD_ROWS_ATTR,
+    ZARR_JSON,
+    ZARRAY,
+    ZATTRS,
+    ZGROUP,
     ArrayMeta,
     array_documents,
+    encode_json,
     group_documents,
+    parse_json,
     read_arrays,
+    read_json,
     set_group_attribute,
     small_array_documents,
 )
 from actfmt.layout import SUPPORTED_DTYPES
-from actfmt.storage import Location
+from actfmt.storage import Location, read_objects
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-__all__ = ["BLOCK_TARGET_BYTES", "CHUNK_TARGET_BYTES", "WRITE_THREADS", "ZarrWriter", "default_chunk_rows"]
+__all__ = [
+    "BLOCK_TARGET_BYTES",
+    "CHUNK_TARGET_BYTES",
+    "WRITE_THREADS",
+    "ZarrWriter",
+    "consolidate",
+    "default_chunk_rows",
+    "zarr_dtype",
+]
 
 CHUNK_TARGET_BYTES = 2 << 20  # 2 MiB per compressed chunk: four blosc blocks, small decodes for random rows
 #: Uncompressed chunks are read by row offset whatever their size: bigger ones mean fewer files to create.
@@ -75,6 +91,16 @@ def _chunk_rows(info: LayerInfo, options: WriteOptions, compression: str) -> int
     return default_chunk_rows(info.rows, info.hidden_dim, info.itemsize, target)
 
 
+def zarr_dtype(dtype: str) -> str:
+    """The stored data type of a layer of ``dtype``: bfloat16 as the ``bfloat16`` data type (zarr-extensions,
+    v3; tensorstore's spelling in v2) so no reader takes its bits for integers; else the numpy spelling."""
+    return "bfloat16" if dtype == "bfloat16" else stored_dtype(dtype).str
+
+
+#: The consolidated metadata document of a v2 store (xarray and zarr-python read it in one GET).
+ZMETADATA = ".zmetadata"
+
+
 def _array_docs(
     location: Location, info: LayerInfo, options: WriteOptions, codec: str, level: int | None, zf: int
 ) -> dict[Location, bytes]:
@@ -84,13 +110,78 @@ def _array_docs(
         attrs[SHARD_ROWS_ATTR] = list(info.shard_rows)
     adir = location / info.name
     shape = (info.rows, info.hidden_dim)
-    dtype = stored_dtype(info.dtype).str
+    dtype = zarr_dtype(info.dtype)
     return {
         adir / key: raw
         for key, raw in array_documents(
             shape, _chunk_rows(info, options, codec), dtype, codec, level, attrs, zf
         ).items()
     }
+
+
+def _coordinate_docs(location: Location, spec: SplitSpec, zf: int) -> dict[Location, bytes]:
+    """The coordinate arrays ``example`` (0 .. rows-1) and ``hidden`` (0 .. hidden_dim-1), int64, one
+    uncompressed chunk each: what xarray makes the dimensions' indexes of (``ds.sel(example=...)``)."""
+    import numpy as np
+
+    if not spec.layers:
+        return {}
+    first = spec.layers[0]
+    docs: dict[Location, bytes] = {}
+    for dim, n in zip(DIMENSION_NAMES, (first.rows, first.hidden_dim), strict=True):
+        docs.update(small_array_documents(location, dim, np.arange(n, dtype="<i8"), zf, (dim,)))
+    return docs
+
+
+def consolidate(location: Location, zf: int) -> None:
+    """Consolidated metadata, as zarr-python's ``consolidate_metadata`` writes it: every array's and the
+    statistics group's documents, in name order (so xarray lists the layers in order), inline in the group's
+    ``zarr.json`` (v3, one atomic rewrite) or in ``.zmetadata`` (v2).  xarray and zarr-python then open the
+    store with one read, and without the warning they give for a store that has none."""
+    names = sorted(e.name for e in location.list_dir() if e.is_dir() and not e.name.startswith("."))
+    stats = location / STATS_GROUP
+    if STATS_GROUP in names:
+        names.remove(STATS_GROUP)
+        inner = sorted(e.name for e in stats.list_dir() if e.is_dir())
+    else:
+        inner = []
+    if zf == 3:
+        keys = names + ([STATS_GROUP] if inner else []) + [f"{STATS_GROUP}/{n}" for n in inner]
+        raws = read_objects([location / k / ZARR_JSON for k in keys], missing_ok=True)
+        found: dict[str, Any] = {}
+        for k, raw in zip(keys, raws, strict=True):
+            doc = parse_json(location / k / ZARR_JSON, raw)
+            if isinstance(doc, dict):
+                if doc.get("node_type") == "group":
+                    doc = {**doc, "consolidated_metadata": _inline({})}
+                found[k] = doc
+        order = sorted(found, key=lambda k: (k.count("/"), k))  # zarr-python: the group's children first
+        group = read_json(location / ZARR_JSON)
+        if not isinstance(group, dict):
+            raise ConversionError(f"{location / ZARR_JSON}: missing or damaged; restart without --resume.")
+        doc = {
+            "attributes": group.get("attributes", {}),
+            "zarr_format": 3,
+            "consolidated_metadata": _inline({k: found[k] for k in order}),
+            "node_type": "group",
+        }
+        (location / ZARR_JSON).write_bytes(encode_json(doc), atomic=True)
+        return
+    keys = [ZGROUP, ZATTRS]
+    for n in names:
+        keys += [f"{n}/{ZARRAY}", f"{n}/{ZATTRS}"]
+    if inner:
+        keys += [f"{STATS_GROUP}/{ZGROUP}", f"{STATS_GROUP}/{ZATTRS}"]
+        for n in inner:
+            keys += [f"{STATS_GROUP}/{n}/{ZARRAY}", f"{STATS_GROUP}/{n}/{ZATTRS}"]
+    raws = read_objects([location / k for k in keys], missing_ok=True)
+    meta = {k: parse_json(location / k, raw) for k, raw in zip(keys, raws, strict=True) if raw is not None}
+    doc2 = {"metadata": meta, "zarr_consolidated_format": 1}
+    (location / ZMETADATA).write_bytes(encode_json(doc2), atomic=True)
+
+
+def _inline(metadata: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "inline", "must_understand": False, "metadata": metadata}
 
 
 class ZarrWriter(Writer):
@@ -125,6 +216,9 @@ class ZarrWriter(Writer):
         for info in spec.layers:
             (location / info.name).mkdir()
             docs.update(_array_docs(location, info, options, name, level, zf))
+        docs.update(_coordinate_docs(location, spec, zf))
+        for d in {loc.parent for loc in docs} - {location / info.name for info in spec.layers}:
+            d.mkdir()
         location.put_many(docs)
         # the group last: a directory is a store only once every array's metadata is there
         attrs = {k: v for k, v in spec.metadata.items() if k != ACTFMT_KEY}
@@ -142,7 +236,7 @@ class ZarrWriter(Writer):
             raise ConversionError(f"{where}: no such array; the partial store is damaged.")
         if not m.direct:
             raise ConversionError(f"{where}: not written by actfmt's zarr writer; use --overwrite.")
-        if m.shape != (info.rows, info.hidden_dim) or stored_dtype(info.dtype).str != m.dtype:
+        if m.shape != (info.rows, info.hidden_dim) or zarr_dtype(info.dtype) != m.dtype:
             # the source of this layer changed shape or dtype since the partial store was started (--resume
             # redoes it): the array is made again, empty, before its rows are written from the first
             name, level = resolve_compression(self.location, self.options.compression, self.options.level)
@@ -297,3 +391,7 @@ class ZarrWriter(Writer):
         out = dict(block)
         out.setdefault("dtype", {li.name: li.dtype for li in self.spec.layers})
         set_group_attribute(self.location, ACTFMT_KEY, out)
+        if all(li.dtype != "bfloat16" for li in self.spec.layers):
+            # zarr-python 3.1 cannot parse a bfloat16 array's metadata: consolidated, such a store would not
+            # even open as a group there (its attributes, statistics and coordinates are readable unconsolidated)
+            consolidate(self.location, int(self.options.zarr_format or 3))
