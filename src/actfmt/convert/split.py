@@ -43,7 +43,7 @@ from actfmt.progress import ProgressCallback, ProgressEvent, emit
 from actfmt.storage import Location
 from actfmt.storage.commit import Commit, commit_for
 
-__all__ = ["ConvertResult", "convert_split", "is_complete", "spec_for"]
+__all__ = ["ConvertResult", "convert_split", "is_complete", "replace_refusal", "spec_for"]
 
 #: Version of the journal's records.
 JOURNAL_VERSION = 1
@@ -105,7 +105,25 @@ def spec_for(reader: Reader, source_format: str, dtype: str | None) -> SplitSpec
     return SplitSpec(metadata=dict(reader.metadata), layers=layers, source_format=source_format)
 
 
+def replace_refusal(final: Location, to: str) -> str:
+    """Why ``final`` is not replaced: it is not a complete actfmt store of format ``to``."""
+    what = "a file" if final.is_local and _is_plain_file(final) else "a directory or object"
+    return (
+        f"{final}: exists and is {what} that is not a complete actfmt {to} store (its actfmt block does not "
+        f"say complete); actfmt replaces only its own complete stores, even with --overwrite. Move or delete it "
+        f"yourself, or choose another destination."
+    )
+
+
+def _is_plain_file(loc: Location) -> bool:
+    import os
+
+    return os.path.isfile(loc.path)
+
+
 def is_complete(location: Location, fmt: str) -> bool:
+    """Is ``location`` a complete actfmt store of format ``fmt`` (its actfmt block says ``complete: true``, as
+    ACT603 checks)?  The one test before a destination is replaced."""
     try:
         with get_format(fmt).open_reader(location) as r:
             block = r.actfmt
@@ -280,7 +298,8 @@ def convert_split(
         try:
             result.warnings += commit.notes
             if commit.final_exists():
-                if resume and is_complete(final, to):
+                complete = is_complete(final, to)
+                if resume and complete:
                     result.skipped.append(job)
                     return
                 if not overwrite and not (resume and commit.has_partial()):
@@ -292,6 +311,8 @@ def convert_split(
                             else "."
                         )
                     )
+                if not complete and not (commit.work == final and commit.has_partial()):
+                    raise DestinationExistsError(replace_refusal(final, to))
             with open_reader(job.source, job.source_format) as reader:
                 fingerprints = _fingerprints(reader, list(reader.layers))
                 done: dict[str, LayerResult] = {}

@@ -44,7 +44,9 @@ SIDECAR = ".actfmt.json"
 def list_layers(split: Location) -> list[tuple[int, Location]]:
     """Correctly named ``layer_XX`` directories, sorted by index."""
     return [
-        (i, e.location) for e in split.list_dir() if (i := layer_index(e.name)) is not None and e.is_dir()
+        (i, e.location)
+        for e in split.list_dir()
+        if (i := layer_index(e.name)) is not None and e.followed().is_dir()
     ]
 
 

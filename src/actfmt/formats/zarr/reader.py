@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from actfmt.errors import ChangedError, FormatError, NotASplitError, TruncatedError
+from actfmt.errors import ChangedError, FormatError, NotASplitError, OutsideTreeError, TruncatedError
 from actfmt.formats.base import (
     ACTFMT_KEY,
     VECTOR_NAMES,
@@ -264,7 +264,14 @@ class ZarrReader(Reader):
                 loc = self.location
                 store: Any
                 if loc.local_path is not None:
-                    store = str(loc.local_path)
+                    # zarr-python opens files itself: only a store with no link out of the tree
+                    store = loc.checked_path()
+                    for rel, target in loc.escaping_links(limit=1):
+                        raise OutsideTreeError(
+                            f"{loc / rel}: a link to {target}, outside the tree; refused, not read.",
+                            str(loc / rel),
+                            target,
+                        )
                 else:
                     from zarr.storage import FsspecStore
 
