@@ -438,3 +438,70 @@ def test_write_bytes_never_writes_through_a_link(tmp_path: Path) -> None:
         LocalLocation(tmp_path / "g").append_line("new")
     assert not LocalLocation(tmp_path / "g").create_exclusive(b"new")
     assert victim.read_bytes() == b"precious"
+
+
+# -- a pt tree replaced under its reader -------------------------------------------------------------------------
+def _constant_split(path: Path, value: float) -> None:
+    """A 2-layer split whose every value is ``value``."""
+    _plain_split(path)
+    for layer in ("layer_00", "layer_01"):
+        for shard in sorted((path / layer).iterdir()):
+            rows = torch.load(shard).shape[0]
+            torch.save(torch.full((rows, 8), value, dtype=torch.bfloat16), shard)
+
+
+def test_the_pt_reader_notices_a_tree_renamed_into_its_place(tmp_path: Path) -> None:
+    import actfmt
+    from actfmt.errors import ChangedError
+
+    _constant_split(tmp_path / "EM", 1.0)
+    _constant_split(tmp_path / "B", 2.0)
+    with actfmt.open(tmp_path / "EM") as split:
+        assert float(split.layer(0)[0:40].float().mean()) == 1.0
+        os.rename(tmp_path / "EM", tmp_path / "A")
+        os.rename(tmp_path / "B", tmp_path / "EM")
+        with pytest.raises(ChangedError, match="replaced"):
+            split.layer(1)[0:40]
+
+
+def test_a_pt_reader_never_mixes_two_trees_swapped_under_it(tmp_path: Path) -> None:
+    """``convert --overwrite`` as a reader sees it: the split's name alternately holds two trees (renames);
+    each open reads all of one tree, or fails cleanly -- never rows of both."""
+    import threading
+    import time
+
+    import actfmt
+    from actfmt.errors import ChangedError
+
+    _constant_split(tmp_path / "EM", 1.0)
+    _constant_split(tmp_path / "hold", 2.0)
+    stop = threading.Event()
+
+    def swap() -> None:
+        names = ["hold", "spare"]
+        while not stop.is_set():
+            os.rename(tmp_path / "EM", tmp_path / names[1])
+            os.rename(tmp_path / names[0], tmp_path / "EM")
+            names.reverse()
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    whole = changed = gone = 0
+    try:
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            try:
+                with actfmt.open(tmp_path / "EM") as split:
+                    values = {float(v) for i in split.layers for v in split.layer(i)[0:40].float().unique()}
+            except ChangedError:
+                changed += 1
+                continue
+            except (ActfmtError, FileNotFoundError):  # between the two renames, nothing is there
+                gone += 1
+                continue
+            assert len(values) == 1, f"rows of two trees in one read: {values}"
+            whole += 1
+    finally:
+        stop.set()
+        swapper.join()
+    assert whole > 0, (whole, changed, gone)
