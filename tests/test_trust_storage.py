@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -505,3 +506,81 @@ def test_a_pt_reader_never_mixes_two_trees_swapped_under_it(tmp_path: Path) -> N
         stop.set()
         swapper.join()
     assert whole > 0, (whole, changed, gone)
+
+
+# -- object storage that never answers ---------------------------------------------------------------------------
+@pytest.fixture
+def silent_endpoint() -> Any:
+    """A loopback TCP server that accepts every connection and never sends a byte."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    server.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            held.append(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_a_silent_endpoint_times_out_with_a_clear_message(silent_endpoint: str) -> None:
+    import time
+
+    pytest.importorskip("s3fs")
+    secret = "very-secret-key-0123456789"
+    options = {
+        "endpoint_url": silent_endpoint,
+        "key": "AKIAEXAMPLEKEY",
+        "secret": secret,
+        "connect_timeout": 0.5,
+        "read_timeout": 0.5,
+    }
+    t0 = time.monotonic()
+    res = CliRunner().invoke(
+        cli, ["validate", "s3://bucket/Activations", "--storage-options", json.dumps(options)]
+    )
+    elapsed = time.monotonic() - t0
+    assert res.exit_code == 2, res.output
+    assert "did not answer in time" in res.output and "read timeout 0.5 s" in res.output, res.output
+    assert "s3://bucket/Activations" in res.output
+    assert secret not in res.output and "internal error" not in res.output
+    assert elapsed < 20, elapsed
+
+
+def test_timeouts_have_defaults_and_can_be_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from actfmt.storage.fsspec_ import _with_timeouts, timeouts
+
+    monkeypatch.delenv("ACTFMT_CONNECT_TIMEOUT", raising=False)
+    monkeypatch.delenv("ACTFMT_READ_TIMEOUT", raising=False)
+    assert timeouts(None) == (10.0, 30.0)
+    monkeypatch.setenv("ACTFMT_READ_TIMEOUT", "7")
+    assert timeouts({}) == (10.0, 7.0)
+    assert timeouts({"read_timeout": 2, "connect_timeout": "1.5"}) == (1.5, 2.0)
+    for bad in ("soon", 0, -1, "nan", "inf"):
+        with pytest.raises(ActfmtError, match="positive number of seconds"):
+            timeouts({"read_timeout": bad})
+    s3 = _with_timeouts("s3://b/k", {"read_timeout": 3, "anon": True})
+    assert "read_timeout" not in s3 and s3["anon"] is True
+    assert s3["config_kwargs"]["read_timeout"] == 3 and s3["config_kwargs"]["connect_timeout"] == 10.0
+    mine = _with_timeouts("s3://b/k", {"config_kwargs": {"read_timeout": 99}})
+    assert mine["config_kwargs"]["read_timeout"] == 99  # the filesystem's own option wins
+    assert _with_timeouts("memory://x", {"read_timeout": 3}) == {}
