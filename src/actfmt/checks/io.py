@@ -159,7 +159,7 @@ class UnfollowedLink(SplitRule, WalkRule):
 
     code = "ACT005"
     name = "unfollowed-link"
-    severity = WARNING
+    severity = ERROR  # a cycle: a warning
     pt_only = False
     walk_kinds = ("outside", "cycle")
 
@@ -167,22 +167,22 @@ class UnfollowedLink(SplitRule, WalkRule):
     def check_walk(cls, problems: list[WalkProblem]) -> Iterable[Finding]:
         for p in problems:
             if p.kind in cls.walk_kinds:
-                yield cls.finding(p.rel, p.detail, severity=ERROR if p.kind == "outside" else None)
+                yield cls.finding(p.rel, p.detail, severity=WARNING if p.kind == "cycle" else None)
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
         """What the split's scan met (the walk reports the same links first; a finding is kept once)."""
         detail = "a link outside the tree; not followed, never read"
         if ctx.metadata_state == "outside":
-            yield cls.finding(ctx.metadata_location, detail, severity=ERROR)
+            yield cls.finding(ctx.metadata_location, detail)
         if isinstance(ctx.reader_error, OutsideTreeError):
-            yield cls.finding(ctx.loc(), f"{ctx.reader_error}", severity=ERROR)
+            yield cls.finding(ctx.loc(), f"{ctx.reader_error}")
         for layer in ctx.layers:
             if isinstance(layer.list_error, OutsideTreeError):
-                yield cls.finding(layer.location, detail, severity=ERROR)
+                yield cls.finding(layer.location, detail)
             for s in layer.shards:
                 if isinstance(s.error, OutsideTreeError):
-                    yield cls.finding(s.location, detail, severity=ERROR)
+                    yield cls.finding(s.location, detail)
 
 
 class SpecialFile(SplitRule, WalkRule):

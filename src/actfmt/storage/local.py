@@ -77,27 +77,64 @@ def _special_name(mode: int) -> str:
     return "not a regular file"
 
 
+#: Where the kernel says what an open descriptor is (Linux): a containment check of the very file opened, in
+#: one ``readlink`` (``os.path.realpath`` costs an ``lstat`` per component, in Python).
+_PROC_FD = "/proc/self/fd"
+_HAVE_O_PATH = hasattr(os, "O_PATH") and os.path.isdir(_PROC_FD)
+
+
+def _pin_path(path: str, root: str) -> tuple[int | None, str]:
+    """``(O_PATH descriptor or None, resolved path)`` of ``path``, refused when it leads outside ``root``.
+
+    The descriptor (Linux) names the object itself: nothing is opened for reading yet (a device is never
+    opened), and reopening it through ``/proc/self/fd`` reads exactly what was checked, with no window for a
+    link swapped in between."""
+    if _HAVE_O_PATH:
+        try:
+            opath = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except FileNotFoundError:
+            real = os.path.realpath(path)  # a dangling link: out of the tree, or missing
+            if not contained(real, root):
+                raise _outside(path, real, root) from None
+            raise
+        try:
+            real = os.readlink(f"{_PROC_FD}/{opath}")
+        except OSError:
+            real = os.path.realpath(path)
+        if not contained(real, root):
+            os.close(opath)
+            raise _outside(path, real, root)
+        return opath, real
+    real = os.path.realpath(path)
+    if not contained(real, root):
+        raise _outside(path, real, root)
+    return None, real
+
+
 def open_regular(path: str, root: str | None = None) -> int:
     """``os.open`` for reading that never blocks (``O_NONBLOCK``) and refuses anything but a regular file.
 
-    With a confinement ``root`` (a resolved path): the path is resolved first and refused
-    (:class:`~actfmt.errors.OutsideTreeError`) when it leads outside ``root``; the resolved path is opened with
-    ``O_NOFOLLOW`` (a link swapped in meanwhile is refused too)."""
+    With a confinement ``root`` (a resolved path): a path that leads outside ``root`` is refused
+    (:class:`~actfmt.errors.OutsideTreeError`), never opened; what is opened is the object checked."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
-    shown = path
-    if root is not None:
-        real = os.path.realpath(path)
-        if not contained(real, root):
-            raise _outside(path, real, root)
-        path, flags = real, flags | os.O_NOFOLLOW
-    try:
+    if root is None:
         fd = os.open(path, flags)
-    except OSError as exc:
-        if root is not None and exc.errno == errno.ELOOP:
-            raise _outside(shown, path, root) from None
-        if root is not None and exc.filename == path and path != shown:
-            exc.filename = shown  # name the path the user knows
-        raise
+    else:
+        opath, real = _pin_path(path, root)
+        try:
+            if opath is not None:
+                st = os.fstat(opath)
+                if not stat_mod.S_ISREG(st.st_mode) and not stat_mod.S_ISDIR(st.st_mode):
+                    raise OSError(errno.EINVAL, f"{_special_name(st.st_mode)}, not a regular file", path)
+                try:
+                    fd = os.open(f"{_PROC_FD}/{opath}", flags)
+                except PermissionError as exc:
+                    raise PermissionError(exc.errno, exc.strerror, path) from None
+            else:
+                fd = os.open(real, flags | os.O_NOFOLLOW)
+        finally:
+            if opath is not None:
+                os.close(opath)
     try:
         mode = os.fstat(fd).st_mode
         if stat_mod.S_ISDIR(mode):
@@ -154,9 +191,9 @@ class LocalLocation(Location):
         without a root."""
         if self.root is None:
             return self._path
-        real = os.path.realpath(self._path)
-        if not contained(real, self.root):
-            raise _outside(self._path, real, self.root)
+        opath, real = _pin_path(self._path, self.root)
+        if opath is not None:
+            os.close(opath)
         return real
 
     def escaping_links(self, limit: int = 1000) -> list[tuple[str, str]]:
@@ -245,10 +282,18 @@ class LocalLocation(Location):
 
     # -- questions --------------------------------------------------------------------------------------
     def stat(self) -> Stat:
-        if self.root is not None:
-            self.checked_path()  # a link out of the tree: refused (never followed, not even by stat)
         try:
-            st = os.stat(self._path)
+            if self.root is not None:  # a link out of the tree: refused (never followed, not even by stat)
+                opath, real = _pin_path(self._path, self.root)
+                if opath is None:
+                    st = os.stat(real)
+                else:
+                    try:
+                        st = os.fstat(opath)
+                    finally:
+                        os.close(opath)
+            else:
+                st = os.stat(self._path)
         except FileNotFoundError:
             if os.path.islink(self._path):
                 return Stat(Kind.MISSING, 0, link=True)
@@ -421,7 +466,9 @@ class LocalLocation(Location):
 
     def create_exclusive(self, data: bytes) -> bool:
         try:
-            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fd = os.open(
+                self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+            )
         except FileExistsError:
             return False
         try:
