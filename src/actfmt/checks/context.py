@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -117,8 +118,6 @@ def _kind_detail(e: Entry) -> str:
     if e.kind == Kind.MISSING:
         target = ""
         if e.location.local_path is not None:
-            import os
-
             try:
                 target = f" (to {os.readlink(e.location.path)})"
             except OSError:
@@ -132,8 +131,6 @@ def _kind_detail(e: Entry) -> str:
 
 
 def _outside_error(e: Entry) -> OutsideTreeError:
-    import os
-
     target = os.path.realpath(e.location.path) if e.location.local_path is not None else ""
     return OutsideTreeError(
         f"{e.location}: a link to {target or 'a place'} outside the tree; not followed, never read",

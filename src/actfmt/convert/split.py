@@ -18,6 +18,7 @@ The steps, through :mod:`actfmt.storage.commit` (which knows local disks from ob
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -116,8 +117,6 @@ def replace_refusal(final: Location, to: str) -> str:
 
 
 def _is_plain_file(loc: Location) -> bool:
-    import os
-
     return os.path.isfile(loc.path)
 
 

@@ -35,7 +35,7 @@ from typing import IO, Any
 from actfmt.errors import ActfmtError, RemoteStorageError
 from actfmt.storage.base import Entry, Kind, Location, OutputFile, Stat
 
-__all__ = ["FsspecLocation", "redact", "url_to_fs"]
+__all__ = ["FsspecLocation", "fsspec_options", "redact", "timeouts", "url_to_fs"]
 
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 #: Keys of storage options whose values are secrets (matched as substrings, case-insensitively).
@@ -133,6 +133,12 @@ def _with_timeouts(url: str, storage_options: Mapping[str, Any] | None) -> dict[
             client["timeout"] = aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read)
         options["client_kwargs"] = client
     return options
+
+
+def fsspec_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The storage options to give fsspec (or a library that builds its own filesystem, such as zarr-python's
+    ``FsspecStore``) for ``url``: actfmt's timeouts translated (see the module docstring)."""
+    return _with_timeouts(url, storage_options)
 
 
 def _is_timeout(exc: BaseException) -> bool:

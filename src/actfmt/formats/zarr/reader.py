@@ -56,6 +56,7 @@ from actfmt.formats.zarr.meta import (
 )
 from actfmt.layout import SUPPORTED_DTYPES, layer_index
 from actfmt.storage import Location, read_objects
+from actfmt.storage.fsspec_ import fsspec_options
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -276,7 +277,9 @@ class ZarrReader(Reader):
                     from zarr.storage import FsspecStore
 
                     store = FsspecStore.from_url(
-                        loc.url, storage_options=loc.storage_options or None, read_only=True
+                        loc.url,
+                        storage_options=fsspec_options(loc.url, loc.storage_options) or None,
+                        read_only=True,
                     )
                 self._zarr_group = zarr.open_group(store, mode="r")
         return self._zarr_group[self._metas[layer].name]
