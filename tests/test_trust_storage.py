@@ -584,3 +584,31 @@ def test_timeouts_have_defaults_and_can_be_set(monkeypatch: pytest.MonkeyPatch) 
     mine = _with_timeouts("s3://b/k", {"config_kwargs": {"read_timeout": 99}})
     assert mine["config_kwargs"]["read_timeout"] == 99  # the filesystem's own option wins
     assert _with_timeouts("memory://x", {"read_timeout": 3}) == {}
+
+
+def test_links_out_of_the_tree_as_an_unprivileged_user_in_a_shared_directory(shared: Path) -> None:
+    """The symlink cases in a sticky, world-writable directory, run by an unprivileged user (root drops its
+    privileges with setpriv; any other user runs as itself)."""
+    _marker_split(shared / "elsewhere" / "EM")
+    tree = shared / "tree"
+    _plain_split(tree / "ds" / "EM")
+    _link(
+        tree / "ds" / "EM" / "layer_00" / "shard_001.pt",
+        shared / "elsewhere" / "EM" / "layer_00" / "shard_001.pt",
+    )
+    (tree / "ds" / "Neutral").symlink_to(shared / "elsewhere" / "EM")  # a whole split out of the tree
+    world_readable(shared / "elsewhere")
+    world_readable(tree)
+    res = run(actfmt_cmd("validate", str(tree), "--output-format", "json"), unprivileged=os.geteuid() == 0)
+    assert res.returncode == 1, res.stderr
+    found = {(f["code"], f["location"], f["severity"]) for f in json.loads(res.stdout)["issues"]}
+    assert ("ACT005", "ds/EM/layer_00/shard_001.pt", "error") in found, found
+    assert ("ACT005", "ds/Neutral", "error") in found, found
+    out = shared / "out" / "conv"
+    res2 = run(
+        actfmt_cmd("convert", str(tree), str(out), "--to", "pt", "--force"), unprivileged=os.geteuid() == 0
+    )
+    assert res2.returncode == 2 and "outside the tree" in res2.stderr, res2.stderr
+    for text in (res.stdout, res.stderr, res2.stdout, res2.stderr):
+        assert MARKER.decode() not in text
+    _no_marker_below(shared / "out")
