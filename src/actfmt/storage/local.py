@@ -7,9 +7,10 @@ device where a file belongs is an error naming it, never a hang.
 sets it once, in :func:`actfmt.storage.resolve`, to the tree it was given).  It travels with every location
 derived from it (``/``, ``joinpath``, ``with_name``, ``parent``, ``pinned``, pickling).  Every read, listing and
 ``stat`` of a confined location resolves the path first and refuses one that leads outside the root
-(:class:`~actfmt.errors.OutsideTreeError`, never read); the resolved path is what is opened, with
-``O_NOFOLLOW``.  Links that stay inside the root are followed.  Writes are not confined (a destination is not
-a tree being read).
+(:class:`~actfmt.errors.OutsideTreeError`, never read): on Linux the path is opened ``O_PATH`` (nothing read,
+no device opened), the kernel says what it names (``/proc/self/fd``), and that very object is reopened for
+reading.  Links that stay inside the root are followed.  Writes are not confined (a destination is not a tree
+being read); they never go through a link at their own name (``O_NOFOLLOW``, temporary files ``O_EXCL``).
 """
 
 from __future__ import annotations
