@@ -92,7 +92,9 @@ def check_safe(src: Location, dst: Location, jobs: list[SplitJob]) -> None:
     """Refuse any conversion that could delete or modify its source (see the module docstring), or that would
     write ``/`` or replace the home directory."""
     if isinstance(dst, LocalLocation) and os.path.realpath(dst.path) == "/":
-        raise ConversionError(f"{dst}: the destination is the root directory /; choose a directory of its own.")
+        raise ConversionError(
+            f"{dst}: the destination is the root directory /; choose a directory of its own."
+        )
     protected = _protected()
     for job in jobs:
         if isinstance(job.destination, LocalLocation) and os.path.realpath(job.destination.path) in protected:

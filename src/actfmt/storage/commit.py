@@ -187,7 +187,11 @@ class LocalCommit(Commit):
         raise LockedError(f"{self.final}: cannot take the lock {self.lock}; try again.")
 
     def _planted(self, exc: OSError | None) -> LockedError:
-        why = "is a symbolic link" if exc is not None and exc.errno == errno.ELOOP else "is not a plain lock file"
+        why = (
+            "is a symbolic link"
+            if exc is not None and exc.errno == errno.ELOOP
+            else "is not a plain lock file"
+        )
         return LockedError(
             f"{self.lock}: the lock file {why} (left or planted by someone else?); actfmt never writes through "
             f"it. Remove it (rm {self.lock.name!r}) if you own the directory, or choose another destination."
