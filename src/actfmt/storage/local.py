@@ -177,6 +177,22 @@ class LocalLocation(Location):
     def _with_path(self, path: str) -> LocalLocation:
         return LocalLocation(path, root=self.root)
 
+    def joinpath(self, *parts: str) -> LocalLocation:
+        """``self / part / ...``; below a confinement root a ``..`` piece (a name or key read from the tree
+        that climbs out of it: a zarr separator ``/../``) is :class:`~actfmt.errors.OutsideTreeError`."""
+        if self.root is not None:
+            for part in parts:
+                text = str(part)
+                if ".." in text and ".." in text.split("/"):
+                    raise OutsideTreeError(
+                        f"{self._path}: {text!r} climbs out of the directory ('..'); refused, not read (a name "
+                        f"or key in the tree must stay inside it).",
+                        self._path,
+                    )
+        out = super().joinpath(*parts)
+        assert isinstance(out, LocalLocation)
+        return out
+
     def confined(self, root: str | os.PathLike[str] | None = None) -> LocalLocation:
         """This location, confined to ``root`` (default: itself, resolved): reads, listings and ``stat`` of it
         and of every location derived from it never leave ``root`` (see the module docstring)."""
