@@ -661,11 +661,15 @@ def _plan_lines(result: Any, dst: str) -> list[str]:
         f"Dry run: {n} split{'' if n == 1 else 's'} · {result.layers} layers · {format_size(result.bytes)} "
         f"-> {dst}; nothing written."
     )
-    refused = [p for p in result.planned if p.action == "exists"]
-    if refused:
+    exists = [p for p in result.planned if p.action == "exists"]
+    if exists:
         lines.append(
-            f"{len(refused)} destination{'' if len(refused) == 1 else 's'} exist: a real run refuses them; "
+            f"{len(exists)} destination{'' if len(exists) == 1 else 's'} exist: a real run refuses them; "
             "add --overwrite (replace) or --resume (continue)."
+        )
+    if any(p.action == "refused" for p in result.planned):
+        lines.append(
+            "refused: not a complete actfmt store of this format; actfmt replaces only its own complete stores."
         )
     return lines
 

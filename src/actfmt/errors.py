@@ -23,6 +23,7 @@ __all__ = [
     "MetadataError",
     "NotASplitError",
     "NotATensorError",
+    "OutsideTreeError",
     "RemoteStorageError",
     "ShardNotFoundError",
     "StatsError",
@@ -60,6 +61,20 @@ class TruncatedError(CorruptShardError):
 
 class ChangedError(ActfmtError, OSError):
     """A file changed (rewritten, replaced, resized) while actfmt was reading it, or since it was opened."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class OutsideTreeError(ActfmtError, OSError):
+    """A path under a tree leads (through a symbolic link) outside it: refused, never read (ACT005).
+
+    ``filename`` is the path inside the tree; ``target`` where the link leads."""
+
+    def __init__(self, message: str, path: str = "", target: str = "") -> None:
+        super().__init__(message)
+        self.filename = path
+        self.target = target
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""

@@ -45,7 +45,7 @@ CATALOGUE = {
 }
 #: Rules added since: code -> (name, severity).
 ADDED = {
-    "ACT005": ("unfollowed-link", "warning"),
+    "ACT005": ("unfollowed-link", "error"),  # a cycle: a warning
     "ACT006": ("special-file", "error"),
     "ACT205": ("metadata-missing-producer-key", "warning"),
     "ACT408": ("norm-outlier", "warning"),

@@ -128,6 +128,8 @@ def _skip_reason(ctx: SplitContext, needed: set[str]) -> str:
         return f"metadata.json cannot be read: {ctx.metadata_detail} (ACT001)"
     if ctx.metadata_state == "special":
         return f"metadata.json is {ctx.metadata_detail} (ACT006)"
+    if ctx.metadata_state == "outside":
+        return "metadata.json is a link outside the tree, never read (ACT005)"
     if ctx.metadata_state == "unparseable":
         return f"metadata.json cannot be parsed: {ctx.metadata_detail} (ACT201)"
     bad = sorted(needed - set(ctx.good))
@@ -218,7 +220,11 @@ def validate(
     finally:
         for ctx in contexts:
             ctx.close()
+    once: set[tuple[str, str]] = set()
     for f in found:
+        if (f.code, f.location) in once:  # one cause found twice (a link out of the tree: walk and scan)
+            continue
+        once.add((f.code, f.location))
         if f.code in selected:
             report.findings.append(f)
         else:

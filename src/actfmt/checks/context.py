@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from actfmt.checks.base import Finding, Rule
+from actfmt.errors import OutsideTreeError
 from actfmt.formats import Split, WalkProblem, get_format
 from actfmt.formats.pt.header import ShardHeader, load_shard, probe_shard, read_heads
 from actfmt.formats.vectors import STATS_FILE
@@ -116,8 +118,6 @@ def _kind_detail(e: Entry) -> str:
     if e.kind == Kind.MISSING:
         target = ""
         if e.location.local_path is not None:
-            import os
-
             try:
                 target = f" (to {os.readlink(e.location.path)})"
             except OSError:
@@ -125,7 +125,18 @@ def _kind_detail(e: Entry) -> str:
         return f"a dangling symlink{target}"
     if e.kind == Kind.SPECIAL:
         return "not a regular file (a FIFO, socket or device); not opened"
+    if e.kind == Kind.OUTSIDE:
+        return "a link outside the tree; not followed, never read"
     return "is a directory, not a file"
+
+
+def _outside_error(e: Entry) -> OutsideTreeError:
+    target = os.path.realpath(e.location.path) if e.location.local_path is not None else ""
+    return OutsideTreeError(
+        f"{e.location}: a link to {target or 'a place'} outside the tree; not followed, never read",
+        str(e.location),
+        target,
+    )
 
 
 @dataclass
@@ -289,11 +300,17 @@ def _read_metadata(ctx: SplitContext, entries: dict[str, Entry]) -> None:
     if e.kind == Kind.SPECIAL:
         ctx.metadata_state, ctx.metadata_detail = "special", _kind_detail(e)
         return
+    if e.kind == Kind.OUTSIDE:
+        ctx.metadata_state, ctx.metadata_detail = "outside", _kind_detail(e)
+        return
     if e.kind != "file":
         ctx.metadata_state, ctx.metadata_detail = "unreadable", _kind_detail(e)
         return
     try:
         raw = e.location.read_bytes()
+    except OutsideTreeError as exc:
+        ctx.metadata_state, ctx.metadata_detail = "outside", str(exc)
+        return
     except OSError as exc:
         ctx.metadata_state, ctx.metadata_detail = "unreadable", exc.strerror or str(exc)
         return
@@ -348,7 +365,7 @@ def _scan_layer(layer: LayerEntry) -> None:
     for s in layer.shards:
         if s.kind != "file":
             e = next(x for x in entries if x.location == s.path)
-            s.error = OSError(_kind_detail(e))
+            s.error = _outside_error(e) if e.kind == Kind.OUTSIDE else OSError(_kind_detail(e))
 
 
 def _scan_pt(ctx: SplitContext) -> None:
@@ -366,6 +383,11 @@ def _scan_pt(ctx: SplitContext) -> None:
         loc = ctx.loc(e.name)
         is_dir = e.is_dir()
         i = layer_index(e.name)
+        if i is not None and e.kind == Kind.OUTSIDE:  # a layer directory out of the tree: never listed
+            layer = LayerEntry(i, e.location, loc, exact=True, is_dir=True)
+            layer.list_error = _outside_error(e)
+            ctx.layers.append(layer)
+            continue
         if i is not None:
             ctx.layers.append(LayerEntry(i, e.location, loc, exact=True, is_dir=is_dir))
             continue
@@ -378,7 +400,7 @@ def _scan_pt(ctx: SplitContext) -> None:
             continue
         ctx.strays.append((loc, is_dir))
     for layer in ctx.layers:
-        if layer.is_dir:
+        if layer.is_dir and layer.list_error is None:
             _scan_layer(layer)
 
 

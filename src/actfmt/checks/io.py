@@ -6,9 +6,10 @@ import re
 from collections.abc import Iterable
 from typing import ClassVar
 
-from actfmt.checks.base import WARNING, Finding
+from actfmt.checks.base import ERROR, WARNING, Finding
 from actfmt.checks.context import ShardEntry, ShardRule, SplitContext, SplitRule, WalkRule
-from actfmt.errors import CorruptShardError, NotATensorError, UnsafeShardError
+from actfmt.errors import CorruptShardError, NotATensorError, OutsideTreeError, UnsafeShardError
+from actfmt.formats import WalkProblem
 from actfmt.storage import Kind
 
 __all__ = ["CorruptShard", "NotATensor", "SpecialFile", "UnfollowedLink", "UnreadableFile", "UnsafeShard"]
@@ -50,7 +51,7 @@ class UnreadableFile(SplitRule, WalkRule):
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
         if ctx.format != "pt":
-            if ctx.reader_error is not None:
+            if ctx.reader_error is not None and not isinstance(ctx.reader_error, OutsideTreeError):
                 yield cls.finding(ctx.loc(), f"cannot open the {ctx.format} store: {ctx.reader_error}")
             return
         if ctx.list_error is not None:
@@ -61,11 +62,13 @@ class UnreadableFile(SplitRule, WalkRule):
                 f"cannot read metadata.json: {ctx.metadata_detail}; the checks that need it are skipped",
             )
         for layer in ctx.layers:
-            if layer.list_error is not None:
+            if layer.list_error is not None and not isinstance(layer.list_error, OutsideTreeError):
                 yield cls.finding(
                     layer.location, f"cannot list {layer.name}/: {_oserror_text(layer.list_error)}"
                 )
             for s in layer.shards:
+                if isinstance(s.error, OutsideTreeError):  # ACT005's
+                    continue
                 if isinstance(s.error, OSError) and s.kind != Kind.SPECIAL:
                     yield cls.finding(s.location, f"cannot read {s.name}: {_oserror_text(s.error)}")
 
@@ -137,23 +140,49 @@ class NotATensor(_LoadError):
     error = NotATensorError
 
 
-class UnfollowedLink(WalkRule):
-    """A directory link the walk did not follow: it leaves the tree, or leads back into it (a cycle).
+class UnfollowedLink(SplitRule, WalkRule):
+    """A link that leaves the tree (never followed, never read), or a directory link back into it (a cycle).
 
-    A link to a directory inside the tree is followed like any directory; one that points outside the tree,
-    or to a directory already walked (a loop), is not, and is reported instead of being skipped silently.
+    A tree is the directory given and nothing outside it.  A link to a file or directory inside the tree is
+    followed like any entry; a link anywhere in the tree -- a split or layer directory, a shard, a
+    `metadata.json`, a zarr chunk, a safetensors layer file, an `.h5` file -- that leads outside it is an
+    error and is never read (not by validate, convert, verify, info, stats or `open`: storage refuses it).  A
+    directory link back to a directory already walked (a loop) is not followed either, and is a warning.
 
-    Why: splits behind such a link are not checked (outside), or would be checked twice or forever (a
-    cycle).
+    Why: a tree contributed by someone else could otherwise make actfmt read (and copy into a converted
+    store) any file the user can read, such as `/etc/passwd` or a key; splits behind a loop would be checked
+    twice or forever.
 
-    Fix: validate the link's target itself, or replace the link by the directory it stands for; remove a
-    link that loops.
+    Fix: replace the link by the file or directory it stands for (`cp --dereference`), or validate the link's
+    target itself; remove a link that loops.
     """
 
     code = "ACT005"
     name = "unfollowed-link"
-    severity = WARNING
+    severity = ERROR  # a cycle: a warning
+    pt_only = False
     walk_kinds = ("outside", "cycle")
+
+    @classmethod
+    def check_walk(cls, problems: list[WalkProblem]) -> Iterable[Finding]:
+        for p in problems:
+            if p.kind in cls.walk_kinds:
+                yield cls.finding(p.rel, p.detail, severity=WARNING if p.kind == "cycle" else None)
+
+    @classmethod
+    def check(cls, ctx: SplitContext) -> Iterable[Finding]:
+        """What the split's scan met (the walk reports the same links first; a finding is kept once)."""
+        detail = "a link outside the tree; not followed, never read"
+        if ctx.metadata_state == "outside":
+            yield cls.finding(ctx.metadata_location, detail)
+        if isinstance(ctx.reader_error, OutsideTreeError):
+            yield cls.finding(ctx.loc(), f"{ctx.reader_error}")
+        for layer in ctx.layers:
+            if isinstance(layer.list_error, OutsideTreeError):
+                yield cls.finding(layer.location, detail)
+            for s in layer.shards:
+                if isinstance(s.error, OutsideTreeError):
+                    yield cls.finding(s.location, detail)
 
 
 class SpecialFile(SplitRule, WalkRule):

@@ -3,7 +3,10 @@ the refusals that keep a source safe.
 
 Nothing a user types may delete or modify a source: a destination (or anything a conversion writes, replaces or
 cleans up beside it: its partial store, the old store an ``--overwrite`` renames aside) that is, contains, or
-lies inside a source is refused before anything is touched.
+lies inside a source is refused before anything is touched.  So are a destination ``/``, a split that would
+convert to ``/`` or to the home directory (or above it), and two sources that would convert to one destination
+(``EM/`` and ``EM.zarr`` to ``EM/``).  What ``--overwrite`` may replace (a complete actfmt store of the target
+format, nothing else) is checked under the destination's lock, by :func:`actfmt.convert.split.convert_split`.
 """
 
 from __future__ import annotations
@@ -45,12 +48,34 @@ def plan(src: Location, dst: Location, to: str, walk: Walk | None = None) -> lis
             f"or a directory of layer_XX.safetensors); check the path."
         )
     jobs = []
+    taken: dict[Location, SplitJob] = {}
     for split in walk.splits:
         parent = dst if split.rel == "." else dst.joinpath(*split.rel.split("/")[:-1])
-        jobs.append(
-            SplitJob(split.location, split.format, fmt.destination(parent / split.location.name), split.rel)
-        )
+        job = SplitJob(split.location, split.format, fmt.destination(parent / split.location.name), split.rel)
+        other = taken.get(job.destination)
+        if other is not None:
+            raise ConversionError(
+                f"{job.destination}: two sources convert to this one destination, {other.source} and "
+                f"{job.source}; convert them one at a time to different destinations, or rename one."
+            )
+        taken[job.destination] = job
+        jobs.append(job)
     return jobs
+
+
+def _protected() -> set[str]:
+    """Places never written or replaced: ``/`` and the home directory (and every directory above it)."""
+    out = {"/"}
+    home = os.path.expanduser("~")
+    if home and home != "~":
+        d = os.path.realpath(home)
+        while True:
+            out.add(d)
+            up = os.path.dirname(d)
+            if up == d:
+                break
+            d = up
+    return out
 
 
 def _real(loc: Location) -> Location:
@@ -64,7 +89,19 @@ def _overlap(a: Location, b: Location) -> bool:
 
 
 def check_safe(src: Location, dst: Location, jobs: list[SplitJob]) -> None:
-    """Refuse any conversion that could delete or modify its source (see the module docstring)."""
+    """Refuse any conversion that could delete or modify its source (see the module docstring), or that would
+    write ``/`` or replace the home directory."""
+    if isinstance(dst, LocalLocation) and os.path.realpath(dst.path) == "/":
+        raise ConversionError(
+            f"{dst}: the destination is the root directory /; choose a directory of its own."
+        )
+    protected = _protected()
+    for job in jobs:
+        if isinstance(job.destination, LocalLocation) and os.path.realpath(job.destination.path) in protected:
+            raise ConversionError(
+                f"{job.destination}: {job.source} would convert to this directory (/, the home directory or a "
+                f"directory above it), which actfmt never writes or replaces; choose another destination."
+            )
     if _real(src) == _real(dst) or any(_real(j.destination) == _real(j.source) for j in jobs):
         raise ConversionError(f"{dst}: the destination is the source; choose another destination.")
     if _real(dst).is_relative_to(_real(src)):

@@ -18,6 +18,7 @@ The steps, through :mod:`actfmt.storage.commit` (which knows local disks from ob
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -43,7 +44,15 @@ from actfmt.progress import ProgressCallback, ProgressEvent, emit
 from actfmt.storage import Location
 from actfmt.storage.commit import Commit, commit_for
 
-__all__ = ["ConvertResult", "PlannedSplit", "convert_split", "is_complete", "plan_split", "spec_for"]
+__all__ = [
+    "ConvertResult",
+    "PlannedSplit",
+    "convert_split",
+    "is_complete",
+    "plan_split",
+    "replace_refusal",
+    "spec_for",
+]
 
 #: Version of the journal's records.
 JOURNAL_VERSION = 1
@@ -52,8 +61,9 @@ JOURNAL_VERSION = 1
 @dataclass
 class PlannedSplit:
     """One split of a dry run: where it goes, how much it moves, and what would happen at the destination
-    (``create``; ``replace`` with ``--overwrite``; ``resume`` / ``complete`` with ``--resume``; ``exists``:
-    refused without one of them)."""
+    (``create``; ``replace`` with ``--overwrite``, or ``refused`` when what is there is not a complete actfmt
+    store of the target format; ``resume`` / ``complete`` with ``--resume``; ``exists``: refused without one of
+    them)."""
 
     job: SplitJob
     layers: int
@@ -131,8 +141,10 @@ def plan_split(job: SplitJob, to: str, overwrite: bool, resume: bool) -> Planned
         action = "resume"
     elif not exists:
         action = "create"
+    elif overwrite:  # only a complete actfmt store of the target format is ever replaced
+        action = "replace" if is_complete(job.destination, to) else "refused"
     else:
-        action = "replace" if overwrite else "exists"
+        action = "exists"
     return PlannedSplit(job, len(layers), sum(info.nbytes for info in layers), action)
 
 
@@ -151,7 +163,23 @@ def spec_for(reader: Reader, source_format: str, dtype: str | None) -> SplitSpec
     return SplitSpec(metadata=dict(reader.metadata), layers=layers, source_format=source_format)
 
 
+def replace_refusal(final: Location, to: str) -> str:
+    """Why ``final`` is not replaced: it is not a complete actfmt store of format ``to``."""
+    what = "a file" if final.is_local and _is_plain_file(final) else "a directory or object"
+    return (
+        f"{final}: exists and is {what} that is not a complete actfmt {to} store (its actfmt block does not "
+        f"say complete); actfmt replaces only its own complete stores, even with --overwrite. Move or delete it "
+        f"yourself, or choose another destination."
+    )
+
+
+def _is_plain_file(loc: Location) -> bool:
+    return os.path.isfile(loc.path)
+
+
 def is_complete(location: Location, fmt: str) -> bool:
+    """Is ``location`` a complete actfmt store of format ``fmt`` (its actfmt block says ``complete: true``, as
+    ACT603 checks)?  The one test before a destination is replaced."""
     try:
         with get_format(fmt).open_reader(location) as r:
             block = r.actfmt
@@ -326,7 +354,8 @@ def convert_split(
         try:
             result.warnings += commit.notes
             if commit.final_exists():
-                if resume and is_complete(final, to):
+                complete = is_complete(final, to)
+                if resume and complete:
                     result.skipped.append(job)
                     return
                 if not overwrite and not (resume and commit.has_partial()):
@@ -338,6 +367,8 @@ def convert_split(
                             else "."
                         )
                     )
+                if not complete and not (commit.work == final and commit.has_partial()):
+                    raise DestinationExistsError(replace_refusal(final, to))
             with open_reader(job.source, job.source_format) as reader:
                 fingerprints = _fingerprints(reader, list(reader.layers))
                 done: dict[str, LayerResult] = {}

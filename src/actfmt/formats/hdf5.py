@@ -714,7 +714,8 @@ class HDF5Reader(Reader):
             # a storage error opening the object (missing, access denied) propagates as is, naming it
             fh = None if self.location.is_local else self.location.open_input()
             try:
-                self._file = h5py.File(self.location.local_path if fh is None else fh, "r")
+                # locally, h5py opens the path itself: the resolved path, checked to stay inside the tree
+                self._file = h5py.File(self.location.checked_path() if fh is None else fh, "r")
             except OSError as exc:
                 if fh is not None:
                     fh.close()

@@ -101,7 +101,7 @@ def list_layer_files(entries: Sequence[Entry]) -> list[tuple[int, Location]]:
     """Correctly named ``layer_XX.safetensors`` files, sorted by index."""
     out = []
     for e in entries:
-        if e.name.endswith(SUFFIX) and e.is_file():
+        if e.name.endswith(SUFFIX) and e.followed().is_file():
             i = layer_index(e.name[: -len(SUFFIX)])
             if i is not None:
                 out.append((i, e.location))

@@ -11,8 +11,14 @@ Nothing is skipped silently.  Each of these is a :class:`WalkProblem`, which val
 * a directory that cannot be listed (permissions, I/O errors): ``unreadable``;
 * a FIFO, socket or device: ``special`` -- found with ``stat``, never opened (opening a FIFO blocks);
 * a dangling link: ``dangling``;
-* a directory link that leaves the tree (``outside``) or leads back to a directory already walked
-  (``cycle``): not followed.  A link that stays inside the tree is followed, the same way at every level.
+* a link that leaves the tree (``outside``: to a directory or a file, at any depth, inside a split too: a
+  zarr chunk, a layer directory, a shard, a safetensors layer file, an ``.h5`` file, a ``metadata.json``) or a
+  directory link back to a directory already walked (``cycle``): not followed, never read.  A link that stays
+  inside the tree is followed, the same way at every level.
+
+The tree is the location given, confined to itself by :func:`actfmt.storage.resolve`: storage itself refuses
+any read through a link that leaves it (:class:`~actfmt.errors.OutsideTreeError`), so a split with such a link
+can fail to read, never read outside; the walk reports each link once, here.
 """
 
 from __future__ import annotations
@@ -54,6 +60,23 @@ class Walk:
     problems: list[WalkProblem] = field(default_factory=list)
 
 
+#: At most this many links out of the tree are reported per split.
+MAX_LINKS = 1000
+
+
+def _leaves(loc: Location, top: str) -> bool:
+    real = os.path.realpath(loc.path)
+    return not (real == top or real.startswith(top.rstrip("/") + "/"))
+
+
+def _outside_detail(target: str) -> str:
+    return f"a link to {target}, outside the tree; not followed, never read"
+
+
+def _outside(rel: str, loc: Location) -> WalkProblem:
+    return WalkProblem(rel, "outside", _outside_detail(os.path.realpath(loc.path)))
+
+
 def _rel(child: str, parent: str) -> str:
     return child if parent == "." else f"{parent}/{child}"
 
@@ -68,7 +91,7 @@ def walk_splits(root: Location) -> Walk:
         raise NotASplitError(f"{root}: not a file or directory (a FIFO, socket or device); check the path.")
     root.prefetch()  # object storage: one listing of the prefix, the walk then costs no request
     out = Walk()
-    top = os.path.realpath(root.path) if isinstance(root, LocalLocation) else None
+    top = (root.root or os.path.realpath(root.path)) if isinstance(root, LocalLocation) else None
     seen: set[str] = set()
 
     def walk_dir(loc: Location, rel: str, depth: int) -> None:
@@ -89,7 +112,7 @@ def walk_splits(root: Location) -> Walk:
             return
         fmt = guess_format(loc, entries)
         if fmt is not None:
-            out.splits.append(Split(loc, fmt, rel))
+            add_split(loc, fmt, rel)
             return
         if depth >= MAX_DEPTH:
             out.problems.append(
@@ -100,7 +123,9 @@ def walk_splits(root: Location) -> Walk:
             if e.name.startswith("."):
                 continue
             child = _rel(e.name, rel)
-            if e.kind == Kind.MISSING:
+            if e.kind == Kind.OUTSIDE or (e.link and top is not None and _leaves(e.location, top)):
+                out.problems.append(_outside(child, e.location))
+            elif e.kind == Kind.MISSING:
                 out.problems.append(
                     WalkProblem(child, "dangling", "a dangling link (its target does not exist)")
                 )
@@ -111,21 +136,24 @@ def walk_splits(root: Location) -> Walk:
                     )
                 )
             elif e.kind == Kind.DIR:
-                if e.link and top is not None:
-                    real = os.path.realpath(e.location.path)
-                    if real != top and not real.startswith(top.rstrip("/") + "/"):
-                        out.problems.append(
-                            WalkProblem(child, "outside", f"a link to {real}, outside the tree; not followed")
-                        )
-                        continue
                 walk_dir(e.location, child, depth + 1)
             elif e.kind == Kind.FILE and (fmt := guess_format(e.location)) is not None:
-                out.splits.append(Split(e.location, fmt, child))
+                add_split(e.location, fmt, child)
+
+    def add_split(loc: Location, fmt: str, rel: str) -> None:
+        out.splits.append(Split(loc, fmt, rel))
+        if top is None:
+            return
+        # inside a split: every link that leaves the tree is a finding (storage refuses to read through it)
+        scoped = loc.confined(top) if isinstance(loc, LocalLocation) else loc
+        for inner, target in scoped.escaping_links(limit=MAX_LINKS):
+            where = rel if inner == "." else _rel(inner, rel)
+            out.problems.append(WalkProblem(where, "outside", _outside_detail(target)))
 
     if kind == Kind.DIR:
         walk_dir(root, ".", 0)
     elif (fmt := guess_format(root)) is not None:
-        out.splits.append(Split(root, fmt, "."))
+        add_split(root, fmt, ".")
     out.splits.sort(key=lambda s: s.rel)
     return out
 

@@ -59,18 +59,23 @@ def is_remote(path: Any) -> bool:
 
 def resolve(path: PathLike, storage_options: Mapping[str, Any] | None = None) -> Location:
     """The location of ``path``: a :class:`LocalLocation` for a local path or a ``file://`` URL, an fsspec
-    location for any other URL (``storage_options`` go to its filesystem; a local path ignores them)."""
+    location for any other URL (``storage_options`` go to its filesystem; a local path ignores them).
+
+    A local location is *confined* to itself (:meth:`LocalLocation.confined`; one given already confined keeps
+    its root): nothing read through it or below it follows a link out of the tree it names."""
+    if isinstance(path, LocalLocation):
+        return path if path.root is not None else path.confined()
     if isinstance(path, Location):
         return path
     if isinstance(path, str):
         m = _URL_RE.match(path)
         if m is not None:
             if m.group(1).lower() in _LOCAL_SCHEMES:
-                return LocalLocation(path[m.end() :] or "/")
+                return LocalLocation(path[m.end() :] or "/").confined()
             from actfmt.storage.fsspec_ import FsspecLocation
 
             return FsspecLocation.from_url(path, storage_options)
-    return LocalLocation(path)
+    return LocalLocation(path).confined()
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any] | None:

@@ -37,12 +37,14 @@ __all__ = [
 
 class Kind:
     """What an entry is.  ``special``: a FIFO, socket or device (never opened: opening a FIFO blocks);
-    ``missing``: a dangling symbolic link."""
+    ``missing``: a dangling symbolic link; ``outside``: a link that leaves the confinement root of the tree
+    being listed (never followed, not even by ``stat``)."""
 
     FILE = "file"
     DIR = "dir"
     SPECIAL = "special"
     MISSING = "missing"
+    OUTSIDE = "outside"
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,19 @@ class Entry:
 
     def is_file(self) -> bool:
         return self.kind == Kind.FILE
+
+    def followed(self) -> Entry:
+        """This entry, or :class:`~actfmt.errors.OutsideTreeError` when it is a link out of the tree (a reader
+        that needs it refuses it, never skips it silently)."""
+        if self.kind == Kind.OUTSIDE:
+            from actfmt.errors import OutsideTreeError
+
+            raise OutsideTreeError(
+                f"{self.location}: a link outside the tree; refused, not read (replace the link by what it "
+                f"stands for).",
+                str(self.location),
+            )
+        return self
 
 
 #: ``(location, byte offset, writable buffer)``: fill the buffer with the bytes at that offset.
@@ -244,6 +259,14 @@ class Location(abc.ABC):
     def local_path(self) -> Any:
         """A ``pathlib.Path`` for a local location, else ``None``."""
         return None
+
+    def checked_path(self) -> str:
+        """The path to hand a library that opens it itself (see :meth:`LocalLocation.checked_path`)."""
+        return self._path
+
+    def escaping_links(self, limit: int = 1000) -> list[tuple[str, str]]:
+        """Links at or below this location that leave its tree (none on object storage: no links)."""
+        return []
 
     @property
     def url(self) -> str:

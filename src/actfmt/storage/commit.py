@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import socket
+import stat
 import tempfile
 import uuid
 from datetime import UTC, datetime
@@ -150,40 +152,74 @@ class LocalCommit(Commit):
     def work(self) -> Location:
         return self.partial
 
-    def __enter__(self) -> LocalCommit:
-        self.final.parent.mkdir()
+    def _open_lock(self) -> int:
+        """The lock file's descriptor: created with ``O_EXCL | O_NOFOLLOW``, or an existing one opened with
+        ``O_NOFOLLOW`` and checked to be a plain file with one link (a symlink or a hard link planted at the
+        lock's name, in a shared directory, is refused: never written through, never truncated)."""
         path = self.lock.path
-        previous = ""
-        fd = None
-        for _ in range(2):
+        nofollow = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        for _ in range(3):
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                break
+                return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow, 0o644)
+            except FileExistsError:
+                pass
+            try:
+                fd = os.open(path, os.O_RDWR | nofollow)
+            except FileNotFoundError:  # removed meanwhile: create it again
+                continue
             except PermissionError:
                 try:  # a lock file left by another user: flock works on a read-only descriptor too
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                    break
+                    fd = os.open(path, os.O_RDONLY | nofollow)
+                except FileNotFoundError:
+                    continue
                 except PermissionError:
                     os.unlink(path)  # unreadable: replace it (a live owner keeps its own descriptor)
-        if fd is None:  # pragma: no cover - both attempts failed without an exception
-            raise LockedError(f"{self.final}: cannot take the lock {self.lock}.")
+                    continue
+                except OSError as exc:
+                    raise self._planted(exc) from None
+            except OSError as exc:  # ELOOP: a symbolic link at the lock's name
+                raise self._planted(exc) from None
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                os.close(fd)
+                raise self._planted(None)
+            return fd
+        raise LockedError(f"{self.final}: cannot take the lock {self.lock}; try again.")
+
+    def _planted(self, exc: OSError | None) -> LockedError:
+        why = (
+            "is a symbolic link"
+            if exc is not None and exc.errno == errno.ELOOP
+            else "is not a plain lock file"
+        )
+        return LockedError(
+            f"{self.lock}: the lock file {why} (left or planted by someone else?); actfmt never writes through "
+            f"it. Remove it (rm {self.lock.name!r}) if you own the directory, or choose another destination."
+        )
+
+    def __enter__(self) -> LocalCommit:
+        self.final.parent.mkdir()
+        fd = self._open_lock()
         import fcntl
 
+        previous: int | None = None
         with contextlib.suppress(OSError):
-            previous = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            # only a pid is taken from the file (nothing else it holds is ever shown)
+            head = os.pread(fd, 200, 0).split(maxsplit=1)
+            if head and head[0].isdigit() and len(head[0]) <= 10:
+                previous = int(head[0])
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            owner = f" by process {previous.split()[0]}" if previous else ""
+            owner = f" by process {previous}" if previous is not None else ""
             raise LockedError(
                 f"{self.final}: another actfmt convert is writing this destination (locked{owner}, "
                 f"{self.lock.name}); wait for it to finish, or choose another destination."
             ) from None
-        if previous and previous.split()[0] != str(os.getpid()):
+        if previous is not None and previous != os.getpid():
             self.notes.append(
-                f"{self.final}: replaced a stale lock left by process {previous.split()[0]}, which is no longer "
-                f"running."
+                f"{self.final}: replaced a stale lock left by process {previous}, which is no longer running."
             )
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)

@@ -11,6 +11,14 @@ Credentials and endpoints come the standard way: the environment as the filesyst
 They never appear in a message: errors become :class:`~actfmt.errors.RemoteStorageError` with every
 secret-looking value redacted, and a location's ``str``/``repr`` is its URL only.
 
+**Timeouts.**  A storage endpoint that accepts a connection and never answers must not hang a run: every
+request has a connect timeout (default 10 s) and a read timeout (default 30 s: no byte for that long), with at
+most one retry, and a timeout that fires is a :class:`~actfmt.errors.RemoteStorageError` naming the URL (never
+the credentials) and the setting to change.  Set them with the storage options ``connect_timeout`` and
+``read_timeout`` (seconds; taken by actfmt, translated for the filesystem: botocore's config for ``s3://``,
+aiohttp's for ``http(s)://``) or the environment variables ``ACTFMT_CONNECT_TIMEOUT`` /
+``ACTFMT_READ_TIMEOUT``.  Options the filesystem itself takes (``config_kwargs``, ``client_kwargs``) win.
+
 fsspec is imported on first use.
 """
 
@@ -27,7 +35,7 @@ from typing import IO, Any
 from actfmt.errors import ActfmtError, RemoteStorageError
 from actfmt.storage.base import Entry, Kind, Location, OutputFile, Stat
 
-__all__ = ["FsspecLocation", "redact", "url_to_fs"]
+__all__ = ["FsspecLocation", "fsspec_options", "redact", "timeouts", "url_to_fs"]
 
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 #: Keys of storage options whose values are secrets (matched as substrings, case-insensitively).
@@ -74,9 +82,80 @@ def redact(text: str, storage_options: Any = None) -> str:
     return text
 
 
+#: Seconds to wait for a connection / for the next byte of an answer, unless configured (module docstring).
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 30.0
+TIMEOUT_KEYS = ("connect_timeout", "read_timeout")
+
+
+def timeouts(storage_options: Mapping[str, Any] | None) -> tuple[float, float]:
+    """``(connect, read)`` timeouts in seconds: the storage options', else the environment's, else the defaults.
+    A value that is not a positive number is an :class:`~actfmt.errors.ActfmtError` naming where it came from."""
+    out = []
+    for key, env, default in (
+        ("connect_timeout", "ACTFMT_CONNECT_TIMEOUT", CONNECT_TIMEOUT),
+        ("read_timeout", "ACTFMT_READ_TIMEOUT", READ_TIMEOUT),
+    ):
+        given = (storage_options or {}).get(key)
+        where = f"--storage-options {key}"
+        if given is None and os.environ.get(env, "").strip():
+            given, where = os.environ[env].strip(), env
+        if given is None:
+            out.append(default)
+            continue
+        try:
+            value = float(given)
+        except (TypeError, ValueError):
+            value = -1.0
+        if not value > 0 or value != value or value == float("inf"):
+            raise ActfmtError(f"{where} must be a positive number of seconds, got {str(given)[:40]!r}.")
+        out.append(value)
+    return out[0], out[1]
+
+
+def _with_timeouts(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The options for fsspec: actfmt's timeout keys removed and translated for the filesystem."""
+    options = {k: v for k, v in (storage_options or {}).items() if k not in TIMEOUT_KEYS}
+    connect, read = timeouts(storage_options)
+    m = _URL_RE.match(url)
+    scheme = m.group(1).lower() if m else ""
+    if scheme in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", connect)
+        config.setdefault("read_timeout", read)
+        config.setdefault("retries", {"total_max_attempts": 2, "mode": "standard"})  # one retry, not 4 x 5
+        options["config_kwargs"] = config
+    elif scheme in ("http", "https"):
+        client = dict(options.get("client_kwargs") or {})
+        if "timeout" not in client:
+            import aiohttp
+
+            client["timeout"] = aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read)
+        options["client_kwargs"] = client
+    return options
+
+
+def fsspec_options(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The storage options to give fsspec (or a library that builds its own filesystem, such as zarr-python's
+    ``FsspecStore``) for ``url``: actfmt's timeouts translated (see the module docstring)."""
+    return _with_timeouts(url, storage_options)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """A timeout anywhere in the chain (botocore's ReadTimeoutError, aiohttp's, asyncio's, socket's)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, TimeoutError) or "Timeout" in type(e).__name__:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
     """``(filesystem, path)`` for ``url`` (``fsspec.core.url_to_fs``), with a clean error when the protocol's
-    package is missing."""
+    package is missing, and actfmt's timeouts (see the module docstring)."""
     try:
         import fsspec.core
     except ImportError:
@@ -84,7 +163,10 @@ def url_to_fs(url: str, storage_options: Mapping[str, Any] | None = None) -> tup
             f"{display_url(url)}: object storage needs fsspec; install it with: pip install 'actfmt[remote]'"
         ) from None
     try:
-        return fsspec.core.url_to_fs(url, **dict(storage_options or {}))  # type: ignore[no-any-return]
+        fs, path = fsspec.core.url_to_fs(url, **_with_timeouts(url, storage_options))
+        if hasattr(fs, "retries") and isinstance(fs.retries, int):
+            fs.retries = min(fs.retries, 1)  # s3fs retries on top of botocore's: a dead endpoint x 5 more
+        return fs, path
     except ImportError as exc:
         raise RemoteStorageError(
             f"{display_url(url)}: {redact(str(exc), storage_options)}; for s3:// install 'actfmt[remote]', "
@@ -187,7 +269,17 @@ class FsspecLocation(Location):
         except PermissionError as exc:
             raise self.error(f"access denied ({redact(str(exc), self._options)}); {_CRED_HINT}") from None
         except Exception as exc:  # botocore / aiohttp / google-auth errors do not share a base class
+            if _is_timeout(exc):
+                raise self.timeout_error() from None
             raise self.error(redact(_describe(exc), self._options)) from None
+
+    def timeout_error(self) -> RemoteStorageError:
+        connect, read = timeouts(self._options)
+        return self.error(
+            f"the storage endpoint did not answer in time (connect timeout {connect:g} s, read timeout "
+            f"{read:g} s); check the endpoint and the network, or allow more time with --storage-options "
+            f"'{{\"read_timeout\": 120}}' or ACTFMT_READ_TIMEOUT=120"
+        )
 
     def error(self, detail: str) -> RemoteStorageError:
         err = RemoteStorageError(f"{self}: {detail}")
@@ -232,8 +324,11 @@ class FsspecLocation(Location):
         return [out[k] for k in sorted(out)]
 
     def prefetch(self) -> None:
-        with contextlib.suppress(Exception):  # errors surface on the walk's own requests
+        try:
             self.fs.find(self._path, withdirs=True)
+        except Exception as exc:  # errors surface on the walk's own requests; a timeout would only repeat
+            if _is_timeout(exc):
+                raise self.timeout_error() from None
 
     def find(self) -> dict[str, int]:
         prefix = self._path.rstrip("/") + "/"

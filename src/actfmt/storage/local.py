@@ -2,6 +2,15 @@
 
 Files are opened with ``O_NONBLOCK`` and checked to be regular files before anything is read, so a FIFO or a
 device where a file belongs is an error naming it, never a hang.
+
+**Confinement.**  A location may carry a *confinement root* (:meth:`LocalLocation.confined`; the public API
+sets it once, in :func:`actfmt.storage.resolve`, to the tree it was given).  It travels with every location
+derived from it (``/``, ``joinpath``, ``with_name``, ``parent``, ``pinned``, pickling).  Every read, listing and
+``stat`` of a confined location resolves the path first and refuses one that leads outside the root
+(:class:`~actfmt.errors.OutsideTreeError`, never read): on Linux the path is opened ``O_PATH`` (nothing read,
+no device opened), the kernel says what it names (``/proc/self/fd``), and that very object is reopened for
+reading.  Links that stay inside the root are followed.  Writes are not confined (a destination is not a tree
+being read); they never go through a link at their own name (``O_NOFOLLOW``, temporary files ``O_EXCL``).
 """
 
 from __future__ import annotations
@@ -19,9 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
+from actfmt.errors import OutsideTreeError
 from actfmt.storage.base import SCAN_PIECE, Entry, Kind, Location, OutputFile, ReadRequest, Stat, _short_read
 
-__all__ = ["LocalLocation", "open_regular"]
+__all__ = ["LocalLocation", "contained", "open_regular"]
 
 #: Reads of at least this many bytes are split over two threads (one core copies ~5 GB/s from the cache).
 PARALLEL_READ_BYTES = 16 << 20
@@ -29,10 +39,25 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _restore_local(path: str, expected: tuple[Any, ...] | None) -> LocalLocation:
-    loc = LocalLocation(path)
+def _restore_local(path: str, expected: tuple[Any, ...] | None, root: str | None = None) -> LocalLocation:
+    loc = LocalLocation(path, root=root)
     loc.expected = expected
     return loc
+
+
+def contained(real: str, root: str) -> bool:
+    """Is the resolved path ``real`` the resolved ``root`` or below it?"""
+    return real == root or real.startswith(root.rstrip("/") + "/")
+
+
+def _outside(path: str, real: str, root: str) -> OutsideTreeError:
+    return OutsideTreeError(
+        f"{path}: a link to {real}, outside the tree {root}; refused, not read (actfmt never follows a "
+        f"link out of the tree it is given). Replace the link by the file it stands for, or point actfmt "
+        f"at its target itself.",
+        path,
+        real,
+    )
 
 
 def _kind(mode: int) -> str:
@@ -53,9 +78,64 @@ def _special_name(mode: int) -> str:
     return "not a regular file"
 
 
-def open_regular(path: str) -> int:
-    """``os.open`` for reading that never blocks (``O_NONBLOCK``) and refuses anything but a regular file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+#: Where the kernel says what an open descriptor is (Linux): a containment check of the very file opened, in
+#: one ``readlink`` (``os.path.realpath`` costs an ``lstat`` per component, in Python).
+_PROC_FD = "/proc/self/fd"
+_HAVE_O_PATH = hasattr(os, "O_PATH") and os.path.isdir(_PROC_FD)
+
+
+def _pin_path(path: str, root: str) -> tuple[int | None, str]:
+    """``(O_PATH descriptor or None, resolved path)`` of ``path``, refused when it leads outside ``root``.
+
+    The descriptor (Linux) names the object itself: nothing is opened for reading yet (a device is never
+    opened), and reopening it through ``/proc/self/fd`` reads exactly what was checked, with no window for a
+    link swapped in between."""
+    if _HAVE_O_PATH:
+        try:
+            opath = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except FileNotFoundError:
+            real = os.path.realpath(path)  # a dangling link: out of the tree, or missing
+            if not contained(real, root):
+                raise _outside(path, real, root) from None
+            raise
+        try:
+            real = os.readlink(f"{_PROC_FD}/{opath}")
+        except OSError:
+            real = os.path.realpath(path)
+        if not contained(real, root):
+            os.close(opath)
+            raise _outside(path, real, root)
+        return opath, real
+    real = os.path.realpath(path)
+    if not contained(real, root):
+        raise _outside(path, real, root)
+    return None, real
+
+
+def open_regular(path: str, root: str | None = None) -> int:
+    """``os.open`` for reading that never blocks (``O_NONBLOCK``) and refuses anything but a regular file.
+
+    With a confinement ``root`` (a resolved path): a path that leads outside ``root`` is refused
+    (:class:`~actfmt.errors.OutsideTreeError`), never opened; what is opened is the object checked."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if root is None:
+        fd = os.open(path, flags)
+    else:
+        opath, real = _pin_path(path, root)
+        try:
+            if opath is not None:
+                st = os.fstat(opath)
+                if not stat_mod.S_ISREG(st.st_mode) and not stat_mod.S_ISDIR(st.st_mode):
+                    raise OSError(errno.EINVAL, f"{_special_name(st.st_mode)}, not a regular file", path)
+                try:
+                    fd = os.open(f"{_PROC_FD}/{opath}", flags)
+                except PermissionError as exc:
+                    raise PermissionError(exc.errno, exc.strerror, path) from None
+            else:
+                fd = os.open(real, flags | os.O_NOFOLLOW)
+        finally:
+            if opath is not None:
+                os.close(opath)
     try:
         mode = os.fstat(fd).st_mode
         if stat_mod.S_ISDIR(mode):
@@ -90,11 +170,88 @@ class LocalLocation(Location):
     detects_replacement = True
     merge_gap = 0
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], root: str | None = None) -> None:
         super().__init__(os.fspath(path))
+        #: The confinement root (a resolved path), or ``None``: see the module docstring.
+        self.root = root
 
     def _with_path(self, path: str) -> LocalLocation:
-        return LocalLocation(path)
+        return LocalLocation(path, root=self.root)
+
+    def joinpath(self, *parts: str) -> LocalLocation:
+        """``self / part / ...``; below a confinement root a ``..`` piece (a name or key read from the tree
+        that climbs out of it: a zarr separator ``/../``) is :class:`~actfmt.errors.OutsideTreeError`."""
+        if self.root is not None:
+            for part in parts:
+                text = str(part)
+                if ".." in text and ".." in text.split("/"):
+                    raise OutsideTreeError(
+                        f"{self._path}: {text!r} climbs out of the directory ('..'); refused, not read (a name "
+                        f"or key in the tree must stay inside it).",
+                        self._path,
+                    )
+        out = super().joinpath(*parts)
+        assert isinstance(out, LocalLocation)
+        return out
+
+    def confined(self, root: str | os.PathLike[str] | None = None) -> LocalLocation:
+        """This location, confined to ``root`` (default: itself, resolved): reads, listings and ``stat`` of it
+        and of every location derived from it never leave ``root`` (see the module docstring)."""
+        out = LocalLocation(
+            self._path, root=os.path.realpath(os.fspath(root) if root is not None else self._path)
+        )
+        out.expected = self.expected
+        return out
+
+    def checked_path(self) -> str:
+        """The path to hand a library that opens files itself (h5py, zarr-python, torch): the resolved path,
+        checked to be inside the confinement root (:class:`~actfmt.errors.OutsideTreeError`); the path as it is
+        without a root."""
+        if self.root is None:
+            return self._path
+        opath, real = _pin_path(self._path, self.root)
+        if opath is not None:
+            os.close(opath)
+        return real
+
+    def escaping_links(self, limit: int = 1000) -> list[tuple[str, str]]:
+        """Every link at or below this location that leads outside the confinement root (or, without one,
+        outside this location), as ``(relative path, resolved target)``, at most ``limit``.  Links that stay
+        inside are followed (each directory once); nothing is opened but directories."""
+        root = self.root or os.path.realpath(self._path)
+        out: list[tuple[str, str]] = []
+        real = os.path.realpath(self._path)
+        if not contained(real, root):
+            return [(".", real)]
+        seen: set[str] = set()
+        stack = [(self._path, real, ".")]
+        while stack and len(out) < limit:
+            path, real_dir, rel = stack.pop()
+            if real_dir in seen or len(seen) > 1_000_000:
+                continue
+            seen.add(real_dir)
+            try:
+                it = os.scandir(path)
+            except OSError:  # not a directory, unreadable: the format's own checks say so
+                continue
+            with it:
+                for e in it:
+                    child = e.name if rel == "." else f"{rel}/{e.name}"
+                    try:
+                        link = e.is_symlink()
+                        if link:
+                            target = os.path.realpath(e.path)
+                            if not contained(target, root):
+                                out.append((child, target))
+                                continue
+                            if os.path.isdir(target):
+                                stack.append((e.path, target, child))
+                        elif e.is_dir(follow_symlinks=False):
+                            stack.append((e.path, os.path.join(real_dir, e.name), child))
+                    except OSError:
+                        continue
+        out.sort()
+        return out
 
     def __fspath__(self) -> str:
         return self._path
@@ -103,7 +260,7 @@ class LocalLocation(Location):
         return self._path
 
     def __reduce__(self) -> Any:  # absolute: workers may start elsewhere; a pin travels with it
-        return (_restore_local, (os.path.abspath(self._path), self.expected))
+        return (_restore_local, (os.path.abspath(self._path), self.expected, self.root))
 
     def _norm(self) -> str:
         return os.path.abspath(self._path)
@@ -117,8 +274,8 @@ class LocalLocation(Location):
     def parent(self) -> LocalLocation:
         base = os.path.basename(self._path.rstrip("/"))
         if base in ("", ".", ".."):
-            return LocalLocation(os.path.dirname(os.path.abspath(self._path)))
-        return LocalLocation(os.path.dirname(self._path.rstrip("/")) or ".")
+            return LocalLocation(os.path.dirname(os.path.abspath(self._path)), root=self.root)
+        return LocalLocation(os.path.dirname(self._path.rstrip("/")) or ".", root=self.root)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (str, os.PathLike)) and not isinstance(other, Location):
@@ -135,7 +292,7 @@ class LocalLocation(Location):
 
     def resolved(self) -> LocalLocation:
         """The absolute path with every link resolved."""
-        return LocalLocation(os.path.realpath(self._path))
+        return LocalLocation(os.path.realpath(self._path), root=self.root)
 
     @property
     def local_path(self) -> Path:
@@ -144,7 +301,17 @@ class LocalLocation(Location):
     # -- questions --------------------------------------------------------------------------------------
     def stat(self) -> Stat:
         try:
-            st = os.stat(self._path)
+            if self.root is not None:  # a link out of the tree: refused (never followed, not even by stat)
+                opath, real = _pin_path(self._path, self.root)
+                if opath is None:
+                    st = os.stat(real)
+                else:
+                    try:
+                        st = os.fstat(opath)
+                    finally:
+                        os.close(opath)
+            else:
+                st = os.stat(self._path)
         except FileNotFoundError:
             if os.path.islink(self._path):
                 return Stat(Kind.MISSING, 0, link=True)
@@ -154,27 +321,42 @@ class LocalLocation(Location):
 
     def list_dir(self) -> list[Entry]:
         out = []
+        root = self.root
+        if root is not None:
+            self.checked_path()
         with os.scandir(self._path) as it:
             for e in it:
                 link = e.is_symlink()
+                if link and root is not None and not contained(os.path.realpath(e.path), root):
+                    out.append(Entry(e.name, self._with_path(e.path), Kind.OUTSIDE, 0, True))
+                    continue
                 try:
                     st = e.stat(follow_symlinks=True)
                 except OSError:  # dangling, a loop, or not permitted to look
-                    out.append(Entry(e.name, LocalLocation(e.path), Kind.MISSING, 0, link))
+                    out.append(Entry(e.name, self._with_path(e.path), Kind.MISSING, 0, link))
                     continue
-                out.append(Entry(e.name, LocalLocation(e.path), _kind(st.st_mode), st.st_size, link))
+                out.append(Entry(e.name, self._with_path(e.path), _kind(st.st_mode), st.st_size, link))
         out.sort(key=lambda e: e.name)
         return out
 
     def find(self) -> dict[str, int]:
+        """Every file below (links that stay inside the confinement root are followed as files, directory
+        links are not walked; one that leaves the root is :class:`~actfmt.errors.OutsideTreeError`)."""
         out: dict[str, int] = {}
+        confine = self.root
+        if confine is not None:
+            self.checked_path()
         if os.path.isfile(self._path):
             return {".": os.stat(self._path).st_size}
         for root, _dirs, files in os.walk(self._path):
             rel = os.path.relpath(root, self._path)
             for f in files:
+                full = os.path.join(root, f)
+                if confine is not None and os.path.islink(full):
+                    real = os.path.realpath(full)
+                    if not contained(real, confine):
+                        raise _outside(full, real, confine)
                 with contextlib.suppress(OSError):
-                    full = os.path.join(root, f)
                     st = os.stat(full)
                     if stat_mod.S_ISREG(st.st_mode):
                         out[f if rel == "." else f"{rel}/{f}".replace(os.sep, "/")] = st.st_size
@@ -182,7 +364,7 @@ class LocalLocation(Location):
 
     # -- reading ----------------------------------------------------------------------------------------
     def read_bytes(self) -> bytes:
-        fd = open_regular(self._path)
+        fd = open_regular(self._path, self.root)
         try:
             size = os.fstat(fd).st_size
             chunks = []
@@ -250,11 +432,11 @@ class LocalLocation(Location):
                     done += n
 
     def open_input(self) -> IO[bytes]:
-        fd = open_regular(self._path)
+        fd = open_regular(self._path, self.root)
         return os.fdopen(fd, "rb")
 
     def mmap(self) -> Any:
-        fd = open_regular(self._path)
+        fd = open_regular(self._path, self.root)
         try:
             if os.fstat(fd).st_size == 0:
                 return None
@@ -264,10 +446,15 @@ class LocalLocation(Location):
 
     # -- writing ----------------------------------------------------------------------------------------
     def write_bytes(self, data: Any, atomic: bool = False) -> None:
-        """Create or replace the file; ``atomic``: through a temporary sibling and a rename."""
+        """Create or replace the file (never through a link: ``O_NOFOLLOW``); ``atomic``: through a temporary
+        sibling created exclusively (``O_EXCL | O_NOFOLLOW``: a file or link planted at its name is never
+        written through) and a rename."""
         target = self._path
-        path = f"{target}.actfmt-tmp" if atomic else target
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        if atomic:
+            fd, path = _create_temporary(target)
+        else:
+            path = target
+            fd = _open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
         try:
             _write_all(fd, memoryview(data).cast("B"), path)
         except BaseException:
@@ -289,7 +476,7 @@ class LocalLocation(Location):
 
     def append_line(self, text: str) -> None:
         """Append one line with a single ``write`` (``O_APPEND``: a concurrent reader sees whole lines)."""
-        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        fd = _open_nofollow(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC)
         try:
             _write_all(fd, memoryview(text.encode("utf-8") + b"\n"), self._path)
         finally:
@@ -297,7 +484,9 @@ class LocalLocation(Location):
 
     def create_exclusive(self, data: bytes) -> bool:
         try:
-            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(
+                self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+            )
         except FileExistsError:
             return False
         try:
@@ -362,7 +551,7 @@ class _PinnedFds:
                 self.release(loc, entry[0])
                 raise
             return entry[0]
-        fd = open_regular(loc.path)
+        fd = open_regular(loc.path, _root_of(loc))
         try:
             _check_identity(loc, fd)
         except BaseException:
@@ -425,7 +614,7 @@ class _Files:
                 self.fds[path] = fd
                 return fd
             try:
-                self.fds[path] = open_regular(path)
+                self.fds[path] = open_regular(path, _root_of(loc))
             except FileNotFoundError:
                 if not self.missing_ok:
                     raise
@@ -462,6 +651,10 @@ def _pread_all(views: Sequence[tuple[Location, int, memoryview]], missing_ok: bo
     return out
 
 
+def _root_of(loc: Location) -> str | None:
+    return loc.root if isinstance(loc, LocalLocation) else None
+
+
 def identity_of(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
@@ -475,6 +668,42 @@ def _check_identity(loc: Location, fd: int | None) -> None:
         raise ChangedError(
             f"{loc}: the file changed (rewritten or replaced) after it was opened; reopen it and read again."
         )
+
+
+def _open_nofollow(path: str, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` for writing that never writes through a symbolic link at ``path`` (``O_NOFOLLOW``)."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(
+                errno.ELOOP,
+                "a symbolic link is in the way (actfmt never writes through a link: planted?); remove it, or "
+                "choose another destination",
+                path,
+            ) from None
+        raise
+
+
+def _create_temporary(target: str) -> tuple[int, str]:
+    """A new temporary sibling of ``target`` (``{target}.actfmt-tmp``), created with ``O_EXCL | O_NOFOLLOW``;
+    one left there (a killed run, or planted: a file or a link) is removed first -- the link itself, never
+    its target -- and where it cannot be (another user's, in a sticky directory) a unique name is used."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    path = f"{target}.actfmt-tmp"
+    for attempt in range(3):
+        try:
+            return os.open(path, flags, 0o644), path
+        except FileExistsError:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError:  # not ours to remove: another name, just as exclusive
+                path = f"{target}.actfmt-tmp-{os.getpid()}-{os.urandom(4).hex()}"
+            if attempt == 2:
+                raise
+    raise FileExistsError(errno.EEXIST, "cannot create a temporary file", path)  # pragma: no cover
 
 
 def _write_all(fd: int, view: memoryview, path: str, offset: int | None = None) -> None:
@@ -495,7 +724,7 @@ class LocalOutput(OutputFile):
     def __init__(self, location: LocalLocation, truncate: bool = True) -> None:
         self.location = location
         flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if truncate else 0)
-        self._fd: int | None = os.open(location.path, flags, 0o644)
+        self._fd: int | None = _open_nofollow(location.path, flags)
         self._pos = 0
 
     @property
@@ -517,7 +746,7 @@ class LocalOutput(OutputFile):
         if not isinstance(source, LocalLocation):
             super().copy_range(source, offset, length)
             return
-        src = open_regular(source.path)
+        src = open_regular(source.path, source.root)
         try:
             done = 0
             while done < length:

@@ -385,7 +385,7 @@ def probe_zip(fh: BinaryIO | RangeFile, size: int) -> ShardHeader | None:
 def _local_file(location: Location) -> Iterator[Path]:
     """The file as a local path: itself, or a temporary download (object storage)."""
     if location.local_path is not None:
-        yield location.local_path
+        yield Path(location.checked_path())  # torch opens the path itself: resolved, inside the tree
         return
     with tempfile.TemporaryDirectory(prefix="actfmt-download-") as tmp:
         local = Path(tmp) / location.name

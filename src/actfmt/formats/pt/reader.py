@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from actfmt.errors import CorruptShardError, MetadataError, NotASplitError, ShardNotFoundError
+from actfmt.errors import ChangedError, CorruptShardError, MetadataError, NotASplitError, ShardNotFoundError
 from actfmt.formats.base import (
     ACTFMT_KEY,
     LayerInfo,
@@ -30,7 +30,7 @@ from actfmt.formats.base import (
 )
 from actfmt.formats.pt.header import ShardHeader, load_shard, probe_shard, read_heads
 from actfmt.layout import METADATA_FILE, layer_index, layer_name, shard_index
-from actfmt.storage import Location
+from actfmt.storage import Kind, Location
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -44,7 +44,9 @@ SIDECAR = ".actfmt.json"
 def list_layers(split: Location) -> list[tuple[int, Location]]:
     """Correctly named ``layer_XX`` directories, sorted by index."""
     return [
-        (i, e.location) for e in split.list_dir() if (i := layer_index(e.name)) is not None and e.is_dir()
+        (i, e.location)
+        for e in split.list_dir()
+        if (i := layer_index(e.name)) is not None and e.followed().is_dir()
     ]
 
 
@@ -73,15 +75,40 @@ class PtReader(RowStoreReader):
 
     def __init__(self, location: Location) -> None:
         super().__init__(location)
-        if not location.is_dir():
+        st = location.stat() if location.kind() is not None else None
+        if st is None or st.kind != Kind.DIR:
             raise NotASplitError(f"{location}: not a directory; a .pt split is a directory with layer_XX/.")
+        #: The split directory as it was opened (locally: its inode): a tree renamed into its place since
+        #: (``convert --overwrite``) is a ChangedError, never rows of two trees.
+        self._dir_identity = _dir_identity(location, st)
         self._layer_dirs = list_layers(location)
         self._stores: dict[int, RowStore] = {}
         self._headers: dict[int, list[ShardHeader]] = {}
+        self._check_unchanged()
+
+    def _check_unchanged(self, layer_dir: Location | None = None, expected: Any = None) -> None:
+        """Raise :class:`ChangedError` if the split directory (or ``layer_dir``) is no longer the one opened."""
+        checks = [(self.location, self._dir_identity)]
+        if layer_dir is not None:
+            checks.append((layer_dir, expected))
+        for loc, identity in checks:
+            if identity is None:
+                continue
+            try:
+                now = _dir_identity(loc, loc.stat())
+            except FileNotFoundError:
+                now = None
+            if now != identity:
+                raise ChangedError(
+                    f"{loc}: replaced (renamed, rewritten or removed) while it was being read; open the split "
+                    f"again."
+                )
 
     @cached_property
     def metadata(self) -> dict[str, Any]:
-        return read_json_object(self.location / METADATA_FILE, "every split needs a metadata.json")
+        data = read_json_object(self.location / METADATA_FILE, "every split needs a metadata.json")
+        self._check_unchanged()
+        return data
 
     @cached_property
     def actfmt(self) -> dict[str, Any] | None:
@@ -97,6 +124,8 @@ class PtReader(RowStoreReader):
         if store is not None:
             return store
         _, layer_dir = self._layer_dirs[pos]
+        layer_identity = _dir_identity(layer_dir, layer_dir.stat())
+        self._check_unchanged()
         files = [loc for _, loc in list_shards(layer_dir)]
         if not files:
             raise ShardNotFoundError(f"{layer_dir}: no shard_XXX.pt files.")
@@ -116,6 +145,11 @@ class PtReader(RowStoreReader):
                 segments.append(Segment(f.pinned(h.identity), h.data_offset, int(h.shape[0])))
             else:  # legacy format, a saved view or a mismatched shard: torch loads it
                 segments.append(Segment(f, -1, int(h.shape[0]), _loaded(f, dtype)))
+        # every shard read is the one at its path now, in the directories opened: one tree, never two
+        for f, h in zip(files, headers, strict=True):
+            if h.identity and layer_identity is not None and f.stat().identity != h.identity:
+                raise ChangedError(f"{f}: replaced while the split was being read; open the split again.")
+        self._check_unchanged(layer_dir, layer_identity)
         store = RowStore(segments, width, dtype)
         self._stores[pos], self._headers[pos] = store, headers
         return store
@@ -153,6 +187,14 @@ class PtReader(RowStoreReader):
     def close(self) -> None:
         self._stores.clear()
         self._headers.clear()
+
+
+def _dir_identity(location: Location, st: Any) -> tuple[Any, ...] | None:
+    """What names a directory locally (device and inode: a rename keeps them, a replacement does not); ``None``
+    on object storage (no directories)."""
+    if not location.is_local or len(st.identity) < 4:
+        return None
+    return tuple(st.identity[2:4])
 
 
 def _loaded(location: Location, dtype: str) -> np.ndarray:

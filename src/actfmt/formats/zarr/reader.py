@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from actfmt.errors import ChangedError, FormatError, NotASplitError, TruncatedError
+from actfmt.errors import ChangedError, FormatError, NotASplitError, OutsideTreeError, TruncatedError
 from actfmt.formats.base import (
     ACTFMT_KEY,
     VECTOR_NAMES,
@@ -57,6 +57,7 @@ from actfmt.formats.zarr.meta import (
 )
 from actfmt.layout import SUPPORTED_DTYPES, layer_index
 from actfmt.storage import Location, read_objects
+from actfmt.storage.fsspec_ import fsspec_options
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -265,12 +266,21 @@ class ZarrReader(Reader):
                 loc = self.location
                 store: Any
                 if loc.local_path is not None:
-                    store = str(loc.local_path)
+                    # zarr-python opens files itself: only a store with no link out of the tree
+                    store = loc.checked_path()
+                    for rel, target in loc.escaping_links(limit=1):
+                        raise OutsideTreeError(
+                            f"{loc / rel}: a link to {target}, outside the tree; refused, not read.",
+                            str(loc / rel),
+                            target,
+                        )
                 else:
                     from zarr.storage import FsspecStore
 
                     store = FsspecStore.from_url(
-                        loc.url, storage_options=loc.storage_options or None, read_only=True
+                        loc.url,
+                        storage_options=fsspec_options(loc.url, loc.storage_options) or None,
+                        read_only=True,
                     )
                 self._zarr_group = zarr.open_group(store, mode="r")
         return self._zarr_group[self._metas[layer].name]
