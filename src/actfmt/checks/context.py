@@ -20,16 +20,19 @@ from actfmt.formats import Split, WalkProblem, get_format
 from actfmt.formats.pt.header import ShardHeader, load_shard, probe_shard, read_heads
 from actfmt.formats.vectors import STATS_FILE
 from actfmt.layout import (
+    JSON_MAX_BYTES,
     LOOSE_LAYER_RE,
     LOOSE_SHARD_RE,
     METADATA_FILE,
     REQUIRED_KEYS,
     SUPPORTED_DTYPES,
+    JSONLimitError,
     Metadata,
     MetadataProblem,
     ShardPlan,
     layer_index,
     layer_name,
+    loads_json,
     parse_metadata,
     shard_index,
     shard_name,
@@ -293,12 +296,12 @@ def _read_metadata(ctx: SplitContext, entries: dict[str, Entry]) -> None:
         ctx.metadata_state, ctx.metadata_detail = "unreadable", _kind_detail(e)
         return
     try:
-        raw = e.location.read_bytes()
+        raw = e.location.read_range(0, JSON_MAX_BYTES + 1)  # a huge file is refused, not read whole
     except OSError as exc:
         ctx.metadata_state, ctx.metadata_detail = "unreadable", exc.strerror or str(exc)
         return
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = loads_json(raw)
     except UnicodeDecodeError as exc:
         ctx.metadata_state, ctx.metadata_detail = "unparseable", f"not UTF-8 text ({exc.reason})"
         return
@@ -306,8 +309,8 @@ def _read_metadata(ctx: SplitContext, entries: dict[str, Entry]) -> None:
         ctx.metadata_state = "unparseable"
         ctx.metadata_detail = f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
         return
-    except RecursionError:
-        ctx.metadata_state, ctx.metadata_detail = "unparseable", "JSON nested too deeply"
+    except JSONLimitError as exc:
+        ctx.metadata_state, ctx.metadata_detail = "unparseable", str(exc)
         return
     _set_metadata(ctx, data)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from actfmt.layout import loads_json
 from actfmt.storage import Entry, Location, read_into
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -442,7 +443,7 @@ def stored_vectors_of(arrays: dict[str, np.ndarray], layers: Any) -> StoredVecto
     """Check what a store holds: a list of layer names and ``[layers, hidden_dim]`` arrays that agree."""
     if isinstance(layers, str):
         try:
-            layers = json.loads(layers)
+            layers = loads_json(layers)
         except ValueError:
             return None
     if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers):

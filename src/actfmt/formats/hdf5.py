@@ -72,7 +72,7 @@ from actfmt.formats.base import (
     stored_vectors_of,
 )
 from actfmt.formats.vectors import STATS_GROUP
-from actfmt.layout import SUPPORTED_DTYPES, layer_index
+from actfmt.layout import SUPPORTED_DTYPES, layer_index, loads_json
 from actfmt.storage import Entry, Kind, LocalLocation, Location, read_pool
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -165,7 +165,9 @@ def _from_attr(value: Any) -> Any:
 
 def _json_attr(raw: Any) -> Any:
     """A JSON string attribute, decoded (``ValueError`` / ``TypeError`` when it is not JSON)."""
-    return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    if not isinstance(raw, (bytes, str)):
+        raise TypeError(f"a JSON attribute must be a string, got {type(raw).__name__}")
+    return loads_json(raw)
 
 
 class _Codec:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import MetadataError
 from actfmt.formats.zarr.codecs import codec_from_v2, codec_from_v3, stored_codecs
+from actfmt.layout import loads_json
 from actfmt.storage import Entry, Location, read_objects
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,8 +82,8 @@ def parse_json(location: Location, raw: bytes | None) -> Any:
     if raw is None:
         return None
     try:
-        return json.loads(raw.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return loads_json(raw)
+    except ValueError as exc:  # not JSON, not UTF-8, or beyond actfmt's bounds (size, depth, digits)
         raise MetadataError(
             f"{location}: not valid JSON ({exc}); the store is damaged: re-convert it."
         ) from None
