@@ -24,18 +24,18 @@ from typing import Any
 from actfmt.errors import MetadataError
 
 __all__ = [
+    "JSON_MAX_BYTES",
+    "JSON_MAX_DEPTH",
+    "JSON_MAX_DIGITS",
     "LAYER_RE",
     "METADATA_FILE",
     "REQUIRED_KEYS",
     "SHARD_RE",
     "SUPPORTED_DTYPES",
+    "JSONLimitError",
     "Metadata",
     "MetadataProblem",
     "ShardPlan",
-    "JSON_MAX_BYTES",
-    "JSON_MAX_DEPTH",
-    "JSON_MAX_DIGITS",
-    "JSONLimitError",
     "expected_shard_rows",
     "full_shard_rows",
     "layer_index",

@@ -28,7 +28,14 @@ from actfmt.formats.base import (
     stored_dtype,
 )
 from actfmt.formats.pt.header import ShardHeader, load_shard, probe_shard, read_heads
-from actfmt.layout import METADATA_FILE, JSONLimitError, layer_index, layer_name, read_json_document, shard_index
+from actfmt.layout import (
+    METADATA_FILE,
+    JSONLimitError,
+    layer_index,
+    layer_name,
+    read_json_document,
+    shard_index,
+)
 from actfmt.storage import Location
 
 if TYPE_CHECKING:  # pragma: no cover
