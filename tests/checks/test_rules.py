@@ -47,6 +47,7 @@ CATALOGUE = {
 ADDED = {
     "ACT005": ("unfollowed-link", "warning"),
     "ACT006": ("special-file", "error"),
+    "ACT007": ("external-data", "error"),
     "ACT408": ("norm-outlier", "warning"),
     "ACT503": ("identical-splits", "error"),
 }

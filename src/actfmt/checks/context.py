@@ -402,6 +402,7 @@ def _scan_store(ctx: SplitContext) -> None:
     except Exception as exc:  # a damaged store is a finding, never a crash
         ctx.metadata_state, ctx.metadata_detail = "unreadable", f"{type(exc).__name__}: {exc}"
         ctx.reader_error = exc
+        ctx.cache["layers_error"] = exc
         return
     ctx.reader = reader
     try:
@@ -413,8 +414,9 @@ def _scan_store(ctx: SplitContext) -> None:
     try:
         for info in reader.layers:
             ctx.layers.append(LayerEntry(info.index, ctx.path / info.name, ctx.loc(info.name), True, True))
-    except Exception:  # reported by the store rules (ACT603)
-        pass
+    except Exception as exc:  # reported by the store rules (ACT603, ACT606, ACT007): one root cause
+        ctx.layers.clear()
+        ctx.cache["layers_error"] = exc
 
 
 def scan_split(split: Split, root: Location, jobs: int = 1) -> SplitContext:
