@@ -47,7 +47,7 @@ def store_info(ctx: SplitContext) -> dict[str, Any]:
         info["block"] = reader.actfmt
         info["layers"] = list(reader.layers)
         for pos, layer in enumerate(info["layers"]):
-            missing = list(reader.missing_chunks(pos))
+            missing = reader.missing_chunks(pos)  # a MissingChunks keeps its total
             if missing:
                 info["missing"][layer.name] = missing
     except Exception as exc:  # a damaged store is a finding, never a crash

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from actfmt.errors import ConversionError, CorruptShardError, MetadataError, NotASplitError
+from actfmt.errors import BadHeaderError, ConversionError, CorruptShardError, MetadataError, NotASplitError
 from actfmt.formats.base import (
     ACTFMT_KEY,
     ByteRun,
@@ -184,6 +184,10 @@ def build_header(info: LayerInfo, metadata: dict[str, Any]) -> bytes:
     return len(body).to_bytes(8, "little") + body
 
 
+class HeaderError(CorruptShardError, BadHeaderError):
+    """A layer file's header that is not a safetensors header the library would accept (rule ACT606)."""
+
+
 def _uint(x: Any) -> bool:
     """An unsigned 64-bit integer as serde reads one: a JSON integer, not a bool, a float or a string."""
     return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 64
@@ -200,10 +204,10 @@ def parse_header(
     """Parse and check the header of a one-tensor layer file from its first bytes (``head`` must hold the
     whole header); :class:`CorruptShardError` if it is not one."""
     if len(head) < 8:
-        raise CorruptShardError(f"{location}: {size} bytes, too short for a safetensors file; {_FIX}.")
+        raise HeaderError(f"{location}: {size} bytes, too short for a safetensors file; {_FIX}.")
     n = int.from_bytes(head[:8], "little")
     if n > MAX_HEADER or n > size - 8:
-        raise CorruptShardError(
+        raise HeaderError(
             f"{location}: not a safetensors file or truncated (header length {n} but the file has {size} "
             f"bytes); {_FIX}."
         )
@@ -213,18 +217,16 @@ def parse_header(
     try:
         doc = loads_json(body, MAX_HEADER)
     except ValueError as exc:  # not JSON, not UTF-8, nested too deeply, a huge integer
-        raise CorruptShardError(
-            f"{location}: the safetensors header is not valid JSON ({exc}); {_FIX}."
-        ) from None
+        raise HeaderError(f"{location}: the safetensors header is not valid JSON ({exc}); {_FIX}.") from None
     if not isinstance(doc, dict):
-        raise CorruptShardError(f"{location}: the safetensors header is not a JSON object; {_FIX}.")
+        raise HeaderError(f"{location}: the safetensors header is not a JSON object; {_FIX}.")
     if not body.startswith(b"{"):  # the library's own first check (InvalidHeaderStart)
-        raise CorruptShardError(f"{location}: the safetensors header does not start with '{{'; {_FIX}.")
+        raise HeaderError(f"{location}: the safetensors header does not start with '{{'; {_FIX}.")
     meta = doc.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise CorruptShardError(f"{location}: __metadata__ is not a JSON object of strings; {_FIX}.")
+        raise HeaderError(f"{location}: __metadata__ is not a JSON object of strings; {_FIX}.")
     if len(doc) != 1:
-        raise CorruptShardError(
+        raise HeaderError(
             f"{location}: holds {len(doc)} tensors ({', '.join(sorted(doc)[:5])}); an actfmt layer file holds "
             f"exactly one, {TENSOR!r}; {_FIX}."
         )
@@ -245,34 +247,32 @@ def parse_header(
     elif not isinstance(entry["dtype"], str):
         problem = f"dtype {_short_json(entry['dtype'])} is not a string"
     if problem is not None:
-        raise CorruptShardError(
-            f"{location}: tensor {name!r} has a malformed header entry ({problem}); {_FIX}."
-        )
+        raise HeaderError(f"{location}: tensor {name!r} has a malformed header entry ({problem}); {_FIX}.")
     st_dtype = entry["dtype"]
     shape = tuple(entry["shape"])
     begin, end = entry["data_offsets"]
     if st_dtype not in _FROM_ST:
-        raise CorruptShardError(
+        raise HeaderError(
             f"{location}: tensor {name!r} has dtype {st_dtype!r}; actfmt reads {', '.join(_FROM_ST)}; convert "
             f"the activations to one of those."
         )
     dtype = _FROM_ST[st_dtype]
     if len(shape) != 2:
-        raise CorruptShardError(
+        raise HeaderError(
             f"{location}: tensor {name!r} has shape {list(shape)}; a layer is 2-D [rows, hidden]."
         )
     nbytes = shape[0] * shape[1] * _ITEMSIZE[dtype]
     if nbytes >= 1 << 64:
-        raise CorruptShardError(
+        raise HeaderError(
             f"{location}: tensor {name!r} declares shape {list(shape)}, more bytes than a file can hold; {_FIX}."
         )
     if begin != 0 or end != nbytes:
-        raise CorruptShardError(
+        raise HeaderError(
             f"{location}: tensor {name!r} has data_offsets [{begin}, {end}], expected [0, {nbytes}] for shape "
             f"{list(shape)} {st_dtype}; {_FIX}."
         )
     if 8 + n + nbytes < size:  # the library refuses bytes beyond the data (MetadataIncompleteBuffer)
-        raise CorruptShardError(
+        raise HeaderError(
             f"{location}: {size - 8 - n - nbytes} bytes follow the data of tensor {name!r} (shape {list(shape)} "
             f"{st_dtype}); the header does not describe the file; {_FIX}."
         )

@@ -364,7 +364,10 @@ def parse_v3(adir: Location, doc: Any) -> ArrayMeta | None:
         codecs = list(doc.get("codecs") or [])
         attrs = doc.get("attributes") or {}
     except (KeyError, TypeError, AttributeError):
-        raise MetadataError(f"{adir / ZARR_JSON}: incomplete array metadata; re-convert the store.") from None
+        raise BadHeaderError(
+            f"{adir / ZARR_JSON}: incomplete array metadata (shape and chunk_shape must be lists of integers); "
+            f"re-convert the store."
+        ) from None
     if not isinstance(attrs, dict):
         raise MetadataError(f"{adir / ZARR_JSON}: the array attributes are not a JSON object.")
     if not isinstance(enc, dict) or not isinstance(conf, dict) or enc.get("name") not in ("default", "v2"):
@@ -407,7 +410,10 @@ def parse_v2(adir: Location, zarray: Any, zattrs: Any) -> ArrayMeta | None:
         chunks = _ints(zarray["chunks"])
         dtype = str(zarray["dtype"])
     except (KeyError, TypeError):
-        raise MetadataError(f"{adir / ZARRAY}: incomplete array metadata; re-convert the store.") from None
+        raise BadHeaderError(
+            f"{adir / ZARRAY}: incomplete array metadata (shape and chunks must be lists of integers); "
+            f"re-convert the store."
+        ) from None
     attrs = zattrs if zattrs is not None else {}
     if not isinstance(attrs, dict):
         raise MetadataError(f"{adir / ZATTRS}: the array attributes are not a JSON object.")
