@@ -678,3 +678,31 @@ def test_pt_shards_torch_would_misread_are_act002(tmp_path: Path, crafted: str) 
     assert ("compressed" in issues[0]["message"]) == (crafted == "deflated-record")
     msg = open_error(tree / DS / "EM")
     assert ("compressed" in msg) == (crafted == "deflated-record")
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_hdf5_gzip_bomb_in_another_layout_is_refused_before_hdf5_inflates_it(
+    tmp_path: Path, shuffle: bool
+) -> None:
+    """Chunks narrower than a row (not actfmt's layout) are decoded by HDF5's own pipeline: each is inflated
+    with a bound first."""
+    import h5py
+    import numpy as np
+
+    store = _h5(tmp_path)
+    _replace_layer(
+        store,
+        "layer_00",
+        lambda f, n: f.create_dataset(
+            n, data=np.zeros((40, 8), np.uint16), chunks=(16, 4), compression="gzip", shuffle=shuffle
+        ),
+    )
+    with h5py.File(store, "r+") as f:
+        f["layer_00"].id.write_direct_chunk((16, 4), _deflate_zeros(1100 << 20, 15), filter_mask=0)
+    proc, seconds = bounded(["-c", OPEN_SNIPPET, str(store)], tmp_path)
+    assert proc.returncode == 2 and "CLEAN FormatError" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+    assert "row 16, column 4" in proc.stdout and seconds < 30
+    with actfmt.open(store) as s:  # rows in the chunks that are sound still read
+        assert s.layer(0)[0:16].shape == (16, 8)
+        with pytest.raises(ActfmtError, match="inflates to more than"):
+            s.layer(0)[[3, 20]]

@@ -105,7 +105,7 @@ METADATA_ATTR = "actfmt_metadata"
 DTYPE_ATTR = "actfmt_dtype"
 SHARD_ROWS_ATTR = "actfmt_shard_rows"
 RESERVED_ATTRS = (ACTFMT_KEY, METADATA_ATTR)
-H5Z_DEFLATE, H5Z_SHUFFLE, H5Z_LZF = 1, 2, 32000
+H5Z_DEFLATE, H5Z_SHUFFLE, H5Z_FLETCHER32, H5Z_LZF = 1, 2, 3, 32000
 
 CHUNK_TARGET_BYTES = 1 << 20  # 1 MiB per chunk
 BLOCK_TARGET_BYTES = 48 << 20  # ~48 MiB per write() block
@@ -978,9 +978,52 @@ class HDF5Reader(Reader):
         n = max(0, stop - start)
         out = scratch(out, n, info.hidden_dim, stored_dtype(info.dtype))
         if n and not self._inflate_rows(layer, start, stop, out):
+            self._guard_inflation(layer, start, stop)
             with _plugin_hint(self.location, info.name):
                 self._dataset(layer).read_direct(out, source_sel=np.s_[start:stop])
         return out
+
+    def _guard_inflation(self, layer: int, start: int, stop: int) -> None:
+        """Before HDF5's own filter pipeline decodes rows ``start:stop`` of a deflate-filtered layer in a layout
+        :meth:`_inflate_rows` does not decode itself, inflate each of their chunks with a maximum output of its
+        declared size: a chunk that would inflate beyond it (a decompression bomb) is a FormatError, never an
+        allocation HDF5 would make.  Pipelines with other filters than shuffle, deflate and fletcher32 are left
+        to HDF5."""
+        dset = self._dataset(layer)
+        if dset.chunks is None or stop <= start:
+            return
+        plist = dset.id.get_create_plist()
+        ids = [plist.get_filter(k)[0] for k in range(plist.get_nfilters())]
+        if H5Z_DEFLATE not in ids or not set(ids) <= {H5Z_DEFLATE, H5Z_SHUFFLE, H5Z_FLETCHER32}:
+            return
+        try:
+            from isal import isal_zlib
+        except ImportError:  # pragma: no cover - isal is a dependency
+            return
+        inflate_error = cast("type[Exception]", isal_zlib.error)  # the stubs declare the class as an instance
+        bit = 1 << ids.index(H5Z_DEFLATE)
+        rows, cols = (int(n) for n in dset.chunks)
+        limit = rows * cols * dset.dtype.itemsize + (4 if H5Z_FLETCHER32 in ids else 0)
+        did = dset.id
+        for row in range(start - start % rows, stop, rows):
+            for col in range(0, int(dset.shape[1]), cols):
+                try:
+                    mask, raw = did.read_direct_chunk((row, col))
+                except (KeyError, OSError, ValueError):
+                    continue  # not allocated: the fill value
+                if mask & bit:
+                    continue  # stored without deflate
+                inflater = isal_zlib.decompressobj()
+                try:
+                    data = inflater.decompress(raw, limit + 1)
+                except inflate_error:
+                    continue  # HDF5's own filter reports it
+                if len(data) > limit or inflater.unconsumed_tail:
+                    raise FormatError(
+                        f"{self.location}: {self.layers[layer].name}: the chunk at row {row}, column {col} cannot "
+                        f"be decoded: it inflates to more than the {limit} bytes of its declared chunk shape; the "
+                        f"file is damaged: re-create it."
+                    )
 
     def _inflate_plan(self, pos: int) -> tuple[int, int] | None:
         """``(chunk rows, shuffle item size or 0)`` when layer ``pos`` is stored in whole-row chunks filtered by
@@ -1096,6 +1139,7 @@ class HDF5Reader(Reader):
             for lo_i, hi_i in zip(np.r_[0, cuts], np.r_[cuts, uniq.size], strict=True):
                 sel = uniq[lo_i:hi_i]
                 lo, hi = int(sel[0]), int(sel[-1]) + 1
+                self._guard_inflation(layer, lo, hi)
                 if hi - lo == sel.size:
                     dset.read_direct(got, source_sel=np.s_[lo:hi], dest_sel=np.s_[lo_i:hi_i])
                 else:
