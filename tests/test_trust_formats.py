@@ -706,3 +706,64 @@ def test_hdf5_gzip_bomb_in_another_layout_is_refused_before_hdf5_inflates_it(
         assert s.layer(0)[0:16].shape == (16, 8)
         with pytest.raises(ActfmtError, match="inflates to more than"):
             s.layer(0)[[3, 20]]
+
+
+ZARR_PYTHON_HEADERS = {
+    "no-array-bytes-codec": (3, lambda d: {**d, "codecs": []}),
+    "fill-value-nan-on-ints": (3, lambda d: {**d, "fill_value": "NaN"}),
+    "unknown-chunk-grid": (
+        3,
+        lambda d: {**d, "chunk_grid": {"name": "rectilinear", "configuration": {"chunk_shape": [16, 8]}}},
+    ),
+    "compressor-a-string": (2, lambda d: {**d, "compressor": "blosc"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ZARR_PYTHON_HEADERS))
+def test_zarr_headers_left_to_zarr_python_are_act606_not_internal_errors(tmp_path: Path, case: str) -> None:
+    fmt, edit = ZARR_PYTHON_HEADERS[case]
+    store = convert_to(tmp_path, "zarr", zarr_format=fmt)
+    doc = array_doc(store, "layer_00", fmt)
+    doc.write_text(json.dumps(edit(json.loads(doc.read_text()))))
+    _, found, issues = validate_json(tree(store))
+    assert found == [("ACT606", f"{DS}/EM.zarr")], found
+    assert "zarr-python cannot read" in issues[0]["message"]
+    assert "zarr-python" in open_error(store)
+    convert_error(tree(store), tmp_path / "pt")
+
+
+def test_zarr_chunk_zarr_python_cannot_decode_is_a_clean_error(tmp_path: Path) -> None:
+    """A sharded array whose index checksum does not match: zarr-python's ValueError is a FormatError."""
+    store = convert_to(tmp_path, "zarr")
+    sharding = {
+        "name": "sharding_indexed",
+        "configuration": {
+            "chunk_shape": [4, 8],
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
+        },
+    }
+    edit_json(array_doc(store, "layer_00", 3), lambda d: d.__setitem__("codecs", [sharding]))
+    _, found, _ = validate_json(tree(store))
+    assert found == []  # the header is one zarr-python reads
+    _, found, issues = validate_json(tree(store), "--deep")
+    assert found == [("ACT602", f"{DS}/EM.zarr/layer_00")]
+    assert "zarr-python cannot read" in issues[0]["message"]
+    assert "zarr-python cannot read" in open_error(store)
+    convert_error(tree(store), tmp_path / "pt")
+
+
+@pytest.mark.parametrize("link", ["external", "soft-loop"])
+def test_hdf5_links_in_the_statistics_group_are_findings_header_only(tmp_path: Path, link: str) -> None:
+    import h5py
+
+    store = _h5(tmp_path)
+    with h5py.File(store, "r+") as f:
+        del f["actfmt_stats"]
+        target = (
+            h5py.ExternalLink("/etc/passwd", "/x") if link == "external" else h5py.SoftLink("/actfmt_stats")
+        )
+        f["actfmt_stats"] = target
+    _, found, _ = validate_json(tree(store))
+    assert found == [("ACT007" if link == "external" else "ACT606", f"{DS}/EM.h5")]
+    open_error(store)

@@ -807,8 +807,22 @@ class HDF5Reader(Reader):
                 out.append((i, name))
         return sorted(out)
 
+    def _check_stats_links(self) -> None:
+        """The statistics group and its vectors are hard links to data inside the file (checked with the
+        layers, so a header-only validation reports an external or soft link there too)."""
+        import h5py
+
+        if self._link(self.file, STATS_GROUP) is None:
+            return
+        group = self.file[STATS_GROUP]
+        if isinstance(group, h5py.Group):
+            for n in VECTOR_NAMES:
+                if self._link(group, n) is not None and hasattr(group[n], "id"):
+                    self._check_storage(group[n], f"{STATS_GROUP}/{n}")
+
     @cached_property
     def layers(self) -> Sequence[LayerInfo]:
+        self._check_stats_links()
         out = []
         for pos, (i, name) in enumerate(self._names):
             dset = self._dataset(pos)

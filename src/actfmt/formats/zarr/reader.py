@@ -25,7 +25,14 @@ from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from actfmt.errors import ChangedError, FormatError, NotASplitError, TruncatedError
+from actfmt.errors import (
+    ActfmtError,
+    BadHeaderError,
+    ChangedError,
+    FormatError,
+    NotASplitError,
+    TruncatedError,
+)
 from actfmt.formats.base import (
     ACTFMT_KEY,
     MAX_SHOWN_MISSING,
@@ -84,6 +91,24 @@ def _row_chunk(m: ArrayMeta, key: str) -> int | None:
     if not first.isdigit() or not first.isascii() or (len(first) > 1 and first[0] == "0"):
         return None
     return int(first)
+
+
+@contextlib.contextmanager
+def _zarr_python(where: Location) -> Iterator[None]:
+    """What zarr-python raises on an array it cannot read (a malformed header, a chunk that does not decode) is
+    a :class:`~actfmt.errors.FormatError` naming the array, never a library traceback."""
+    try:
+        yield
+    except ActfmtError:
+        raise
+    except OSError:
+        raise  # storage errors keep their own message
+    except Exception as exc:
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise FormatError(
+            f"{where}: zarr-python cannot read this array ({type(exc).__name__}: {text}); the store is damaged "
+            f"or not one actfmt reads: re-convert it."
+        ) from None
 
 
 @contextlib.contextmanager
@@ -148,7 +173,7 @@ class ZarrReader(Reader):
         dtypes: dict[str, Any] = block["dtype"] if isinstance(block.get("dtype"), dict) else {}
         recorded: dict[str, Any] = block["shard_rows"] if isinstance(block.get("shard_rows"), dict) else {}
         out = []
-        for m in self._metas:
+        for pos, m in enumerate(self._metas):
             where = self.location / m.name
             if len(m.shape) != 2:
                 raise FormatError(
@@ -168,6 +193,12 @@ class ZarrReader(Reader):
             sr = check_shard_rows(
                 where, recorded.get(m.name) if shard_rows is None else shard_rows, m.shape[0]
             )
+            if not m.direct:  # left to zarr-python: let it parse the header it will read with, now
+                try:
+                    with _zarr_python(where):
+                        self._zarr_array(pos)
+                except FormatError as exc:
+                    raise BadHeaderError(str(exc)) from None
             out.append(
                 LayerInfo(
                     name=m.name,
@@ -355,7 +386,8 @@ class ZarrReader(Reader):
         if stop <= start:
             return np.empty((0, m.shape[1]), dtype=dt)
         if not m.direct:
-            return self._stored(self._zarr_array(layer)[start:stop], layer)
+            with _zarr_python(self.location / m.name):
+                return self._stored(self._zarr_array(layer)[start:stop], layer)
         if m.codec is None:
             with _damaged():
                 return self._row_store(layer).read(start, stop, out)
@@ -399,7 +431,10 @@ class ZarrReader(Reader):
                 return self._row_store(layer).take(rows)
         uniq, inverse = np.unique(rows, return_inverse=True)
         if not m.direct:
-            got = self._stored(self._zarr_array(layer).get_orthogonal_selection((uniq, slice(None))), layer)
+            with _zarr_python(self.location / m.name):
+                got = self._stored(
+                    self._zarr_array(layer).get_orthogonal_selection((uniq, slice(None))), layer
+                )
         else:
             got = np.empty((uniq.size, m.shape[1]), dtype=dt)
             cr = m.chunk_rows
