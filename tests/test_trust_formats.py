@@ -767,3 +767,16 @@ def test_hdf5_links_in_the_statistics_group_are_findings_header_only(tmp_path: P
     _, found, _ = validate_json(tree(store))
     assert found == [("ACT007" if link == "external" else "ACT606", f"{DS}/EM.h5")]
     open_error(store)
+
+
+def test_writers_refuse_chunks_the_readers_would_refuse() -> None:
+    from actfmt.errors import ConversionError
+    from actfmt.formats.base import MAX_CHUNK_BYTES, MAX_CHUNKS, LayerInfo, check_write_chunks
+
+    wide = LayerInfo("layer_00", 0, 10**7, 4096, "bfloat16")
+    check_write_chunks("x", MAX_CHUNK_BYTES // wide.row_bytes, wide)  # at the bound: fine
+    with pytest.raises(ConversionError, match="--chunk-rows 32768 or less"):
+        check_write_chunks("x", MAX_CHUNK_BYTES // wide.row_bytes + 1, wide)
+    tall = LayerInfo("layer_00", 0, 4 * MAX_CHUNKS, 8, "float16")
+    with pytest.raises(ConversionError, match="--chunk-rows 4 or more"):
+        check_write_chunks("x", 2, tall)

@@ -53,6 +53,7 @@ __all__ = [
     "as_array",
     "check_chunk_grid",
     "check_shard_rows",
+    "check_write_chunks",
     "dtype_name",
     "fingerprint_of",
     "scratch",
@@ -127,6 +128,25 @@ def check_chunk_grid(
         raise BadHeaderError(
             f"{where}: declares shape {list(shape)} ({nbytes} bytes of raw data) but the store holds "
             f"{data_bytes} bytes: the store is damaged or crafted: re-convert it."
+        )
+
+
+def check_write_chunks(where: object, chunk_rows: int, info: LayerInfo) -> None:
+    """A :class:`~actfmt.errors.ConversionError` when a writer's chunks would exceed :data:`MAX_CHUNK_BYTES` or
+    :data:`MAX_CHUNKS` (what every reader refuses), naming the ``--chunk-rows`` that would fit."""
+    from actfmt.errors import ConversionError
+
+    nbytes = chunk_rows * info.row_bytes
+    if nbytes > MAX_CHUNK_BYTES:
+        raise ConversionError(
+            f"{where}: --chunk-rows {chunk_rows} makes chunks of {nbytes} bytes; actfmt reads chunks of at most "
+            f"{MAX_CHUNK_BYTES} bytes: use --chunk-rows {max(1, MAX_CHUNK_BYTES // max(1, info.row_bytes))} or less."
+        )
+    n = -(-info.rows // max(1, chunk_rows))
+    if n > MAX_CHUNKS:
+        raise ConversionError(
+            f"{where}: --chunk-rows {chunk_rows} makes {n} chunks of {info.rows} rows; actfmt reads at most "
+            f"{MAX_CHUNKS} chunks per layer: use --chunk-rows {-(-info.rows // MAX_CHUNKS)} or more."
         )
 
 

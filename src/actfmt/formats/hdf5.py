@@ -77,6 +77,7 @@ from actfmt.formats.base import (
     as_array,
     check_chunk_grid,
     check_shard_rows,
+    check_write_chunks,
     row_across,
     scratch,
     stored_dtype,
@@ -385,6 +386,9 @@ class HDF5Writer(Writer):
                     f"{location}: {info.name} has dtype {info.dtype}; hdf5 stores only "
                     f"{', '.join(SUPPORTED_DTYPES)} (use --dtype to cast)."
                 )
+        for pos, info in enumerate(spec.layers):
+            if not cls.contiguous(options):
+                check_write_chunks(f"{location}: {info.name}", self.chunk_rows(pos), info)
         if location.exists():
             raise ConversionError(f"{location}: already exists; the writer only creates new files.")
         location.parent.mkdir()
