@@ -780,3 +780,25 @@ def test_writers_refuse_chunks_the_readers_would_refuse() -> None:
     tall = LayerInfo("layer_00", 0, 4 * MAX_CHUNKS, 8, "float16")
     with pytest.raises(ConversionError, match="--chunk-rows 4 or more"):
         check_write_chunks("x", 2, tall)
+
+
+def test_pt_zip_record_beyond_the_file_is_act002(tmp_path: Path) -> None:
+    import shutil
+    import struct
+
+    tree = tmp_path / "tree"
+    shutil.copytree(SRC, tree)
+    shard = tree / DS / "EM" / "layer_00" / "shard_001.pt"
+    data = bytearray(shard.read_bytes())
+    p = data.rindex(b"PK\x05\x06")  # end of central directory: where the directory starts
+    cd = struct.unpack_from("<I", data, p + 16)[0]
+    while data[cd : cd + 4] == b"PK\x01\x02":
+        n, e, c = struct.unpack_from("<HHH", data, cd + 28)
+        if data[cd + 46 : cd + 46 + n].decode().endswith("/data/0"):
+            struct.pack_into("<II", data, cd + 20, 10**9, 10**9)  # compressed and uncompressed sizes
+        cd += 46 + n + e + c
+    shard.write_bytes(bytes(data))
+    _, found, issues = validate_json(tree)
+    assert found == [("ACT002", f"{DS}/EM/layer_00/shard_001.pt")], found
+    assert "beyond the end of the file" in issues[0]["message"]
+    assert "beyond the end" in open_error(tree / DS / "EM")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from actfmt.errors import BadHeaderError, ExternalDataError, MetadataError
 from actfmt.formats.base import check_chunk_grid
 from actfmt.formats.zarr.codecs import codec_from_v2, codec_from_v3, stored_codecs
-from actfmt.layout import loads_json
+from actfmt.layout import JSON_MAX_BYTES, loads_json
 from actfmt.storage import Entry, Location, read_objects
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,7 +93,7 @@ def parse_json(location: Location, raw: bytes | None) -> Any:
 def read_json(location: Location) -> Any:
     """The document at ``location`` parsed, or ``None`` when it is missing."""
     try:
-        raw = location.read_bytes()
+        raw = location.read_range(0, JSON_MAX_BYTES + 1)  # a huge document is refused, not read whole
     except FileNotFoundError:
         return None
     return parse_json(location, raw)
