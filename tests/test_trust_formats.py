@@ -802,3 +802,19 @@ def test_pt_zip_record_beyond_the_file_is_act002(tmp_path: Path) -> None:
     assert found == [("ACT002", f"{DS}/EM/layer_00/shard_001.pt")], found
     assert "beyond the end of the file" in issues[0]["message"]
     assert "beyond the end" in open_error(tree / DS / "EM")
+
+
+@pytest.mark.parametrize("fmt", [3, 2])
+def test_zarr_bomb_in_a_layout_left_to_zarr_python_is_refused_in_bounded_memory(
+    tmp_path: Path, fmt: int
+) -> None:
+    """A fill value other than 0 makes actfmt leave the array to zarr-python: its chunks are checked first."""
+    store = _gzip_store(tmp_path, fmt)
+    edit_json(array_doc(store, "layer_00", fmt), lambda d: d.__setitem__("fill_value", 3))
+    chunk = store / "layer_00" / ("c.0.0" if fmt == 3 else "0.0")
+    with actfmt.open(store) as s:  # the layout reads through zarr-python as it is
+        assert s.layer(0)[0:2].shape == (2, 8)
+    chunk.write_bytes(_deflate_zeros(1100 << 20, 31))
+    proc, seconds = bounded(["-c", OPEN_SNIPPET, str(store)], tmp_path)
+    assert proc.returncode == 2 and "CLEAN FormatError" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+    assert "more than" in proc.stdout and seconds < 30

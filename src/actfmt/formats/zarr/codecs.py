@@ -27,6 +27,7 @@ __all__ = [
     "COMPRESSIONS",
     "DEFAULT_LEVEL",
     "LEVEL_RANGE",
+    "check_decoded_size",
     "codec_from_v2",
     "codec_from_v3",
     "codec_name",
@@ -250,3 +251,36 @@ def decode_into(codec: Any, raw: Any, out: Any) -> None:
             )
         raise ValueError(f"it declares {declared} decoded bytes, not {want}")
     codec.decode(raw, out=out)
+
+
+def check_decoded_size(codec: Any, raw: Any, limit: int) -> None:
+    """An :class:`InflationError` when chunk ``raw`` decodes (or says it decodes) to more than ``limit`` bytes:
+    checked before another decoder (zarr-python's) would allocate for it.  Chunks that do not decode are left
+    to that decoder to report."""
+    cid = codec.get_config().get("id")
+    declared: int | None = None
+    if cid == "blosc" and len(raw) >= 16:
+        declared = struct.unpack_from("<I", bytes(raw[:16]), 4)[0]
+    elif cid == "lz4" and len(raw) >= 4:
+        declared = struct.unpack_from("<I", bytes(raw[:4]), 0)[0]
+    elif cid == "zstd":
+        declared = _zstd_content_size(raw)
+        if declared is None:
+            raise InflationError(
+                "the zstd frame declares no content size (refused: it could inflate unbounded)"
+            )
+    elif cid in ("gzip", "zlib"):
+        from isal import isal_zlib
+
+        d = isal_zlib.decompressobj(31 if cid == "gzip" else 15)
+        try:
+            data = d.decompress(bytes(raw), limit + 1)
+        except Exception:  # not a deflate stream: the decoder says so
+            return
+        if len(data) > limit or d.unconsumed_tail:
+            raise InflationError(f"it inflates to more than the {limit} bytes of its chunk shape")
+        return
+    if declared is not None and declared > limit:
+        raise InflationError(
+            f"it declares {declared} decoded bytes, more than the {limit} of its chunk shape"
+        )

@@ -16,6 +16,7 @@ byte-identical in its metadata to one made with ``zarr.create_group`` / ``create
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -261,6 +262,11 @@ class ArrayMeta:
     @property
     def chunk_rows(self) -> int:
         return self.chunks[0]
+
+    @property
+    def chunk_nbytes(self) -> int:
+        """Bytes of one decoded chunk (the declared chunk shape times the item size)."""
+        return math.prod(self.chunks) * _ITEMSIZES.get(self.dtype, 8)
 
     @property
     def nchunks(self) -> int:

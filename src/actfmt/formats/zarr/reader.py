@@ -52,7 +52,7 @@ from actfmt.formats.base import (
     stored_vectors_of,
 )
 from actfmt.formats.vectors import STATS_GROUP
-from actfmt.formats.zarr.codecs import codec_name, decode_into
+from actfmt.formats.zarr.codecs import check_decoded_size, codec_name, decode_into
 from actfmt.formats.zarr.meta import (
     DTYPE_ATTR,
     SHARD_ROWS_ATTR,
@@ -367,6 +367,33 @@ class ZarrReader(Reader):
             else:
                 one(batch[0], raws[0])
 
+    def _guard_chunks(self, m: ArrayMeta, start: int, stop: int) -> None:
+        """Before zarr-python decodes rows ``start:stop`` of an array actfmt does not read itself, check that
+        each of their chunks decodes to at most its declared chunk size (a decompression bomb is a FormatError,
+        never an allocation zarr-python would make).  Only arrays stored as ``bytes`` + one known compressor
+        and no filters are checked; the others are zarr-python's alone."""
+        if m.codec is None or stop <= start:
+            return
+        limit = m.chunk_nbytes
+        cols = -(-m.shape[1] // m.chunks[1])
+        keys = []
+        for i in range(start // m.chunks[0], (stop - 1) // m.chunks[0] + 1):
+            for j in range(cols):
+                parts = ([m.prefix] if m.prefix else []) + [str(i), str(j)]
+                keys.append(m.separator.join(parts))
+        adir = self.location / m.name
+        for lo in range(0, len(keys), 64):
+            batch = keys[lo : lo + 64]
+            for key, raw in zip(batch, read_objects([adir / k for k in batch], missing_ok=True), strict=True):
+                if raw is None:
+                    continue
+                try:
+                    check_decoded_size(m.codec, raw, limit)
+                except ValueError as exc:
+                    raise FormatError(
+                        f"{adir / key}: the chunk cannot be decoded ({exc}); the store is damaged: re-convert it."
+                    ) from None
+
     def read_array(
         self, layer: int, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
     ) -> np.ndarray:
@@ -386,6 +413,7 @@ class ZarrReader(Reader):
         if stop <= start:
             return np.empty((0, m.shape[1]), dtype=dt)
         if not m.direct:
+            self._guard_chunks(m, start, stop)
             with _zarr_python(self.location / m.name):
                 return self._stored(self._zarr_array(layer)[start:stop], layer)
         if m.codec is None:
@@ -431,6 +459,7 @@ class ZarrReader(Reader):
                 return self._row_store(layer).take(rows)
         uniq, inverse = np.unique(rows, return_inverse=True)
         if not m.direct:
+            self._guard_chunks(m, int(uniq[0]), int(uniq[-1]) + 1)
             with _zarr_python(self.location / m.name):
                 got = self._stored(
                     self._zarr_array(layer).get_orthogonal_selection((uniq, slice(None))), layer
