@@ -653,6 +653,29 @@ def _(c: Path) -> None:
     doc.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
+@case(
+    "ACT007_zarr_key_outside",
+    "a converted Zarr store whose layer_01 chunk key separator is '/../../' (its keys name files beside it)",
+    [("ACT007", "Activations/org_tiny-model/toy_ds/EM.zarr")],
+)
+def _(c: Path) -> None:
+    from actfmt.convert import convert
+
+    work = c / "_pt"
+    base(work)
+    convert(work / "Activations", c / "Activations", to="zarr")
+    shutil.rmtree(work)
+    store = c / "Activations/org_tiny-model/toy_ds/EM.zarr"
+    group = store / "zarr.json"
+    data = json.loads(group.read_text(encoding="utf-8"))
+    data["attributes"]["actfmt"]["created"] = "2026-01-01T00:00:00+00:00"  # deterministic
+    group.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    doc = store / "layer_01/zarr.json"
+    data = json.loads(doc.read_text(encoding="utf-8"))
+    data["chunk_key_encoding"] = {"name": "default", "configuration": {"separator": "/../../"}}
+    doc.write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
 def write_case(invalid: Path, name: str) -> None:
     doc, fn, findings, deep = INVALID[name]
     c = invalid / name

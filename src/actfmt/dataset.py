@@ -313,7 +313,12 @@ def open(path: PathLike, format: str | None = None, storage_options: dict[str, A
     ``path`` may be an fsspec URL (``s3://bucket/.../EM``, ``memory://...``) of a split in any format, with
     ``storage_options`` for its filesystem (credentials, ``endpoint_url``); rows are then read with ranged
     requests (a few rows never fetch a whole shard or an uncompressed chunk)."""
-    return Split(open_reader(path, format, storage_options))
+    reader = open_reader(path, format, storage_options)
+    try:
+        return Split(reader)
+    except BaseException:  # a store whose layers cannot be read: its open file is not left behind
+        reader.close()
+        raise
 
 
 def open_tree(

@@ -13,10 +13,12 @@ import re
 
 __all__ = [
     "ActfmtError",
+    "BadHeaderError",
     "ChangedError",
     "ConversionError",
     "CorruptShardError",
     "DestinationExistsError",
+    "ExternalDataError",
     "FormatError",
     "Interrupted",
     "LockedError",
@@ -90,6 +92,16 @@ class NotATensorError(ActfmtError, TypeError):
 
 class FormatError(ActfmtError, ValueError):
     """Unknown format name, or a store whose format cannot be recognised."""
+
+
+class BadHeaderError(FormatError):
+    """A store's header declares what actfmt refuses to act on: a size beyond sane bounds or beyond the file
+    (shapes, chunk shapes, chunk counts, shard rows), an unknown or unsafe codec, a malformed structure."""
+
+
+class ExternalDataError(FormatError):
+    """A store refers to data outside itself (HDF5 external storage, virtual datasets or external links; a Zarr
+    chunk key that leaves the store): refused, never read."""
 
 
 class DestinationExistsError(ActfmtError, FileExistsError):

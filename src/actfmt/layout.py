@@ -24,6 +24,9 @@ from typing import Any
 from actfmt.errors import MetadataError
 
 __all__ = [
+    "JSON_MAX_BYTES",
+    "JSON_MAX_DEPTH",
+    "JSON_MAX_DIGITS",
     "KNOWN_KEYS",
     "LAYER_RE",
     "METADATA_FILE",
@@ -31,6 +34,7 @@ __all__ = [
     "REQUIRED_KEYS",
     "SHARD_RE",
     "SUPPORTED_DTYPES",
+    "JSONLimitError",
     "Metadata",
     "MetadataProblem",
     "ShardPlan",
@@ -39,7 +43,9 @@ __all__ = [
     "layer_index",
     "layer_name",
     "load_metadata",
+    "loads_json",
     "parse_metadata",
+    "read_json_document",
     "rel",
     "shard_index",
     "shard_name",
@@ -79,6 +85,65 @@ PRODUCER_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {
 
 #: Every key actfmt checks, the producer's first (the order ``metadata.json`` has them in).
 KNOWN_KEYS: dict[str, tuple[tuple[type, ...], bool]] = {**PRODUCER_KEYS, **REQUIRED_KEYS}
+
+
+# -- JSON: the one loader of every document actfmt reads (untrusted input) -----------------------------------
+#: Bounds of any JSON document actfmt reads (metadata.json, Zarr documents, the actfmt block, safetensors and
+#: HDF5 headers): a document beyond them is refused before it can exhaust memory or the interpreter's stack.
+JSON_MAX_BYTES = 100_000_000  # the safetensors library's own header bound
+JSON_MAX_DEPTH = 64
+JSON_MAX_DIGITS = 30
+
+
+class JSONLimitError(ValueError):
+    """A JSON document beyond :data:`JSON_MAX_BYTES`, :data:`JSON_MAX_DEPTH` or :data:`JSON_MAX_DIGITS`."""
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) - text.startswith("-") > JSON_MAX_DIGITS:
+        raise JSONLimitError(f"an integer of {len(text)} digits (at most {JSON_MAX_DIGITS} are read)")
+    return int(text)
+
+
+def _depth_ok(doc: Any) -> bool:
+    """Whether ``doc`` nests at most :data:`JSON_MAX_DEPTH` arrays / objects (iterative: no recursion)."""
+    todo = [(doc, 1)]
+    while todo:
+        node, depth = todo.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > JSON_MAX_DEPTH:
+            return False
+        todo.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return True
+
+
+def loads_json(raw: bytes | bytearray | memoryview | str, max_bytes: int = JSON_MAX_BYTES) -> Any:
+    """``raw`` (UTF-8) parsed, within bounds: at most ``max_bytes``, nesting depth :data:`JSON_MAX_DEPTH` and
+    :data:`JSON_MAX_DIGITS` digits per integer (``NaN`` / ``Infinity`` are accepted, as zarr-python writes
+    them).  Raises ``ValueError``: :class:`JSONLimitError` beyond a bound, ``json.JSONDecodeError`` or
+    ``UnicodeDecodeError`` otherwise -- never ``RecursionError``."""
+    if len(raw) > max_bytes:
+        raise JSONLimitError(f"{len(raw)} bytes of JSON, more than the {max_bytes} actfmt reads")
+    text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8")
+    try:
+        doc = json.loads(text, parse_int=_bounded_int)
+    except RecursionError:
+        raise JSONLimitError(f"JSON nested deeper than {JSON_MAX_DEPTH} levels") from None
+    if not _depth_ok(doc):
+        raise JSONLimitError(f"JSON nested deeper than {JSON_MAX_DEPTH} levels")
+    return doc
+
+
+def read_json_document(location: Any, max_bytes: int = JSON_MAX_BYTES) -> Any:
+    """The JSON document at ``location`` (a :class:`~actfmt.storage.Location`), reading at most
+    ``max_bytes + 1`` bytes: a larger file is a :class:`JSONLimitError` without being read whole."""
+    raw = location.read_range(0, max_bytes + 1)
+    return loads_json(raw, max_bytes)
 
 
 def layer_name(index: int) -> str:
@@ -267,11 +332,13 @@ def load_metadata(path: str | Path) -> Metadata:
     except OSError as exc:
         raise MetadataError(f"{p}: cannot read ({exc.strerror or exc}).") from None
     try:
-        data = json.loads(text)
+        data = loads_json(text)
     except json.JSONDecodeError as exc:
         raise MetadataError(
             f"{p}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); fix the file."
         ) from None
+    except ValueError as exc:
+        raise MetadataError(f"{p}: {exc}; fix the file.") from None
     return Metadata.from_dict(data, source=str(p))
 
 

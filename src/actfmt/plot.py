@@ -135,7 +135,7 @@ def plot_stats(
                     label=name,
                 )
                 best = next((pl for pl in p.layers if pl.index == p.best_index), None)
-                if best is not None:
+                if best is not None and best.midpoint_accuracy is not None:
                     for a, y in ((acc, best.midpoint_accuracy), (eff, best.cohens_d)):
                         a.plot([best.index], [y], marker="*", ms=9, color=colours[d], zorder=3)
                     last = best.index == max(idx)  # at the right edge: the label goes to the left
@@ -152,7 +152,8 @@ def plot_stats(
             acc.set_title(
                 "EM vs Neutral: separation along the difference of means", loc="left", fontsize="medium"
             )
-            top = max((pl.midpoint_accuracy for p in result.pairs for pl in p.layers), default=1.0)
+            accuracies = [pl.midpoint_accuracy for p in result.pairs for pl in p.layers]
+            top = max((a for a in accuracies if a is not None), default=1.0)
             acc.set_ylim(min(0.45, CHANCE - 0.05), min(1.02, max(top + 0.05, CHANCE + 0.1)))
             acc.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
             acc.grid(alpha=0.3)

@@ -47,6 +47,7 @@ CATALOGUE = {
 ADDED = {
     "ACT005": ("unfollowed-link", "error"),  # a cycle: a warning
     "ACT006": ("special-file", "error"),
+    "ACT007": ("external-data", "error"),
     "ACT205": ("metadata-missing-producer-key", "warning"),
     "ACT408": ("norm-outlier", "warning"),
     "ACT503": ("identical-splits", "error"),

@@ -184,3 +184,57 @@ def test_norm_outlier_and_identical_splits_in_stores(tmp_path: Path) -> None:
         report = validate(dst, deep=True)
         outlier = next(f for f in report.findings if f.code == "ACT408")
         assert "row 105" in outlier.message
+
+
+def _edit_array(split: Path, layer: str, edit: object) -> None:
+    """Apply ``edit(doc)`` to a zarr layer's ``zarr.json``, in place."""
+    doc = split / layer / "zarr.json"
+    data = json.loads(doc.read_text())
+    edit(data)  # type: ignore[operator]
+    doc.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5", "safetensors"])
+def test_store_whose_metadata_disagrees_with_its_layers_is_act605(tmp_path: Path, fmt: str) -> None:
+    dst = converted(tmp_path, fmt)
+    em = dst / DS / f"EM{SUFFIX[fmt]}"
+    if fmt == "zarr":
+        doc = em / "zarr.json"
+        data = json.loads(doc.read_text())
+        data["attributes"]["total_examples"] += 1
+        doc.write_text(json.dumps(data))
+    elif fmt == "hdf5":
+        import h5py
+
+        with h5py.File(em, "r+") as f:
+            meta = json.loads(f.attrs["actfmt_metadata"])
+            meta["total_examples"] += 1
+            f.attrs["actfmt_metadata"] = json.dumps(meta)
+    else:
+        md = em / "metadata.json"
+        data = json.loads(md.read_text())
+        data["total_examples"] += 1
+        md.write_text(json.dumps(data))
+    got = [f for f in validate(dst, deep=True).findings if f.code == "ACT605"]
+    assert [(f.code, f.location) for f in got] == [
+        ("ACT605", f"{DS}/EM{SUFFIX[fmt]}/layer_00"),
+        ("ACT605", f"{DS}/EM{SUFFIX[fmt]}/layer_01"),
+    ]
+    assert "total_examples" in got[0].message
+
+
+def test_zarr_header_declaring_a_trillion_rows_is_act606_at_once(tmp_path: Path) -> None:
+    import time
+
+    dst = converted(tmp_path, "zarr")
+    em = dst / DS / "EM.zarr"
+
+    def huge(doc: dict) -> None:  # type: ignore[type-arg]
+        doc["shape"][0] = 10**12
+
+    _edit_array(em, "layer_01", huge)
+    t0 = time.perf_counter()
+    assert found(dst) == [("ACT606", f"{DS}/EM.zarr")]
+    assert time.perf_counter() - t0 < 5
+    (f,) = [f for f in validate(dst).findings if f.code == "ACT606"]
+    assert "chunks" in f.message and "layer_01" in f.message

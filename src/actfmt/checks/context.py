@@ -22,16 +22,19 @@ from actfmt.formats import Split, WalkProblem, get_format
 from actfmt.formats.pt.header import ShardHeader, load_shard, probe_shard, read_heads
 from actfmt.formats.vectors import STATS_FILE
 from actfmt.layout import (
+    JSON_MAX_BYTES,
     KNOWN_KEYS,
     LOOSE_LAYER_RE,
     LOOSE_SHARD_RE,
     METADATA_FILE,
     SUPPORTED_DTYPES,
+    JSONLimitError,
     Metadata,
     MetadataProblem,
     ShardPlan,
     layer_index,
     layer_name,
+    loads_json,
     parse_metadata,
     shard_index,
     shard_name,
@@ -307,7 +310,7 @@ def _read_metadata(ctx: SplitContext, entries: dict[str, Entry]) -> None:
         ctx.metadata_state, ctx.metadata_detail = "unreadable", _kind_detail(e)
         return
     try:
-        raw = e.location.read_bytes()
+        raw = e.location.read_range(0, JSON_MAX_BYTES + 1)  # a huge file is refused, not read whole
     except OutsideTreeError as exc:
         ctx.metadata_state, ctx.metadata_detail = "outside", str(exc)
         return
@@ -315,7 +318,7 @@ def _read_metadata(ctx: SplitContext, entries: dict[str, Entry]) -> None:
         ctx.metadata_state, ctx.metadata_detail = "unreadable", exc.strerror or str(exc)
         return
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = loads_json(raw)
     except UnicodeDecodeError as exc:
         ctx.metadata_state, ctx.metadata_detail = "unparseable", f"not UTF-8 text ({exc.reason})"
         return
@@ -323,8 +326,8 @@ def _read_metadata(ctx: SplitContext, entries: dict[str, Entry]) -> None:
         ctx.metadata_state = "unparseable"
         ctx.metadata_detail = f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
         return
-    except RecursionError:
-        ctx.metadata_state, ctx.metadata_detail = "unparseable", "JSON nested too deeply"
+    except JSONLimitError as exc:
+        ctx.metadata_state, ctx.metadata_detail = "unparseable", str(exc)
         return
     _set_metadata(ctx, data)
 
@@ -421,6 +424,7 @@ def _scan_store(ctx: SplitContext) -> None:
     except Exception as exc:  # a damaged store is a finding, never a crash
         ctx.metadata_state, ctx.metadata_detail = "unreadable", f"{type(exc).__name__}: {exc}"
         ctx.reader_error = exc
+        ctx.cache["layers_error"] = exc
         return
     ctx.reader = reader
     try:
@@ -432,8 +436,9 @@ def _scan_store(ctx: SplitContext) -> None:
     try:
         for info in reader.layers:
             ctx.layers.append(LayerEntry(info.index, ctx.path / info.name, ctx.loc(info.name), True, True))
-    except Exception:  # reported by the store rules (ACT603)
-        pass
+    except Exception as exc:  # reported by the store rules (ACT603, ACT606, ACT007): one root cause
+        ctx.layers.clear()
+        ctx.cache["layers_error"] = exc
 
 
 def scan_split(split: Split, root: Location, jobs: int = 1) -> SplitContext:

@@ -8,11 +8,26 @@ from typing import ClassVar
 
 from actfmt.checks.base import ERROR, WARNING, Finding
 from actfmt.checks.context import ShardEntry, ShardRule, SplitContext, SplitRule, WalkRule
-from actfmt.errors import CorruptShardError, NotATensorError, OutsideTreeError, UnsafeShardError
+from actfmt.checks.stores import REFUSED, refusal, refusal_message
+from actfmt.errors import (
+    CorruptShardError,
+    ExternalDataError,
+    NotATensorError,
+    OutsideTreeError,
+    UnsafeShardError,
+)
 from actfmt.formats import WalkProblem
 from actfmt.storage import Kind
 
-__all__ = ["CorruptShard", "NotATensor", "SpecialFile", "UnfollowedLink", "UnreadableFile", "UnsafeShard"]
+__all__ = [
+    "CorruptShard",
+    "ExternalData",
+    "NotATensor",
+    "SpecialFile",
+    "UnfollowedLink",
+    "UnreadableFile",
+    "UnsafeShard",
+]
 
 
 def _short(exc: BaseException, entry: ShardEntry) -> str:
@@ -51,7 +66,9 @@ class UnreadableFile(SplitRule, WalkRule):
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
         if ctx.format != "pt":
-            if ctx.reader_error is not None and not isinstance(ctx.reader_error, OutsideTreeError):
+            if ctx.reader_error is not None and not isinstance(
+                ctx.reader_error, (OutsideTreeError, *REFUSED)
+            ):
                 yield cls.finding(ctx.loc(), f"cannot open the {ctx.format} store: {ctx.reader_error}")
             return
         if ctx.list_error is not None:
@@ -210,3 +227,30 @@ class SpecialFile(SplitRule, WalkRule):
                 yield cls.finding(
                     s.location, f"{s.name} is not a regular file (a FIFO, socket or device); not opened"
                 )
+
+
+class ExternalData(SplitRule):
+    """A store refers to data outside itself (HDF5 external or virtual storage, external links, Zarr keys).
+
+    Checks every layer of an `.h5` file for external raw-data files (`create_dataset(..., external=...)`),
+    virtual (VDS) layouts and external links, and every Zarr array for a chunk key separator other than `.` or
+    `/` (one such as `/../../` names files beside the store).  Detected from the headers, never read: an external file may be any file on the machine (`/etc/passwd`), and a relative one resolves
+    against the current directory (a FIFO there would hang the reader).
+
+    Why: a store that validates while reading another file's bytes copies them into every conversion; the
+    tree is not self-contained, and what it reads is whoever controls that path.
+
+    Fix: re-create the store with its data inside it (`actfmt convert` writes none of these); do not trust it.
+    """
+
+    code = "ACT007"
+    name = "external-data"
+    pt_only = False
+
+    @classmethod
+    def check(cls, ctx: SplitContext) -> Iterable[Finding]:
+        if ctx.format == "pt":
+            return
+        exc = refusal(ctx, (ExternalDataError,))
+        if exc is not None:
+            yield cls.finding(ctx.loc(), refusal_message(ctx, exc), "data inside the store", None)

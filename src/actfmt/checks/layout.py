@@ -48,6 +48,11 @@ class _LayerCountRule(SplitRule):
     needs = ("num_layers",)
     pt_only = False
 
+    @classmethod
+    def applies(cls, ctx: SplitContext) -> bool:
+        """Not on a store whose layers cannot be read (the store rules report why, once)."""
+        return "layers_error" not in ctx.cache
+
 
 class MissingLayer(_LayerCountRule):
     """Layer directories are not contiguous from `layer_00` to `num_layers - 1`.
@@ -66,6 +71,8 @@ class MissingLayer(_LayerCountRule):
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
+        if not cls.applies(ctx):
+            return
         n = ctx.good["num_layers"]
         dirs = {layer.index for layer in ctx.layers if layer.is_dir}
         files = {layer.index: layer for layer in ctx.layers if not layer.is_dir}
@@ -116,6 +123,8 @@ class ExtraLayer(_LayerCountRule):
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
+        if not cls.applies(ctx):
+            return
         n = ctx.good["num_layers"]
         for layer in ctx.layers:
             if layer.is_dir and layer.index >= n and not layer.shadowed:

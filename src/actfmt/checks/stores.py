@@ -15,14 +15,18 @@ from typing import Any
 from actfmt.checks.base import Finding
 from actfmt.checks.context import SplitContext, SplitRule
 from actfmt.checksum import Hasher, scan_blocks
+from actfmt.errors import BadHeaderError, ExternalDataError
 from actfmt.formats import get_format
 from actfmt.moments import LAYER_FIELDS, Moments, RowNorms
 
 __all__ = [
+    "BadStoreHeader",
     "ChecksumMismatch",
     "Incomplete",
     "MissingChunk",
     "StatsMismatch",
+    "StoreShapeMismatch",
+    "refusal",
     "store_deep",
     "store_info",
     "store_units",
@@ -43,12 +47,33 @@ def store_info(ctx: SplitContext) -> dict[str, Any]:
         info["block"] = reader.actfmt
         info["layers"] = list(reader.layers)
         for pos, layer in enumerate(info["layers"]):
-            missing = list(reader.missing_chunks(pos))
+            missing = reader.missing_chunks(pos)  # a MissingChunks keeps its total
             if missing:
                 info["missing"][layer.name] = missing
     except Exception as exc:  # a damaged store is a finding, never a crash
         info["error"] = exc
     return info
+
+
+def refusal(ctx: SplitContext, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The error of one of ``kinds`` that opening the store or reading its layers raised, if any: a header
+    refused by the format (ACT606) or data outside the store (ACT007), reported by its own rule."""
+    for exc in (ctx.reader_error, store_info(ctx)["error"]):
+        if isinstance(exc, kinds):
+            return exc
+    return None
+
+
+def refusal_message(ctx: SplitContext, exc: BaseException) -> str:
+    """The refusal's message with the store's own path left out (the finding's location names it)."""
+    msg = str(exc)
+    for prefix in (f"{ctx.path}: ", f"{ctx.path}/"):
+        msg = msg.replace(prefix, "")
+    return msg
+
+
+#: What a store's header refusals are reported by (ACT606, ACT007) instead of ACT001 / ACT603.
+REFUSED = (BadHeaderError, ExternalDataError)
 
 
 def store_units(ctx: SplitContext) -> tuple[int, int]:
@@ -150,12 +175,13 @@ class MissingChunk(_StoreRule):
     @classmethod
     def check_store(cls, ctx: SplitContext, info: dict[str, Any]) -> Iterable[Finding]:
         for name, missing in sorted(info["missing"].items()):
-            shown = ", ".join(missing[:5]) + (f" ... ({len(missing)} in all)" if len(missing) > 5 else "")
+            total = getattr(missing, "total", len(missing))
+            shown = ", ".join(missing[:5]) + (f" ... ({total} in all)" if total > 5 else "")
             yield cls.finding(
                 ctx.loc(name),
-                f"{name}: {len(missing)} chunk{'s' if len(missing) > 1 else ''} missing: {shown}",
+                f"{name}: {total} chunk{'s' if total > 1 else ''} missing: {shown}",
                 expected=0,
-                actual=len(missing),
+                actual=total,
             )
 
 
@@ -215,6 +241,8 @@ class Incomplete(_StoreRule):
     def check_store(cls, ctx: SplitContext, info: dict[str, Any]) -> Iterable[Finding]:
         if ctx.reader is None:
             return
+        if isinstance(info["error"], REFUSED):
+            return  # ACT606 / ACT007 say why
         if info["error"] is not None:
             yield cls.finding(
                 ctx.loc(), f"the store cannot be read: {info['error']}", "a readable store", None
@@ -342,3 +370,83 @@ class StatsMismatch(_StoreRule):
                         actual=vec,
                     )
                     break
+
+
+class StoreShapeMismatch(_StoreRule):
+    """A converted store's layers disagree with its own metadata (rows, hidden_dim, dtype).
+
+    Checks every layer of a `.zarr`, `.h5` or safetensors store against the metadata it carries: rows equal to
+    `total_examples`, width equal to `hidden_dim`, one dtype for all layers (and the metadata's `dtype` when
+    it records one).  The layer count is ACT102 / ACT103's.
+
+    Why: such a store reads without error but converts into a tree that fails ACT305 / ACT402, and a training
+    job reading it gets the wrong number of examples or dimensions.
+
+    Fix: re-convert the store from its source; if the metadata was edited by hand, restore it.
+    """
+
+    code = "ACT605"
+    name = "store-shape-mismatch"
+
+    @classmethod
+    def check_store(cls, ctx: SplitContext, info: dict[str, Any]) -> Iterable[Finding]:
+        if info["error"] is not None:
+            return
+        layers = info["layers"]
+        total, hidden = ctx.good.get("total_examples"), ctx.good.get("hidden_dim")
+        declared = (ctx.metadata_raw or {}).get("dtype") if isinstance(ctx.metadata_raw, dict) else None
+        declared = declared.removeprefix("torch.") if isinstance(declared, str) else None
+        first_dtype = layers[0].dtype if layers else None
+        for layer in layers:
+            if total is not None and layer.rows != total:
+                yield cls.finding(
+                    ctx.loc(layer.name),
+                    f"{layer.name}: holds {layer.rows} rows, the metadata says total_examples = {total}",
+                    expected=total,
+                    actual=layer.rows,
+                )
+            if hidden is not None and layer.hidden_dim != hidden:
+                yield cls.finding(
+                    ctx.loc(layer.name),
+                    f"{layer.name}: {layer.hidden_dim} values per row, the metadata says hidden_dim = {hidden}",
+                    expected=hidden,
+                    actual=layer.hidden_dim,
+                )
+            want = declared or first_dtype
+            if want is not None and layer.dtype != want:
+                yield cls.finding(
+                    ctx.loc(layer.name),
+                    f"{layer.name}: stored as {layer.dtype}, "
+                    + (
+                        f"the metadata says dtype = {declared}" if declared else f"{layers[0].name} as {want}"
+                    ),
+                    expected=want,
+                    actual=layer.dtype,
+                )
+
+
+class BadStoreHeader(_StoreRule):
+    """A converted store's header declares sizes or structures actfmt refuses to act on.
+
+    Checks, before anything is allocated, looped over or read, every size and structure a `.zarr`, `.h5` or
+    safetensors header declares: 2-D shapes of non-negative rows and a positive width, positive chunk shapes,
+    at most 2**20 chunks per layer of at most 256 MiB each, raw data that fits in the file, a known chunk key
+    encoding and codecs that run nothing from the file (no pickle or object codecs), shard-row lists
+    (`actfmt_shard_rows`) of non-negative counts summing to the rows, and safetensors headers as strict as the
+    `safetensors` library.
+
+    Why: a few bytes of crafted header (a shape of `[10**12, 8]`, a chunk of `[2**40, 8]`, a million shard
+    rows) would otherwise make a header-only `validate` allocate gigabytes or loop for minutes, and a pickle
+    codec runs code from the file.
+
+    Fix: re-convert the store from its source with `actfmt convert`; do not trust the file.
+    """
+
+    code = "ACT606"
+    name = "bad-store-header"
+
+    @classmethod
+    def check_store(cls, ctx: SplitContext, info: dict[str, Any]) -> Iterable[Finding]:
+        exc = refusal(ctx, (BadHeaderError,))
+        if exc is not None:
+            yield cls.finding(ctx.loc(), refusal_message(ctx, exc), "a header within bounds", None)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from actfmt.checksum import Hasher, crc32, layer_checksum
+from actfmt.checksum import ALGORITHM, Hasher, crc32, layer_checksum
 from actfmt.errors import ConversionError
 from actfmt.formats import get_format, open_reader
 from actfmt.formats.base import Reader, Runs, SplitSpec, WriteOptions, Writer
@@ -116,6 +116,10 @@ def copy_layer(
         )
     h = Hasher()
     convert = cast is not None and cast != source_dtype
+    # the source's own checksum, recorded when it was converted: the bytes read are hashed as they pass (the
+    # source's bytes, before any cast) and must match it, so damaged data is never laundered into a clean copy
+    recorded = _recorded_checksum(reader, source.name)
+    hs = Hasher() if convert and recorded is not None else h
     spent = {"read": 0.0, "write": 0.0, "stats": 0.0}
     # two buffers, reused: block k+1 is read into one while block k (in the other) is written; no fresh pages
     # to fault in for every block, and memory stays at two blocks whatever the split's size
@@ -157,6 +161,8 @@ def copy_layer(
         block = reader.read_array(pos, a, b, buffers[k % 2])
         runs = None
         if convert:
+            if hs is not h:
+                hs.update(block)
             block = _cast(block, source_dtype, info.dtype)
         else:
             runs = reader.runs(pos, a, b)
@@ -181,6 +187,12 @@ def copy_layer(
             spent["write"] += time.perf_counter() - t0
             if on_bytes:
                 on_bytes((b - a) * info.row_bytes)
+    if recorded is not None and (got := hs.digest()) != recorded:
+        raise ConversionError(
+            f"{reader.location}/{source.name}: the source's data does not match the checksum recorded when it was "
+            f"converted (recorded {recorded}, read {got}): it is damaged, and a copy of it is not published. "
+            f"Restore the source from a good copy (`actfmt validate --deep` names the damaged layers)."
+        )
     t0 = time.perf_counter()
     writer.finish_layer(pos)
     spent["write"] += time.perf_counter() - t0
@@ -191,6 +203,18 @@ def copy_layer(
         spent["stats"] += time.perf_counter() - t0
         extra["moments"] = moments.state()
     return LayerResult(info.name, h.digest(), info.nbytes, extra)
+
+
+def _recorded_checksum(reader: Reader, name: str) -> str | None:
+    """The checksum the source's actfmt block records for layer ``name`` (a store actfmt converted), else
+    ``None``: only one of the algorithm :class:`~actfmt.checksum.Hasher` computes is compared."""
+    try:
+        block = reader.actfmt
+    except Exception:  # an unreadable block: nothing recorded to compare with (validation reports it)
+        return None
+    sums = block.get("checksums") if isinstance(block, dict) else None
+    value = sums.get(name) if isinstance(sums, dict) else None
+    return value if isinstance(value, str) and value.startswith(f"{ALGORITHM}:") else None
 
 
 def _check(task: LayerTask, res: LayerResult, on_bytes: Callable[[int], None] | None) -> None:

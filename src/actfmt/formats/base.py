@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from actfmt.layout import loads_json
 from actfmt.storage import Entry, Location, read_into
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,10 +32,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ACTFMT_KEY",
+    "MAX_CHUNKS",
+    "MAX_CHUNK_BYTES",
+    "MAX_SHARDS",
+    "MAX_SHOWN_MISSING",
     "VECTOR_NAMES",
     "ByteRun",
     "Format",
     "LayerInfo",
+    "MissingChunks",
     "Reader",
     "RowStore",
     "RowStoreReader",
@@ -45,6 +51,9 @@ __all__ = [
     "WriteOptions",
     "Writer",
     "as_array",
+    "check_chunk_grid",
+    "check_shard_rows",
+    "check_write_chunks",
     "dtype_name",
     "fingerprint_of",
     "scratch",
@@ -61,6 +70,113 @@ ACTFMT_KEY = "actfmt"
 #: Stored numpy dtype of each supported dtype (little-endian; bfloat16 as its bits).
 _STORED = {"bfloat16": "<u2", "float16": "<f2", "float32": "<f4"}
 _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+# -- what a header may declare (untrusted input: checked before it drives an allocation, a loop or a read) ----
+#: Chunks per layer a store may declare (actfmt writes chunks of 1-2 MiB: 2**20 of them is a 1-2 TiB layer).
+MAX_CHUNKS = 1 << 20
+#: Bytes one chunk may hold once decoded (actfmt writes 1-2 MiB): what a decoder may allocate for one chunk.
+MAX_CHUNK_BYTES = 256 << 20
+#: Shards per layer a store may record (``actfmt_shard_rows``): the producer's 80-row shards of 5M examples.
+MAX_SHARDS = 1 << 16
+#: Missing chunks listed by name (the rest are counted).
+MAX_SHOWN_MISSING = 100
+
+
+class MissingChunks(list[str]):
+    """The first :data:`MAX_SHOWN_MISSING` missing chunks of a layer by name; ``total`` counts them all."""
+
+    def __init__(self, shown: Sequence[str] = (), total: int | None = None) -> None:
+        super().__init__(shown)
+        self.total = len(self) if total is None else total
+
+
+def check_chunk_grid(
+    where: object, shape: Sequence[int], chunks: Sequence[int], itemsize: int, data_bytes: int | None = None
+) -> None:
+    """A :class:`~actfmt.errors.BadHeaderError` unless a layer's declared ``shape`` (2-D, non-negative, a
+    positive width) and ``chunks`` (positive) stay within :data:`MAX_CHUNKS` chunks of at most
+    :data:`MAX_CHUNK_BYTES` bytes.  ``data_bytes``: the bytes the store holds, when a raw layer must fit."""
+    from actfmt.errors import BadHeaderError
+
+    if len(shape) != 2 or len(chunks) != 2:
+        raise BadHeaderError(
+            f"{where}: declares shape {list(shape)} with chunks {list(chunks)}; a layer is 2-D "
+            f"[examples, hidden_dim]."
+        )
+    if min(shape) < 0 or shape[1] == 0:
+        raise BadHeaderError(
+            f"{where}: declares shape {list(shape)}; rows must be >= 0 and hidden_dim >= 1: the store is "
+            f"damaged or crafted: re-convert it."
+        )
+    if min(chunks) <= 0:
+        raise BadHeaderError(f"{where}: declares chunk shape {list(chunks)}; chunk sizes must be >= 1.")
+    chunk_bytes = chunks[0] * chunks[1] * itemsize
+    if chunk_bytes > MAX_CHUNK_BYTES:
+        raise BadHeaderError(
+            f"{where}: declares chunks of {list(chunks)} ({chunk_bytes} bytes each), more than the "
+            f"{MAX_CHUNK_BYTES} bytes actfmt decodes per chunk: re-convert with smaller --chunk-rows."
+        )
+    n = -(-shape[0] // chunks[0]) * -(-shape[1] // chunks[1])
+    if n > MAX_CHUNKS:
+        raise BadHeaderError(
+            f"{where}: shape {list(shape)} in chunks of {list(chunks)} declares {n} chunks, more than the "
+            f"{MAX_CHUNKS} actfmt reads per layer: the store is damaged or crafted (or re-convert it with "
+            f"larger --chunk-rows)."
+        )
+    nbytes = shape[0] * shape[1] * itemsize
+    if data_bytes is not None and nbytes > data_bytes:
+        raise BadHeaderError(
+            f"{where}: declares shape {list(shape)} ({nbytes} bytes of raw data) but the store holds "
+            f"{data_bytes} bytes: the store is damaged or crafted: re-convert it."
+        )
+
+
+def check_write_chunks(where: object, chunk_rows: int, info: LayerInfo) -> None:
+    """A :class:`~actfmt.errors.ConversionError` when a writer's chunks would exceed :data:`MAX_CHUNK_BYTES` or
+    :data:`MAX_CHUNKS` (what every reader refuses), naming the ``--chunk-rows`` that would fit."""
+    from actfmt.errors import ConversionError
+
+    nbytes = chunk_rows * info.row_bytes
+    if nbytes > MAX_CHUNK_BYTES:
+        raise ConversionError(
+            f"{where}: --chunk-rows {chunk_rows} makes chunks of {nbytes} bytes; actfmt reads chunks of at most "
+            f"{MAX_CHUNK_BYTES} bytes: use --chunk-rows {max(1, MAX_CHUNK_BYTES // max(1, info.row_bytes))} or less."
+        )
+    n = -(-info.rows // max(1, chunk_rows))
+    if n > MAX_CHUNKS:
+        raise ConversionError(
+            f"{where}: --chunk-rows {chunk_rows} makes {n} chunks of {info.rows} rows; actfmt reads at most "
+            f"{MAX_CHUNKS} chunks per layer: use --chunk-rows {-(-info.rows // MAX_CHUNKS)} or more."
+        )
+
+
+def check_shard_rows(where: object, shard_rows: Any, rows: int) -> tuple[int, ...] | None:
+    """The shard-row list a store records for a layer of ``rows`` rows (``actfmt_shard_rows``), checked before
+    anything loops over it: ``None`` when absent; a :class:`~actfmt.errors.BadHeaderError` unless it is a list
+    of at most ``rows`` (or 1) and :data:`MAX_SHARDS` non-negative integers summing to ``rows``."""
+    from actfmt.errors import BadHeaderError
+
+    if shard_rows is None:
+        return None
+    if hasattr(shard_rows, "tolist"):  # an HDF5 attribute (numpy array)
+        shard_rows = shard_rows.tolist()
+    if not isinstance(shard_rows, (list, tuple)):
+        raise BadHeaderError(f"{where}: the recorded shard rows are not a list; re-convert the store.")
+    if len(shard_rows) > max(1, rows) or len(shard_rows) > MAX_SHARDS:
+        raise BadHeaderError(
+            f"{where}: records {len(shard_rows)} shards for {rows} rows (at most one shard per row and "
+            f"{MAX_SHARDS} in all); the store is damaged or crafted: re-convert it."
+        )
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shard_rows):
+        raise BadHeaderError(
+            f"{where}: the recorded shard rows must be non-negative integers; re-convert the store."
+        )
+    total = sum(shard_rows)
+    if total != rows:
+        raise BadHeaderError(
+            f"{where}: the recorded shard rows sum to {total}, the layer has {rows} rows; re-convert the store."
+        )
+    return tuple(int(n) for n in shard_rows)
 
 
 def stored_dtype(name: str) -> np.dtype:
@@ -442,7 +558,7 @@ def stored_vectors_of(arrays: dict[str, np.ndarray], layers: Any) -> StoredVecto
     """Check what a store holds: a list of layer names and ``[layers, hidden_dim]`` arrays that agree."""
     if isinstance(layers, str):
         try:
-            layers = json.loads(layers)
+            layers = loads_json(layers)
         except ValueError:
             return None
     if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers):

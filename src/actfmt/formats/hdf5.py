@@ -53,13 +53,22 @@ from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import IO, TYPE_CHECKING, Any, cast
 
-from actfmt.errors import ConversionError, FormatError, MetadataError, NotASplitError
+from actfmt.errors import (
+    BadHeaderError,
+    ConversionError,
+    ExternalDataError,
+    FormatError,
+    MetadataError,
+    NotASplitError,
+)
 from actfmt.formats.base import (
     ACTFMT_KEY,
+    MAX_SHOWN_MISSING,
     VECTOR_NAMES,
     ByteRun,
     Format,
     LayerInfo,
+    MissingChunks,
     Reader,
     RowStore,
     Segment,
@@ -68,13 +77,16 @@ from actfmt.formats.base import (
     WriteOptions,
     Writer,
     as_array,
+    check_chunk_grid,
+    check_shard_rows,
+    check_write_chunks,
     row_across,
     scratch,
     stored_dtype,
     stored_vectors_of,
 )
 from actfmt.formats.vectors import STATS_GROUP
-from actfmt.layout import SUPPORTED_DTYPES, layer_index
+from actfmt.layout import SUPPORTED_DTYPES, layer_index, loads_json
 from actfmt.storage import Entry, Kind, LocalLocation, Location, read_pool
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -105,7 +117,7 @@ BF16_ENCODING = (
 DIMENSION_NAMES = ("example", "hidden")
 SHARD_ROWS_ATTR = "actfmt_shard_rows"
 RESERVED_ATTRS = (ACTFMT_KEY, METADATA_ATTR)
-H5Z_DEFLATE, H5Z_SHUFFLE, H5Z_LZF = 1, 2, 32000
+H5Z_DEFLATE, H5Z_SHUFFLE, H5Z_FLETCHER32, H5Z_LZF = 1, 2, 3, 32000
 
 CHUNK_TARGET_BYTES = 1 << 20  # 1 MiB per chunk
 BLOCK_TARGET_BYTES = 48 << 20  # ~48 MiB per write() block
@@ -176,7 +188,9 @@ def _from_attr(value: Any) -> Any:
 
 def _json_attr(raw: Any) -> Any:
     """A JSON string attribute, decoded (``ValueError`` / ``TypeError`` when it is not JSON)."""
-    return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    if not isinstance(raw, (bytes, str)):
+        raise TypeError(f"a JSON attribute must be a string, got {type(raw).__name__}")
+    return loads_json(raw)
 
 
 class _Codec:
@@ -407,6 +421,9 @@ class HDF5Writer(Writer):
                     f"{location}: {info.name} has dtype {info.dtype}; hdf5 stores only "
                     f"{', '.join(SUPPORTED_DTYPES)} (use --dtype to cast)."
                 )
+        for pos, info in enumerate(spec.layers):
+            if not cls.contiguous(options):
+                check_write_chunks(f"{location}: {info.name}", self.chunk_rows(pos), info)
         if location.exists():
             raise ConversionError(f"{location}: already exists; the writer only creates new files.")
         location.parent.mkdir()
@@ -762,40 +779,134 @@ class HDF5Reader(Reader):
     def stored_vectors(self) -> StoredVectors | None:
         import numpy as np
 
-        group = self.file.get(STATS_GROUP)
-        if group is None or not hasattr(group, "attrs"):
+        if self._link(self.file, STATS_GROUP) is None:
             return None
-        arrays = {n: np.asarray(group[n][()]) for n in VECTOR_NAMES if n in group}
+        group = self.file[STATS_GROUP]
+        if not hasattr(group, "attrs"):
+            return None
+        arrays = {}
+        for n in VECTOR_NAMES:
+            if self._link(group, n) is None:
+                continue
+            dset = group[n]
+            if not hasattr(dset, "id"):
+                continue
+            self._check_storage(dset, f"{STATS_GROUP}/{n}")
+            if dset.size * dset.dtype.itemsize > 1 << 28:
+                raise BadHeaderError(
+                    f"{self.location}: {STATS_GROUP}/{n} declares shape {dset.shape}; refused."
+                )
+            arrays[n] = np.asarray(dset[()])
         return stored_vectors_of(arrays, _from_attr(group.attrs.get("layers", "null")))
+
+    def _link(self, group: Any, name: str) -> Any:
+        """The hard link ``name`` in ``group`` (``None`` when there is none); an external link is an
+        :class:`~actfmt.errors.ExternalDataError` and a soft link (which may loop) a
+        :class:`~actfmt.errors.BadHeaderError`, both refused without being followed."""
+        import h5py
+
+        link = group.get(name, getlink=True)
+        if link is None or isinstance(link, h5py.HardLink):
+            return link
+        where = f"{group.name.rstrip('/')}/{name}".lstrip("/")
+        if isinstance(link, h5py.ExternalLink):
+            raise ExternalDataError(
+                f"{self.location}: {where} is an external link to {link.filename!r}:{link.path}; data outside "
+                f"the file is refused, never read: re-create the file with the data inside it."
+            )
+        target = getattr(link, "path", "?")
+        raise BadHeaderError(
+            f"{self.location}: {where} is a soft link (to {target}); actfmt writes none and does not follow "
+            f"them (one may loop): re-create the file."
+        )
+
+    def _check_storage(self, dset: Any, name: str) -> None:
+        """Refuse a dataset whose data lives outside the file (external raw-data files, a virtual layout),
+        from its creation property list: detected before any read (a relative external file resolves against
+        the current directory, and a FIFO there would hang the read)."""
+        import h5py
+
+        plist = dset.id.get_create_plist()
+        if plist.get_layout() == h5py.h5d.VIRTUAL:
+            raise ExternalDataError(
+                f"{self.location}: {name} is a virtual dataset (its data is mapped from other files); refused, "
+                f"never read: re-create the file with the data inside it."
+            )
+        if plist.get_external_count() > 0:
+            files = [plist.get_external(k)[0] for k in range(min(3, plist.get_external_count()))]
+            raise ExternalDataError(
+                f"{self.location}: {name} stores its data in external files ({', '.join(map(repr, files))}); "
+                f"refused, never read: re-create the file with the data inside it."
+            )
 
     @cached_property
     def _names(self) -> list[tuple[int, str]]:
         out = []
-        for name, obj in self.file.items():
+        f = self.file
+        for name in f:
             i = layer_index(name)
-            if i is not None and getattr(obj, "ndim", None) is not None:
+            if i is None or self._link(f, name) is None:
+                continue
+            if getattr(f[name], "ndim", None) is not None:
                 out.append((i, name))
         return sorted(out)
 
+    def _check_stats_links(self) -> None:
+        """The statistics group and its vectors are hard links to data inside the file (checked with the
+        layers, so a header-only validation reports an external or soft link there too)."""
+        import h5py
+
+        if self._link(self.file, STATS_GROUP) is None:
+            return
+        group = self.file[STATS_GROUP]
+        if isinstance(group, h5py.Group):
+            for n in VECTOR_NAMES:
+                if self._link(group, n) is not None and hasattr(group[n], "id"):
+                    self._check_storage(group[n], f"{STATS_GROUP}/{n}")
+
     @cached_property
     def layers(self) -> Sequence[LayerInfo]:
+        self._check_stats_links()
         out = []
         for pos, (i, name) in enumerate(self._names):
             dset = self._dataset(pos)
             if dset.ndim != 2:
                 raise FormatError(f"{self.location}: dataset {name} must be 2-D, got shape {dset.shape}.")
-            shard_rows = dset.attrs.get(SHARD_ROWS_ATTR)
+            self._check_sizes(dset, name)
+            rows = int(dset.shape[0])
             out.append(
                 LayerInfo(
                     name=name,
                     index=i,
-                    rows=int(dset.shape[0]),
+                    rows=rows,
                     hidden_dim=int(dset.shape[1]),
                     dtype=self._dtype_name(dset, name),
-                    shard_rows=tuple(int(x) for x in shard_rows) if shard_rows is not None else None,
+                    shard_rows=check_shard_rows(
+                        f"{self.location}: {name}", dset.attrs.get(SHARD_ROWS_ATTR), rows
+                    ),
                 )
             )
         return out
+
+    def _check_sizes(self, dset: Any, name: str) -> None:
+        """The declared shape and chunks, against sane bounds and the file's size, before any per-chunk loop:
+        a contiguous layer's raw bytes must lie in the file; a chunked one is bounded in chunk count and size."""
+        where = f"{self.location}: {name}"
+        shape = tuple(int(n) for n in dset.shape)
+        itemsize = int(dset.dtype.itemsize)
+        if dset.chunks is None:
+            try:
+                size = self.location.size()
+            except OSError:
+                size = None
+            check_chunk_grid(where, shape, (max(1, shape[0]), max(1, shape[1])), 0)
+            if size is not None and shape[0] * shape[1] * itemsize > size:
+                raise BadHeaderError(
+                    f"{where}: declares shape {list(shape)} ({shape[0] * shape[1] * itemsize} bytes, stored "
+                    f"contiguous) in a file of {size} bytes: the file is damaged or crafted: re-create it."
+                )
+        else:
+            check_chunk_grid(where, shape, tuple(int(n) for n in dset.chunks), itemsize)
 
     @cached_property
     def chunk_rows(self) -> list[int]:
@@ -844,6 +955,7 @@ class HDF5Reader(Reader):
             name = self._names[pos][1]
             f = self.file
             probe = h5py.h5d.open(f.id, name.encode())
+            self._check_storage(h5py.Dataset(probe), name)
             filtered = probe.get_create_plist().get_nfilters() > 0
             del probe  # HDF5 shares one chunk cache per open dataset: close it so the dapl below applies
             dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
@@ -924,9 +1036,52 @@ class HDF5Reader(Reader):
         n = max(0, stop - start)
         out = scratch(out, n, info.hidden_dim, stored_dtype(info.dtype))
         if n and not self._inflate_rows(layer, start, stop, out):
+            self._guard_inflation(layer, start, stop)
             with _plugin_hint(self.location, info.name):
                 self._dataset(layer).read_direct(out, source_sel=np.s_[start:stop])
         return out
+
+    def _guard_inflation(self, layer: int, start: int, stop: int) -> None:
+        """Before HDF5's own filter pipeline decodes rows ``start:stop`` of a deflate-filtered layer in a layout
+        :meth:`_inflate_rows` does not decode itself, inflate each of their chunks with a maximum output of its
+        declared size: a chunk that would inflate beyond it (a decompression bomb) is a FormatError, never an
+        allocation HDF5 would make.  Pipelines with other filters than shuffle, deflate and fletcher32 are left
+        to HDF5."""
+        dset = self._dataset(layer)
+        if dset.chunks is None or stop <= start:
+            return
+        plist = dset.id.get_create_plist()
+        ids = [plist.get_filter(k)[0] for k in range(plist.get_nfilters())]
+        if H5Z_DEFLATE not in ids or not set(ids) <= {H5Z_DEFLATE, H5Z_SHUFFLE, H5Z_FLETCHER32}:
+            return
+        try:
+            from isal import isal_zlib
+        except ImportError:  # pragma: no cover - isal is a dependency
+            return
+        inflate_error = cast("type[Exception]", isal_zlib.error)  # the stubs declare the class as an instance
+        bit = 1 << ids.index(H5Z_DEFLATE)
+        rows, cols = (int(n) for n in dset.chunks)
+        limit = rows * cols * dset.dtype.itemsize + (4 if H5Z_FLETCHER32 in ids else 0)
+        did = dset.id
+        for row in range(start - start % rows, stop, rows):
+            for col in range(0, int(dset.shape[1]), cols):
+                try:
+                    mask, raw = did.read_direct_chunk((row, col))
+                except (KeyError, OSError, ValueError):
+                    continue  # not allocated: the fill value
+                if mask & bit:
+                    continue  # stored without deflate
+                inflater = isal_zlib.decompressobj()
+                try:
+                    data = inflater.decompress(raw, limit + 1)
+                except inflate_error:
+                    continue  # HDF5's own filter reports it
+                if len(data) > limit or inflater.unconsumed_tail:
+                    raise FormatError(
+                        f"{self.location}: {self.layers[layer].name}: the chunk at row {row}, column {col} cannot "
+                        f"be decoded: it inflates to more than the {limit} bytes of its declared chunk shape; the "
+                        f"file is damaged: re-create it."
+                    )
 
     def _inflate_plan(self, pos: int) -> tuple[int, int] | None:
         """``(chunk rows, shuffle item size or 0)`` when layer ``pos`` is stored in whole-row chunks filtered by
@@ -980,13 +1135,18 @@ class HDF5Reader(Reader):
         def one(item: tuple[int, bytes]) -> bool:
             row, raw = item
             try:
-                data = isal_zlib.decompress(raw, bufsize=chunk_bytes)
+                # bounded by the declared chunk size: never more than one byte beyond it is inflated
+                inflater = isal_zlib.decompressobj()
+                data = inflater.decompress(raw, chunk_bytes + 1)
             except inflate_error as exc:
                 problem = f"it does not inflate ({exc})"
             else:
-                problem = (
-                    f"it inflates to {len(data)} bytes, not {chunk_bytes}" if len(data) != chunk_bytes else ""
-                )
+                if len(data) > chunk_bytes or inflater.unconsumed_tail:
+                    problem = f"it inflates to more than the {chunk_bytes} bytes of its declared chunk shape"
+                elif len(data) != chunk_bytes:
+                    problem = f"it inflates to {len(data)} bytes, not {chunk_bytes}"
+                else:
+                    problem = ""
             if problem:
                 raise FormatError(
                     f"{self.location}: {self.layers[layer].name}: the chunk of rows {row}-{row + chunk - 1} cannot "
@@ -1037,6 +1197,7 @@ class HDF5Reader(Reader):
             for lo_i, hi_i in zip(np.r_[0, cuts], np.r_[cuts, uniq.size], strict=True):
                 sel = uniq[lo_i:hi_i]
                 lo, hi = int(sel[0]), int(sel[-1]) + 1
+                self._guard_inflation(layer, lo, hi)
                 if hi - lo == sel.size:
                     dset.read_direct(got, source_sel=np.s_[lo:hi], dest_sel=np.s_[lo_i:hi_i])
                 else:
@@ -1067,15 +1228,20 @@ class HDF5Reader(Reader):
         chunk = int(dset.chunks[0])
         n_expected = -(-info.rows // chunk)
         did = dset.id
-        n_have = did.get_num_chunks()
+        n_have = did.get_num_chunks()  # what the file holds (bounded by its size), never what is declared
         if n_have >= n_expected:
-            return []
+            return MissingChunks()
         have = {int(did.get_chunk_info(k).chunk_offset[0]) // chunk for k in range(n_have)}
-        return [
-            f"{info.name}/chunk {k} (rows {k * chunk}-{min((k + 1) * chunk, info.rows) - 1})"
-            for k in range(n_expected)
-            if k not in have
-        ]
+        total = n_expected - len({k for k in have if k < n_expected})
+        shown: list[str] = []
+        k = 0
+        while len(shown) < min(total, MAX_SHOWN_MISSING):  # at most n_have + MAX_SHOWN_MISSING steps
+            if k not in have:
+                shown.append(
+                    f"{info.name}/chunk {k} (rows {k * chunk}-{min((k + 1) * chunk, info.rows) - 1})"
+                )
+            k += 1
+        return MissingChunks(shown, total)
 
     def close(self) -> None:
         self._dsets.clear()

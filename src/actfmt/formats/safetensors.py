@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from actfmt.errors import ConversionError, CorruptShardError, MetadataError, NotASplitError
+from actfmt.errors import BadHeaderError, ConversionError, CorruptShardError, MetadataError, NotASplitError
 from actfmt.formats.base import (
     ACTFMT_KEY,
     ByteRun,
@@ -57,7 +57,7 @@ from actfmt.formats.base import (
     fingerprint_of,
 )
 from actfmt.formats.pt.reader import read_json_object
-from actfmt.layout import METADATA_FILE, REQUIRED_KEYS, layer_index
+from actfmt.layout import METADATA_FILE, REQUIRED_KEYS, layer_index, loads_json
 from actfmt.storage import Entry, Location, OutputFile
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -184,61 +184,97 @@ def build_header(info: LayerInfo, metadata: dict[str, Any]) -> bytes:
     return len(body).to_bytes(8, "little") + body
 
 
+class HeaderError(CorruptShardError, BadHeaderError):
+    """A layer file's header that is not a safetensors header the library would accept (rule ACT606)."""
+
+
+def _uint(x: Any) -> bool:
+    """An unsigned 64-bit integer as serde reads one: a JSON integer, not a bool, a float or a string."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 64
+
+
+def _short_json(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def parse_header(
     location: Location, head: bytes, size: int, identity: tuple[Any, ...] = ()
 ) -> SafetensorsHeader:
     """Parse and check the header of a one-tensor layer file from its first bytes (``head`` must hold the
     whole header); :class:`CorruptShardError` if it is not one."""
     if len(head) < 8:
-        raise CorruptShardError(f"{location}: {size} bytes, too short for a safetensors file; {_FIX}.")
+        raise HeaderError(f"{location}: {size} bytes, too short for a safetensors file; {_FIX}.")
     n = int.from_bytes(head[:8], "little")
     if n > MAX_HEADER or n > size - 8:
-        raise CorruptShardError(
+        raise HeaderError(
             f"{location}: not a safetensors file or truncated (header length {n} but the file has {size} "
             f"bytes); {_FIX}."
         )
     if len(head) < 8 + n:
         head = location.read_range(0, 8 + n)
+    body = head[8 : 8 + n]
     try:
-        doc = json.loads(head[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptShardError(
-            f"{location}: the safetensors header is not valid JSON ({exc}); {_FIX}."
-        ) from None
+        doc = loads_json(body, MAX_HEADER)
+    except ValueError as exc:  # not JSON, not UTF-8, nested too deeply, a huge integer
+        raise HeaderError(f"{location}: the safetensors header is not valid JSON ({exc}); {_FIX}.") from None
     if not isinstance(doc, dict):
-        raise CorruptShardError(f"{location}: the safetensors header is not a JSON object; {_FIX}.")
+        raise HeaderError(f"{location}: the safetensors header is not a JSON object; {_FIX}.")
+    if not body.startswith(b"{"):  # the library's own first check (InvalidHeaderStart)
+        raise HeaderError(f"{location}: the safetensors header does not start with '{{'; {_FIX}.")
     meta = doc.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise CorruptShardError(f"{location}: __metadata__ is not a JSON object; {_FIX}.")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise HeaderError(f"{location}: __metadata__ is not a JSON object of strings; {_FIX}.")
     if len(doc) != 1:
-        raise CorruptShardError(
+        raise HeaderError(
             f"{location}: holds {len(doc)} tensors ({', '.join(sorted(doc)[:5])}); an actfmt layer file holds "
             f"exactly one, {TENSOR!r}; {_FIX}."
         )
     ((name, entry),) = doc.items()
-    try:
-        st_dtype = entry["dtype"]
-        shape = tuple(int(x) for x in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
-    except (TypeError, KeyError, ValueError) as exc:
-        raise CorruptShardError(
-            f"{location}: tensor {name!r} has a malformed header entry ({exc!r}); {_FIX}."
-        ) from None
+    # exactly what the library accepts: dtype a known name, shape a list of unsigned integers, data_offsets
+    # two unsigned integers (no strings, floats, booleans or negatives), a size that fits in 64 bits
+    problem = None
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        problem = "it lacks dtype, shape or data_offsets"
+    elif not isinstance(entry["shape"], list) or not all(_uint(x) for x in entry["shape"]):
+        problem = f"shape {_short_json(entry['shape'])} is not a list of non-negative integers"
+    elif (
+        not isinstance(entry["data_offsets"], list)
+        or len(entry["data_offsets"]) != 2
+        or not all(_uint(x) for x in entry["data_offsets"])
+    ):
+        problem = f"data_offsets {_short_json(entry['data_offsets'])} are not two non-negative integers"
+    elif not isinstance(entry["dtype"], str):
+        problem = f"dtype {_short_json(entry['dtype'])} is not a string"
+    if problem is not None:
+        raise HeaderError(f"{location}: tensor {name!r} has a malformed header entry ({problem}); {_FIX}.")
+    st_dtype = entry["dtype"]
+    shape = tuple(entry["shape"])
+    begin, end = entry["data_offsets"]
     if st_dtype not in _FROM_ST:
-        raise CorruptShardError(
+        raise HeaderError(
             f"{location}: tensor {name!r} has dtype {st_dtype!r}; actfmt reads {', '.join(_FROM_ST)}; convert "
             f"the activations to one of those."
         )
     dtype = _FROM_ST[st_dtype]
-    if len(shape) != 2 or min(shape) < 0:
-        raise CorruptShardError(
+    if len(shape) != 2:
+        raise HeaderError(
             f"{location}: tensor {name!r} has shape {list(shape)}; a layer is 2-D [rows, hidden]."
         )
     nbytes = shape[0] * shape[1] * _ITEMSIZE[dtype]
+    if nbytes >= 1 << 64:
+        raise HeaderError(
+            f"{location}: tensor {name!r} declares shape {list(shape)}, more bytes than a file can hold; {_FIX}."
+        )
     if begin != 0 or end != nbytes:
-        raise CorruptShardError(
+        raise HeaderError(
             f"{location}: tensor {name!r} has data_offsets [{begin}, {end}], expected [0, {nbytes}] for shape "
             f"{list(shape)} {st_dtype}; {_FIX}."
+        )
+    if 8 + n + nbytes < size:  # the library refuses bytes beyond the data (MetadataIncompleteBuffer)
+        raise HeaderError(
+            f"{location}: {size - 8 - n - nbytes} bytes follow the data of tensor {name!r} (shape {list(shape)} "
+            f"{st_dtype}); the header does not describe the file; {_FIX}."
         )
     return SafetensorsHeader(location, name, dtype, (shape[0], shape[1]), 8 + n, size, meta, identity)
 

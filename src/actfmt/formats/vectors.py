@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from actfmt.layout import loads_json
 from actfmt.storage import Location
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,7 +55,7 @@ def read_tensors(location: Location) -> tuple[dict[str, np.ndarray], dict[str, s
     try:
         raw = location.read_bytes()
         n = int.from_bytes(raw[:8], "little")
-        head = json.loads(raw[8 : 8 + n])
+        head = loads_json(raw[8 : 8 + n])
         meta = head.pop("__metadata__", {}) or {}
         out = {}
         for name, entry in head.items():

@@ -469,4 +469,4 @@ class FsspecOutput(OutputFile):
             f.closed = True
         if self.location.scheme == "memory":  # memory:// commits an object when it is opened: remove it
             with contextlib.suppress(Exception):
-                self.location.fs.rm_file(self.location.path)
+                self._loc.fs.rm_file(self._loc.path)

@@ -237,6 +237,10 @@ class _Tensor:
             raise _Fallback
         if not isinstance(stride, tuple) or len(stride) != len(size) or not isinstance(offset, int):
             raise _Fallback
+        if (
+            isinstance(offset, bool) or offset < 0
+        ):  # torch refuses it ("invalid storage offset"): let it say so
+            raise _Fallback
         if not all(isinstance(n, int) and n >= 0 for n in (*size, *stride)):
             raise _Fallback
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
@@ -285,6 +289,21 @@ def _contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
+def _zip_problem(infos: Sequence[zipfile.ZipInfo], size: int) -> str | None:
+    """Why a shard's zip records cannot be trusted, else ``None``: ``torch.save`` stores every record
+    uncompressed, and torch's memory-mapped loader reads a record's bytes where they lie -- a deflated record
+    would be read as values, compressed.  Every record must also lie inside the file."""
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            return (
+                f"record {info.filename!r} is compressed (zip method {info.compress_type}); torch.save stores "
+                f"records uncompressed and a memory-mapped load would read the compressed bytes as values"
+            )
+        if info.header_offset < 0 or info.header_offset + 30 + info.compress_size > size:
+            return f"record {info.filename!r} lies beyond the end of the file ({size} bytes)"
+    return None
+
+
 def zip_data_start(fh: Any, header_offset: int) -> int | None:
     """Where a stored zip record's bytes start: after its 30-byte local header, file name and extra field."""
     fh.seek(header_offset)
@@ -329,6 +348,8 @@ def probe_zip(fh: BinaryIO | RangeFile, size: int) -> ShardHeader | None:
         fh.seek(0)
         with zipfile.ZipFile(fh) as zf:  # type: ignore[arg-type]
             infos = {i.filename: i for i in zf.infolist()}
+            if _zip_problem(zf.infolist(), size) is not None:
+                return None  # torch's loader (through load_shard) refuses it with the reason
             pkl = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
             if len(pkl) != 1 or infos[pkl[0]].file_size > 1 << 20:
                 return None
@@ -418,6 +439,17 @@ def load_shard(location: Location, mmap: bool = True) -> torch.Tensor:
                 f"{location}: not a torch.save file (starts with {magic!r}, expected a zip archive); "
                 f"re-create the shard."
             )
+        if is_zip:
+            size = os.stat(p).st_size
+            try:
+                with _open_regular(p) as fh, zipfile.ZipFile(fh) as zf:
+                    problem = _zip_problem(zf.infolist(), size)
+            except (zipfile.BadZipFile, ValueError, OSError, EOFError, struct.error):
+                problem = None  # torch says what is wrong with it
+            if problem is not None:
+                raise CorruptShardError(
+                    f"{location}: {problem}; refused: re-create the shard with torch.save."
+                )
         import torch
 
         try:

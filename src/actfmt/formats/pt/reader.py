@@ -13,7 +13,6 @@ afterwards is a :class:`~actfmt.errors.ChangedError`, never other rows.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,14 @@ from actfmt.formats.base import (
     stored_dtype,
 )
 from actfmt.formats.pt.header import ShardHeader, load_shard, probe_shard, read_heads
-from actfmt.layout import METADATA_FILE, layer_index, layer_name, shard_index
+from actfmt.layout import (
+    METADATA_FILE,
+    JSONLimitError,
+    layer_index,
+    layer_name,
+    read_json_document,
+    shard_index,
+)
 from actfmt.storage import Kind, Location
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,10 +64,12 @@ def list_shards(layer_dir: Location) -> list[tuple[int, Location]]:
 def read_json_object(location: Location, what: str) -> dict[str, Any]:
     """A JSON object file, with precise errors (missing, not JSON, not an object)."""
     try:
-        data = json.loads(location.read_bytes().decode("utf-8"))
+        data = read_json_document(location)
     except FileNotFoundError:
         raise MetadataError(f"{location}: missing; {what}.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except JSONLimitError as exc:
+        raise MetadataError(f"{location}: refused: {exc}; fix the file.") from None
+    except ValueError as exc:  # not JSON, not UTF-8
         raise MetadataError(f"{location}: not valid JSON ({exc}); fix the file.") from None
     if not isinstance(data, dict):
         raise MetadataError(f"{location}: must hold a JSON object.")
@@ -113,7 +121,7 @@ class PtReader(RowStoreReader):
     @cached_property
     def actfmt(self) -> dict[str, Any] | None:
         try:
-            data = json.loads((self.location / SIDECAR).read_bytes())
+            data = read_json_document(self.location / SIDECAR)
         except (OSError, ValueError):
             return None
         block = data.get(ACTFMT_KEY, data) if isinstance(data, dict) else None

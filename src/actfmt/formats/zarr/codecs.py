@@ -15,6 +15,7 @@ numcodecs is imported on first use.
 
 from __future__ import annotations
 
+import struct
 import threading
 from typing import Any
 
@@ -26,9 +27,11 @@ __all__ = [
     "COMPRESSIONS",
     "DEFAULT_LEVEL",
     "LEVEL_RANGE",
+    "check_decoded_size",
     "codec_from_v2",
     "codec_from_v3",
     "codec_name",
+    "decode_into",
     "numcodec",
     "resolve_compression",
     "stored_codecs",
@@ -184,3 +187,100 @@ def codec_name(codec: Any) -> str:
         return f"blosc-{cfg['cname']} level {cfg['clevel']} ({shuffle})"
     lvl = cfg.get("level")
     return str(cfg["id"]) if lvl is None else f"{cfg['id']} level {lvl}"
+
+
+class InflationError(ValueError):
+    """A chunk that decodes (or says it decodes) to more bytes than its declared chunk shape holds."""
+
+
+def _zstd_content_size(raw: Any) -> int | None:
+    """The content size a zstd frame header declares, ``None`` when it declares none (or is no frame)."""
+    head = bytes(raw[:18])
+    if len(head) < 6 or head[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    fhd = head[4]
+    fcs_flag, single, did_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[did_flag]
+    size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    if size == 0 or len(head) < pos + size:
+        return None
+    value = int.from_bytes(head[pos : pos + size], "little")
+    return value + 256 if size == 2 else value
+
+
+def decode_into(codec: Any, raw: Any, out: Any) -> None:
+    """Decode one chunk into ``out`` (a whole chunk), never producing more than ``out.nbytes`` bytes: the size a
+    compressed chunk declares (blosc, zstd, lz4 headers) is checked before decoding, and gzip / zlib inflate
+    at most one byte beyond it.  An :class:`InflationError` when the chunk holds more (a decompression bomb or
+    a damaged chunk), ``ValueError`` / codec errors when it does not decode."""
+    want = out.nbytes
+    cfg = codec.get_config()
+    cid = cfg.get("id")
+    declared: int | None = None
+    if cid == "blosc":
+        if len(raw) < 16:
+            raise ValueError("a blosc chunk shorter than its 16-byte header")
+        declared = struct.unpack_from("<I", bytes(raw[:16]), 4)[0]
+    elif cid == "zstd":
+        declared = _zstd_content_size(raw)
+        if declared is None:
+            raise InflationError(
+                "the zstd frame declares no content size (refused: it could inflate unbounded)"
+            )
+    elif cid == "lz4":
+        if len(raw) < 4:
+            raise ValueError("an lz4 chunk shorter than its 4-byte header")
+        declared = struct.unpack_from("<I", bytes(raw[:4]), 0)[0]
+    elif cid in ("gzip", "zlib"):
+        from isal import isal_zlib
+
+        d = isal_zlib.decompressobj(31 if cid == "gzip" else 15)
+        data = d.decompress(bytes(raw), want + 1)
+        if len(data) > want or d.unconsumed_tail:
+            raise InflationError(f"it inflates to more than the {want} bytes of its chunk shape")
+        if len(data) != want:
+            raise ValueError(f"it inflates to {len(data)} bytes, not {want}")
+        memoryview(out).cast("B")[:] = data
+        return
+    else:  # pragma: no cover - the codec whitelist of meta.py admits nothing else here
+        raise ValueError(f"codec {cid!r} is not decoded by actfmt")
+    if declared != want:
+        if declared > want:
+            raise InflationError(
+                f"it declares {declared} decoded bytes, more than the {want} of its chunk shape"
+            )
+        raise ValueError(f"it declares {declared} decoded bytes, not {want}")
+    codec.decode(raw, out=out)
+
+
+def check_decoded_size(codec: Any, raw: Any, limit: int) -> None:
+    """An :class:`InflationError` when chunk ``raw`` decodes (or says it decodes) to more than ``limit`` bytes:
+    checked before another decoder (zarr-python's) would allocate for it.  Chunks that do not decode are left
+    to that decoder to report."""
+    cid = codec.get_config().get("id")
+    declared: int | None = None
+    if cid == "blosc" and len(raw) >= 16:
+        declared = struct.unpack_from("<I", bytes(raw[:16]), 4)[0]
+    elif cid == "lz4" and len(raw) >= 4:
+        declared = struct.unpack_from("<I", bytes(raw[:4]), 0)[0]
+    elif cid == "zstd":
+        declared = _zstd_content_size(raw)
+        if declared is None:
+            raise InflationError(
+                "the zstd frame declares no content size (refused: it could inflate unbounded)"
+            )
+    elif cid in ("gzip", "zlib"):
+        from isal import isal_zlib
+
+        d = isal_zlib.decompressobj(31 if cid == "gzip" else 15)
+        try:
+            data = d.decompress(bytes(raw), limit + 1)
+        except Exception:  # not a deflate stream: the decoder says so
+            return
+        if len(data) > limit or d.unconsumed_tail:
+            raise InflationError(f"it inflates to more than the {limit} bytes of its chunk shape")
+        return
+    if declared is not None and declared > limit:
+        raise InflationError(
+            f"it declares {declared} decoded bytes, more than the {limit} of its chunk shape"
+        )

@@ -16,12 +16,15 @@ byte-identical in its metadata to one made with ``zarr.create_group`` / ``create
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from actfmt.errors import MetadataError
+from actfmt.errors import BadHeaderError, ExternalDataError, MetadataError
+from actfmt.formats.base import check_chunk_grid
 from actfmt.formats.zarr.codecs import codec_from_v2, codec_from_v3, stored_codecs
+from actfmt.layout import JSON_MAX_BYTES, loads_json
 from actfmt.storage import Entry, Location, read_objects
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -99,8 +102,8 @@ def parse_json(location: Location, raw: bytes | None) -> Any:
     if raw is None:
         return None
     try:
-        return json.loads(raw.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return loads_json(raw)
+    except ValueError as exc:  # not JSON, not UTF-8, or beyond actfmt's bounds (size, depth, digits)
         raise MetadataError(
             f"{location}: not valid JSON ({exc}); the store is damaged: re-convert it."
         ) from None
@@ -109,7 +112,7 @@ def parse_json(location: Location, raw: bytes | None) -> Any:
 def read_json(location: Location) -> Any:
     """The document at ``location`` parsed, or ``None`` when it is missing."""
     try:
-        raw = location.read_bytes()
+        raw = location.read_range(0, JSON_MAX_BYTES + 1)  # a huge document is refused, not read whole
     except FileNotFoundError:
         return None
     return parse_json(location, raw)
@@ -287,8 +290,86 @@ class ArrayMeta:
         return self.chunks[0]
 
     @property
+    def chunk_nbytes(self) -> int:
+        """Bytes of one decoded chunk (the declared chunk shape times the item size)."""
+        return math.prod(self.chunks) * _ITEMSIZES.get(self.dtype, 8)
+
+    @property
     def nchunks(self) -> int:
         return -(-self.shape[0] // self.chunks[0]) if self.shape and self.shape[0] and self.chunks[0] else 0
+
+
+#: Item size of the stored dtypes (for the header's bounds; other dtypes are refused by the reader).
+_ITEMSIZES = {"<f2": 2, "<f4": 4, "<f8": 8, "<u2": 2, "<i2": 2, "bfloat16": 2}
+#: The chunk key separators of the Zarr specifications: anything else could name a key outside the array.
+SEPARATORS = (".", "/")
+#: numcodecs ids a v2 array may name (compressor or filter), and v3 codec names: what actfmt or zarr-python
+#: decodes without running anything from the store (no ``pickle``, ``json2``, object or ``vlen`` codecs).
+_V2_SAFE = frozenset(
+    {
+        "blosc",
+        "zstd",
+        "gzip",
+        "zlib",
+        "lz4",
+        "bz2",
+        "lzma",
+        "delta",
+        "shuffle",
+        "fixedscaleoffset",
+        "bitround",
+    }
+)
+_V3_SAFE = frozenset({"bytes", "blosc", "zstd", "gzip", "transpose", "crc32c"})
+
+
+def _unsafe_codec_v3(codecs: Any) -> str | None:
+    """The name of the first codec of a v3 ``codecs`` list (nested sharding codecs included) that actfmt does
+    not allow, else ``None``."""
+    todo = [codecs]
+    while todo:
+        items = todo.pop()
+        if not isinstance(items, list):
+            return repr(items)
+        for c in items:
+            name = c.get("name") if isinstance(c, dict) else c
+            if not isinstance(name, str):
+                return repr(name)
+            if name == "sharding_indexed":
+                conf = c.get("configuration") if isinstance(c, dict) else None
+                if not isinstance(conf, dict):
+                    return name
+                todo += [conf.get("codecs") or [], conf.get("index_codecs") or []]
+            elif name not in _V3_SAFE and name.removeprefix("numcodecs.") not in _V2_SAFE:
+                return name
+    return None
+
+
+def _unsafe_codec_v2(zarray: dict[str, Any]) -> str | None:
+    comp = zarray.get("compressor")
+    filters = zarray.get("filters") or []
+    for cfg in ([comp] if comp is not None else []) + (filters if isinstance(filters, list) else [filters]):
+        cid = cfg.get("id") if isinstance(cfg, dict) else cfg
+        if cid not in _V2_SAFE:
+            return repr(cid) if not isinstance(cid, str) else cid
+    if zarray.get("object_codec") is not None:
+        return "object_codec"
+    return None
+
+
+def _check_array(where: Location, m: ArrayMeta) -> None:
+    """The header's structure and sizes, before anything loops over its chunks or allocates one."""
+    if m.separator not in SEPARATORS:
+        cls = (
+            ExternalDataError
+            if ("." in m.separator or "/" in m.separator or "\\" in m.separator)
+            else BadHeaderError
+        )
+        raise cls(
+            f"{where}: chunk key separator {m.separator!r}; Zarr allows only '.' or '/' (any other could name "
+            f"files outside the store): refused, the store is damaged or crafted."
+        )
+    check_chunk_grid(where, m.shape, m.chunks, _ITEMSIZES.get(m.dtype, 8))
 
 
 def _ints(value: Any) -> tuple[int, ...]:
@@ -315,9 +396,20 @@ def parse_v3(adir: Location, doc: Any) -> ArrayMeta | None:
         codecs = list(doc.get("codecs") or [])
         attrs = doc.get("attributes") or {}
     except (KeyError, TypeError, AttributeError):
-        raise MetadataError(f"{adir / ZARR_JSON}: incomplete array metadata; re-convert the store.") from None
+        raise BadHeaderError(
+            f"{adir / ZARR_JSON}: incomplete array metadata (shape and chunk_shape must be lists of integers); "
+            f"re-convert the store."
+        ) from None
     if not isinstance(attrs, dict):
         raise MetadataError(f"{adir / ZARR_JSON}: the array attributes are not a JSON object.")
+    if not isinstance(enc, dict) or not isinstance(conf, dict) or enc.get("name") not in ("default", "v2"):
+        raise BadHeaderError(f"{adir / ZARR_JSON}: unknown chunk_key_encoding {enc!r}; refused.")
+    unsafe = _unsafe_codec_v3(codecs)
+    if unsafe is not None:
+        raise BadHeaderError(
+            f"{adir / ZARR_JSON}: codec {unsafe!r} is not one actfmt reads (bytes, blosc, zstd, gzip, "
+            f"transpose, crc32c, sharding); refused and not run."
+        )
     default = enc.get("name") == "default"
     sep = str(conf.get("separator", "/" if default else "."))
     dtype = _V3_DTYPES.get(dt, dt) if isinstance(dt, str) else json.dumps(dt)
@@ -334,9 +426,9 @@ def parse_v3(adir: Location, doc: Any) -> ArrayMeta | None:
             direct = codec is not None
     direct = direct and grid.get("name") == "regular" and not doc.get("storage_transformers")
     direct = direct and _is_zero(doc.get("fill_value", 0))
-    return _finish(
-        ArrayMeta(adir.name, 3, shape, chunks, dtype, attrs, sep, "c" if default else "", codec, direct)
-    )
+    m = ArrayMeta(adir.name, 3, shape, chunks, dtype, attrs, sep, "c" if default else "", codec, direct)
+    _check_array(adir / ZARR_JSON, m)
+    return _finish(m)
 
 
 def parse_v2(adir: Location, zarray: Any, zattrs: Any) -> ArrayMeta | None:
@@ -350,12 +442,21 @@ def parse_v2(adir: Location, zarray: Any, zattrs: Any) -> ArrayMeta | None:
         chunks = _ints(zarray["chunks"])
         dtype = str(zarray["dtype"])
     except (KeyError, TypeError):
-        raise MetadataError(f"{adir / ZARRAY}: incomplete array metadata; re-convert the store.") from None
+        raise BadHeaderError(
+            f"{adir / ZARRAY}: incomplete array metadata (shape and chunks must be lists of integers); "
+            f"re-convert the store."
+        ) from None
     attrs = zattrs if zattrs is not None else {}
     if not isinstance(attrs, dict):
         raise MetadataError(f"{adir / ZATTRS}: the array attributes are not a JSON object.")
     if dtype[:1] in ("|", "="):
         dtype = "<" + dtype[1:]
+    unsafe = _unsafe_codec_v2(zarray)
+    if unsafe is not None:
+        raise BadHeaderError(
+            f"{adir / ZARRAY}: codec {unsafe!r} is not one actfmt reads (blosc, zstd, gzip, zlib, lz4, bz2, "
+            f"lzma and simple filters); refused and not run."
+        )
     comp = zarray.get("compressor")
     codec = codec_from_v2(comp) if comp else None
     direct = (
@@ -365,7 +466,9 @@ def parse_v2(adir: Location, zarray: Any, zattrs: Any) -> ArrayMeta | None:
         and _is_zero(zarray.get("fill_value", 0))
     )
     sep = zarray.get("dimension_separator") or "."
-    return _finish(ArrayMeta(adir.name, 2, shape, chunks, dtype, attrs, str(sep), "", codec, direct))
+    m = ArrayMeta(adir.name, 2, shape, chunks, dtype, attrs, str(sep), "", codec, direct)
+    _check_array(adir / ZARRAY, m)
+    return _finish(m)
 
 
 def _finish(m: ArrayMeta) -> ArrayMeta:

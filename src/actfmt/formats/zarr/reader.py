@@ -25,16 +25,27 @@ from collections.abc import Iterator, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from actfmt.errors import ChangedError, FormatError, NotASplitError, OutsideTreeError, TruncatedError
+from actfmt.errors import (
+    ActfmtError,
+    BadHeaderError,
+    ChangedError,
+    FormatError,
+    NotASplitError,
+    OutsideTreeError,
+    TruncatedError,
+)
 from actfmt.formats.base import (
     ACTFMT_KEY,
+    MAX_SHOWN_MISSING,
     VECTOR_NAMES,
     ByteRun,
     LayerInfo,
+    MissingChunks,
     Reader,
     RowStore,
     Segment,
     StoredVectors,
+    check_shard_rows,
     fingerprint_of,
     row_across,
     scratch,
@@ -42,7 +53,7 @@ from actfmt.formats.base import (
     stored_vectors_of,
 )
 from actfmt.formats.vectors import STATS_GROUP
-from actfmt.formats.zarr.codecs import codec_name
+from actfmt.formats.zarr.codecs import check_decoded_size, codec_name, decode_into
 from actfmt.formats.zarr.meta import (
     DTYPE_ATTR,
     SHARD_ROWS_ATTR,
@@ -68,6 +79,39 @@ READ_THREADS = 2  # decode threads (the target machine has two cores)
 #: Compressed chunks are fetched in batches of about this many decoded bytes (bounds the memory held).
 FETCH_BATCH_BYTES = 64 << 20
 _NATURAL = {"<f2": "float16", "<f4": "float32", "bfloat16": "bfloat16"}
+
+
+def _row_chunk(m: ArrayMeta, key: str) -> int | None:
+    """The row-chunk index of a chunk key of the first column of chunks (``c.3.0`` -> 3), else ``None``."""
+    parts = key.split(m.separator)
+    if m.prefix:
+        if not parts or parts[0] != m.prefix:
+            return None
+        parts = parts[1:]
+    if len(parts) != len(m.shape) or any(p != "0" for p in parts[1:]):
+        return None
+    first = parts[0]
+    if not first.isdigit() or not first.isascii() or (len(first) > 1 and first[0] == "0"):
+        return None
+    return int(first)
+
+
+@contextlib.contextmanager
+def _zarr_python(where: Location) -> Iterator[None]:
+    """What zarr-python raises on an array it cannot read (a malformed header, a chunk that does not decode) is
+    a :class:`~actfmt.errors.FormatError` naming the array, never a library traceback."""
+    try:
+        yield
+    except ActfmtError:
+        raise
+    except OSError:
+        raise  # storage errors keep their own message
+    except Exception as exc:
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise FormatError(
+            f"{where}: zarr-python cannot read this array ({type(exc).__name__}: {text}); the store is damaged "
+            f"or not one actfmt reads: re-convert it."
+        ) from None
 
 
 @contextlib.contextmanager
@@ -132,7 +176,7 @@ class ZarrReader(Reader):
         dtypes: dict[str, Any] = block["dtype"] if isinstance(block.get("dtype"), dict) else {}
         recorded: dict[str, Any] = block["shard_rows"] if isinstance(block.get("shard_rows"), dict) else {}
         out = []
-        for m in self._metas:
+        for pos, m in enumerate(self._metas):
             where = self.location / m.name
             if len(m.shape) != 2:
                 raise FormatError(
@@ -148,10 +192,16 @@ class ZarrReader(Reader):
                 dtype == "bfloat16" and m.dtype in ("<i2", "bfloat16")
             ):
                 raise FormatError(f"{where}: stored as {m.dtype} but {DTYPE_ATTR} says {dtype}.")
-            shard_rows = m.attributes.get(SHARD_ROWS_ATTR) or recorded.get(m.name)
-            sr = tuple(int(n) for n in shard_rows) if isinstance(shard_rows, list) else None
-            if sr is not None and sum(sr) != m.shape[0]:
-                sr = None
+            shard_rows = m.attributes.get(SHARD_ROWS_ATTR)
+            sr = check_shard_rows(
+                where, recorded.get(m.name) if shard_rows is None else shard_rows, m.shape[0]
+            )
+            if not m.direct:  # left to zarr-python: let it parse the header it will read with, now
+                try:
+                    with _zarr_python(where):
+                        self._zarr_array(pos)
+                except FormatError as exc:
+                    raise BadHeaderError(str(exc)) from None
             out.append(
                 LayerInfo(
                     name=m.name,
@@ -209,7 +259,19 @@ class ZarrReader(Reader):
             present = set((self.location / m.name).find())
         except FileNotFoundError:
             present = set()
-        return [f"{m.name}/{k}" for k in (m.chunk_key(i) for i in range(m.nchunks)) if k not in present]
+        # count the chunks present from the listing (bounded by what is on disk), never loop over what the
+        # header declares: a shape of [10**12, 8] lists nothing and is 10**12 chunks missing, counted
+        n = m.nchunks
+        have = sum(1 for key in present if (i := _row_chunk(m, key)) is not None and i < n)
+        total = n - have
+        shown: list[str] = []
+        i = 0
+        while len(shown) < min(total, MAX_SHOWN_MISSING):  # at most ``have`` + MAX_SHOWN_MISSING steps
+            key = m.chunk_key(i)
+            if key not in present:
+                shown.append(f"{m.name}/{key}")
+            i += 1
+        return MissingChunks(shown, total)
 
     # -- data ----------------------------------------------------------------------------------------------
     def _doc_identity(self) -> tuple[Any, ...] | None:
@@ -282,7 +344,9 @@ class ZarrReader(Reader):
                         storage_options=fsspec_options(loc.url, loc.storage_options) or None,
                         read_only=True,
                     )
-                self._zarr_group = zarr.open_group(store, mode="r")
+                # the arrays' own documents, which actfmt parsed and checked: never a consolidated copy that may
+                # disagree with them
+                self._zarr_group = zarr.open_group(store, mode="r", use_consolidated=False)
         return self._zarr_group[self._metas[layer].name]
 
     def _stored(self, arr: Any, layer: int) -> np.ndarray:
@@ -299,7 +363,7 @@ class ZarrReader(Reader):
             dst[...] = 0
             return
         try:
-            m.codec.decode(raw, out=dst)
+            decode_into(m.codec, raw, dst)
         except Exception as exc:
             raise FormatError(
                 f"{self._chunk(m, k)}: the chunk cannot be decoded ({exc}); the store is damaged: re-convert it."
@@ -316,6 +380,33 @@ class ZarrReader(Reader):
                 list(self._threads().map(one, batch, raws))
             else:
                 one(batch[0], raws[0])
+
+    def _guard_chunks(self, m: ArrayMeta, start: int, stop: int) -> None:
+        """Before zarr-python decodes rows ``start:stop`` of an array actfmt does not read itself, check that
+        each of their chunks decodes to at most its declared chunk size (a decompression bomb is a FormatError,
+        never an allocation zarr-python would make).  Only arrays stored as ``bytes`` + one known compressor
+        and no filters are checked; the others are zarr-python's alone."""
+        if m.codec is None or stop <= start:
+            return
+        limit = m.chunk_nbytes
+        cols = -(-m.shape[1] // m.chunks[1])
+        keys = []
+        for i in range(start // m.chunks[0], (stop - 1) // m.chunks[0] + 1):
+            for j in range(cols):
+                parts = ([m.prefix] if m.prefix else []) + [str(i), str(j)]
+                keys.append(m.separator.join(parts))
+        adir = self.location / m.name
+        for lo in range(0, len(keys), 64):
+            batch = keys[lo : lo + 64]
+            for key, raw in zip(batch, read_objects([adir / k for k in batch], missing_ok=True), strict=True):
+                if raw is None:
+                    continue
+                try:
+                    check_decoded_size(m.codec, raw, limit)
+                except ValueError as exc:
+                    raise FormatError(
+                        f"{adir / key}: the chunk cannot be decoded ({exc}); the store is damaged: re-convert it."
+                    ) from None
 
     def read_array(
         self, layer: int, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
@@ -336,7 +427,9 @@ class ZarrReader(Reader):
         if stop <= start:
             return np.empty((0, m.shape[1]), dtype=dt)
         if not m.direct:
-            return self._stored(self._zarr_array(layer)[start:stop], layer)
+            self._guard_chunks(m, start, stop)
+            with _zarr_python(self.location / m.name):
+                return self._stored(self._zarr_array(layer)[start:stop], layer)
         if m.codec is None:
             with _damaged():
                 return self._row_store(layer).read(start, stop, out)
@@ -380,7 +473,11 @@ class ZarrReader(Reader):
                 return self._row_store(layer).take(rows)
         uniq, inverse = np.unique(rows, return_inverse=True)
         if not m.direct:
-            got = self._stored(self._zarr_array(layer).get_orthogonal_selection((uniq, slice(None))), layer)
+            self._guard_chunks(m, int(uniq[0]), int(uniq[-1]) + 1)
+            with _zarr_python(self.location / m.name):
+                got = self._stored(
+                    self._zarr_array(layer).get_orthogonal_selection((uniq, slice(None))), layer
+                )
         else:
             got = np.empty((uniq.size, m.shape[1]), dtype=dt)
             cr = m.chunk_rows

@@ -31,6 +31,7 @@ from actfmt.formats.base import (
     WriteOptions,
     Writer,
     as_array,
+    check_write_chunks,
     stored_dtype,
 )
 from actfmt.formats.vectors import STATS_GROUP
@@ -209,6 +210,7 @@ class ZarrWriter(Writer):
                 raise ConversionError(
                     f"{location / info.name}: dtype {info.dtype} is not supported; use float16, bfloat16 or float32."
                 )
+            check_write_chunks(location / info.name, _chunk_rows(info, options, name), info)
         if location.exists():
             raise ConversionError(f"{location}: already exists; the zarr writer creates a new store.")
         docs: dict[Location, bytes] = {}
