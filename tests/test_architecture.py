@@ -18,7 +18,8 @@ LAYERS = [
     {"actfmt._version", "actfmt._escape", "actfmt.errors", "actfmt.progress", "actfmt.layout"},
     {"actfmt.storage"},
     {"actfmt.formats", "actfmt.checksum", "actfmt.moments"},
-    {"actfmt.checks", "actfmt.report", "actfmt.convert", "actfmt.statistics"},
+    {"actfmt.report"},  # the result of a validation (Finding, severities): below the rules that make it
+    {"actfmt.checks", "actfmt.convert", "actfmt.statistics"},
     {"actfmt.dataset", "actfmt.torch", "actfmt._dask"},
     {"actfmt.reporters", "actfmt._console", "actfmt.plot"},
     {"actfmt.cli", "actfmt.__main__"},
@@ -136,4 +137,11 @@ def test_startup_imports_no_heavy_library(command: str) -> None:
         "heavy = [m for m in ('torch', 'zarr', 'h5py', 'numpy', 'fsspec', 'dask') if m in sys.modules]; "
         "assert not heavy, heavy"
     )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
+
+
+def test_the_result_imports_alone() -> None:
+    """``actfmt.report`` owns Finding and the severities: importing it first pulls in no rule (it once went
+    through ``actfmt.checks`` and back, a circular import)."""
+    code = "import sys, actfmt.report; assert not [m for m in sys.modules if m.startswith('actfmt.checks')]"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)

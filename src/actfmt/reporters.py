@@ -26,8 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from actfmt._escape import dumps, escape, escape_line, escape_lines, gh_data, gh_property, neutralise
-from actfmt.checks.base import ERROR, WARNING, Finding
-from actfmt.report import Report, SkippedChecks
+from actfmt.report import ERROR, WARNING, Finding, Report, SkippedChecks
 from actfmt.statistics import StatsResult
 
 if TYPE_CHECKING:  # pragma: no cover
