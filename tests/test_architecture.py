@@ -21,7 +21,7 @@ LAYERS = [
     {"actfmt.report"},  # the result of a validation (Finding, severities): below the rules that make it
     {"actfmt.checks", "actfmt.convert", "actfmt.statistics"},
     {"actfmt.dataset", "actfmt.torch", "actfmt._dask"},
-    {"actfmt.reporters", "actfmt._console", "actfmt.plot"},
+    {"actfmt.reporters"},
     {"actfmt.cli", "actfmt.__main__"},
 ]
 

@@ -1,8 +1,9 @@
 """The ``actfmt`` command line: Click commands only.
 
-Each command parses options, calls one API function, renders the result, and turns an ActfmtError into a
-clean message (exit 2 for usage / tool failures, never a traceback).  Heavy imports happen inside commands so
-that ``actfmt --help`` stays fast.
+Each command parses options, calls one API function, renders the result through :mod:`actfmt.reporters`, and
+turns an ActfmtError into a clean message (exit 2 for usage / tool failures, never a traceback).  The API
+modules (:mod:`actfmt.checks`, :mod:`actfmt.convert`, :mod:`actfmt.statistics`, which import every format) are
+imported inside the command that calls them, so that ``actfmt --help`` stays fast.
 
 Exit codes: 0 no errors; 1 errors (or warnings with ``--strict``); 2 usage error, missing PATH, no split
 found, the tool's own failure.  An unexpected exception prints ``actfmt: internal error: ...`` and exits 2;
@@ -12,16 +13,20 @@ found, the tool's own failure.  An unexpected exception prints ``actfmt: interna
 from __future__ import annotations
 
 import contextlib
+import difflib
+import logging
 import os
 import signal
 import sys
 import time
+import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, TypeVar
 
 import click
 
-from actfmt._escape import dumps, escape, escape_line, escape_lines
+from actfmt._escape import escape, escape_line, escape_lines
 from actfmt._version import __version__
 from actfmt.errors import (
     ActfmtError,
@@ -32,8 +37,25 @@ from actfmt.errors import (
 )
 from actfmt.formats import ALIASES, FORMATS, all_compressions, get_format
 from actfmt.layout import SUPPORTED_DTYPES
+from actfmt.reporters import FORMATS as OUTPUT_FORMATS
+from actfmt.reporters import (
+    STATS_FORMATS,
+    ProgressRenderer,
+    check_plot,
+    convert_summary,
+    json_document,
+    plan_lines,
+    plot_stats,
+    render,
+    render_stats,
+    rule_dict,
+    rule_lines,
+    rules_table,
+    verify_lines,
+    write_info,
+)
+from actfmt.storage import is_url, parse_storage_options
 
-OUTPUT_FORMATS = ("text", "json", "github", "junit", "sarif")
 F = TypeVar("F", bound=Callable[..., Any])
 #: Without ``--deep``, a progress bar appears only once a run has lasted this long (seconds).
 PROGRESS_DELAY = 1.0
@@ -127,8 +149,6 @@ class ActfmtGroup(click.Group):
             ):  # a library's wrapped OS error (an HDF5 error stack): still the environment
                 raise CliError(os_error_message(embedded)) from None
             if _debug():
-                import traceback
-
                 traceback.print_exc()
             raise InternalError(exc) from None
 
@@ -142,12 +162,10 @@ def split_csv(ctx: click.Context, param: click.Parameter, value: Sequence[str] |
 
 
 def progress_renderer(*, quiet: bool = False, no_progress: bool = False, immediate: bool = False) -> Any:
-    """A :class:`~actfmt._console.ProgressRenderer` on stderr (a no-op when quiet or not a terminal).
+    """A :class:`~actfmt.reporters.ProgressRenderer` on stderr (a no-op when quiet or not a terminal).
 
     ``immediate`` draws at once (long jobs such as ``--deep``); otherwise the bar waits ``PROGRESS_DELAY``.
     """
-    from actfmt._console import ProgressRenderer
-
     return ProgressRenderer(enabled=not (quiet or no_progress), delay=0.0 if immediate else PROGRESS_DELAY)
 
 
@@ -173,20 +191,6 @@ output_file_option = click.option(
     help="Write the output to FILE instead of stdout.",
 )
 
-#: The version of every JSON document the commands print (validate's and stats' carry their own).
-JSON_SCHEMA_VERSION = 1
-
-
-def json_document(data: Any, key: str = "items") -> str:
-    """A command's JSON output: ``schema_version`` and ``tool`` first, then the command's fields (a list is
-    put under ``key``)."""
-    head: dict[str, Any] = {
-        "schema_version": JSON_SCHEMA_VERSION,
-        "tool": {"name": "actfmt", "version": __version__},
-    }
-    body = {key: data} if isinstance(data, list) else data
-    return dumps(head | body, ensure_ascii=True)
-
 
 class PathOrURL(click.ParamType):
     """A local path (checked like ``click.Path``) or an fsspec URL (``s3://bucket/key``, ``memory://...``)."""
@@ -197,16 +201,12 @@ class PathOrURL(click.ParamType):
         self._path = click.Path(exists=exists)
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from actfmt.storage import is_url
-
         if isinstance(value, str) and is_url(value):
             return value
         return self._path.convert(value, param, ctx)
 
 
 def _storage_options(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
-    from actfmt.storage import parse_storage_options
-
     try:
         return parse_storage_options(value)
     except ActfmtError as exc:
@@ -382,8 +382,6 @@ def validate_command(
                 report.elapsed = time.perf_counter() - started
             reports.append(report)
 
-    from actfmt.reporters import render
-
     with output_stream(output_file) as out:
         render(output_format, reports, out, strict=strict, quiet=quiet)
 
@@ -392,17 +390,6 @@ def validate_command(
 
 
 # --------------------------------------------------------------------------------------------- rules / rule
-
-
-def _rule_dict(rule: Any) -> dict[str, Any]:
-    return {
-        "code": rule.code,
-        "name": rule.name,
-        "severity": rule.severity,
-        "deep": bool(rule.deep),
-        "title": rule.title(),
-        "documentation": rule.documentation(),
-    }
 
 
 @cli.command("rules")
@@ -426,12 +413,9 @@ def rules_command(output_format: str, output_file: str | None) -> None:
     rules = [RULES[code] for code in sorted(RULES)]
     with output_stream(output_file) as out:
         if output_format == "json":
-            out.write(json_document([_rule_dict(r) for r in rules], key="rules") + "\n")
+            out.write(json_document([rule_dict(r) for r in rules], key="rules") + "\n")
             return
-        name_width = max((len(r.name) for r in rules), default=0)
-        for r in rules:
-            deep = "--deep" if r.deep else ""
-            out.write(f"{r.code}  {r.name:<{name_width}}  {r.severity:<7}  {deep:<6}  {r.title()}\n")
+        out.write(rules_table(rules))
 
 
 @cli.command("rule")
@@ -452,13 +436,10 @@ def rule_command(rule_id: str, output_format: str) -> None:
     except (KeyError, ActfmtError):
         raise CliError(f"unknown rule {rule_id!r}; `actfmt rules` lists every code and name") from None
     if output_format == "json":
-        click.echo(json_document(_rule_dict(rule)))
+        click.echo(json_document(rule_dict(rule)))
         return
-    deep = "yes (runs with --deep)" if rule.deep else "no"
-    click.echo(f"{rule.code} {rule.name}")
-    click.echo(f"default severity: {rule.severity}; reads the values: {deep}")
-    click.echo()
-    click.echo(rule.documentation())
+    for line in rule_lines(rule):
+        click.echo(line)
 
 
 # --------------------------------------------------------------------------------------------- convert
@@ -478,8 +459,6 @@ class FormatChoice(click.Choice):
             return ALIASES[key]
         if key in TARGETS:
             return key
-        import difflib
-
         close = difflib.get_close_matches(key, [*TARGETS, *ALIASES], n=1, cutoff=0.5)
         hint = f" Did you mean {ALIASES.get(close[0], close[0])!r}?" if close else ""
         aliases = ", ".join(f"{a} = {t}" for a, t in ALIASES.items())
@@ -626,52 +605,10 @@ def convert_command(
             out.write(json_document(result.to_dict()) + "\n")
     elif dry_run:
         with output_stream(output_file) as out:
-            for line in _plan_lines(result, dst):
-                out.write(escape_line(line) + "\n")
+            for line in plan_lines(result, dst):
+                out.write(line + "\n")
     elif not quiet:
-        from actfmt._console import format_rate, format_size
-
-        skipped = f", {len(result.skipped)} already complete" if result.skipped else ""
-        n = len(result.splits)
-        # a rate over less than a second is mostly start-up: say the size and the time only
-        rate = f" ({format_rate(result.bytes, result.seconds)})" if result.seconds >= 1 else ""
-        click.echo(
-            f"Converted {n} split{'' if n == 1 else 's'}{skipped} · {result.layers} layers · "
-            f"{format_size(result.bytes)} in {result.seconds:.1f} s{rate} -> {escape(dst)}"
-        )
-
-
-def _plan_lines(result: Any, dst: str) -> list[str]:
-    """``convert --dry-run``: one line per split (source -> destination, layers, size, action), then a total."""
-    from actfmt._console import format_size
-
-    def shown(dest: Any) -> str:  # DST as the user typed it, then the mirrored part
-        text, root = str(dest), os.path.abspath(dst)
-        return dst.rstrip("/") + text[len(root) :] if text.startswith(root + "/") else text
-
-    rows = [
-        (p.job.label, shown(p.job.destination), p.layers, format_size(p.bytes), p.action)
-        for p in result.planned
-    ]
-    wa = max((len(r[0]) for r in rows), default=0)
-    wb = max((len(r[1]) for r in rows), default=0)
-    lines = [f"{a:<{wa}}  -> {b:<{wb}}  {n:>3} layers  {size:>9}  {act}" for a, b, n, size, act in rows]
-    n = len(rows)
-    lines.append(
-        f"Dry run: {n} split{'' if n == 1 else 's'} · {result.layers} layers · {format_size(result.bytes)} "
-        f"-> {dst}; nothing written."
-    )
-    exists = [p for p in result.planned if p.action == "exists"]
-    if exists:
-        lines.append(
-            f"{len(exists)} destination{'' if len(exists) == 1 else 's'} exist: a real run refuses them; "
-            "add --overwrite (replace) or --resume (continue)."
-        )
-    if any(p.action == "refused" for p in result.planned):
-        lines.append(
-            "refused: not a complete actfmt store of this format; actfmt replaces only its own complete stores."
-        )
-    return lines
+        click.echo(convert_summary(result, dst))
 
 
 # --------------------------------------------------------------------------------------------- verify / info
@@ -694,30 +631,6 @@ def output_format_option(help: str) -> Callable[[F], F]:
         return fn
 
     return decorate
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def _pair_lines(a: str, b: str, pairs: Sequence[tuple[str, str]]) -> list[str]:
-    """The pairs of splits ``verify`` compared: ``A: PATH`` and ``B: PATH``, then under ``compared in model/ds/:``
-    one line per pair (``EM  with EM.zarr``), grouped by the directory both splits lie in."""
-    groups: dict[str, list[tuple[str, str]]] = {}
-    for x, y in pairs:
-        dx, _, nx = x.rpartition("/")
-        dy, _, ny = y.rpartition("/")
-        if dx and dx == dy:
-            groups.setdefault(dx, []).append((nx, ny))
-        else:
-            groups.setdefault("", []).append(("A" if x == "." else f"A/{x}", "B" if y == "." else f"B/{y}"))
-    a, b, pairs = escape(a), escape(b), [(escape(x), escape(y)) for x, y in pairs]  # names of the trees
-    lines = [f"A: {a}", f"B: {b}"]
-    for where, named in groups.items():
-        lines.append(f"compared in {where}/:" if where else "compared:")
-        width = max(len(x) for x, _ in named)
-        lines += [f"  {x:<{width}}  with {y}" for x, y in named]
-    return [escape_line(line) for line in lines]
 
 
 @cli.command("verify")
@@ -748,7 +661,6 @@ def verify_command(
     Exit 0 when they do, 1 when they differ (the first differing layer and row are shown).
     """
     from actfmt.convert import verify
-    from actfmt.reporters import display_path
 
     with progress_renderer(quiet=quiet, no_progress=no_progress) as progress:
         res = verify(a, b, progress=progress, storage_options=storage_options)
@@ -756,20 +668,7 @@ def verify_command(
         if as_json or output_format == "json":
             out.write(json_document(res.to_dict()) + "\n")
         else:
-            lines = []
-            if not quiet:
-                lines += _pair_lines(display_path(a), display_path(b), res.pairs)
-            lines += [escape_line(d) for d in res.differences]
-            if not quiet:
-                from actfmt._console import format_size
-
-                lines.append(
-                    f"✓ Same activations: {_plural(res.splits, 'pair')} of splits, "
-                    f"{_plural(res.layers, 'layer')}, {format_size(res.bytes)}."
-                    if res.equal
-                    else f"✗ Different: {_plural(len(res.differences), 'difference')}."
-                )
-            for line in lines:
+            for line in verify_lines(res, a, b, quiet=quiet):
                 click.echo(line, file=out)
     click.get_current_context().exit(0 if res.equal else 1)
 
@@ -783,7 +682,7 @@ def verify_command(
 )
 @click.option(
     "--output-format",
-    type=click.Choice(["text", "json", "csv"]),
+    type=click.Choice(STATS_FORMATS),
     default="text",
     show_default=True,
     help="text: tables with per-layer curves; json: the versioned document (see the README); csv: one row "
@@ -859,8 +758,6 @@ def stats_command(
 
     Exit status: 0 done, 2 usage error, no split found or input that cannot be read.
     """
-    from actfmt.plot import check_plot, plot_stats
-    from actfmt.reporters import render_stats
     from actfmt.statistics import stats
 
     if plot:
@@ -906,9 +803,6 @@ def info_command(
 
     Exit 2 when a PATH holds no split.
     """
-    import shutil
-
-    from actfmt._console import render_info
     from actfmt.convert import info
 
     found = [(path, info(path, storage_options=storage_options)) for path in paths]
@@ -916,15 +810,7 @@ def info_command(
         if as_json or output_format == "json":
             out.write(json_document([r.to_dict() for _, rows in found for r in rows], key="splits") + "\n")
             return
-        # The terminal's width (COLUMNS first); 80 when stdout is a pipe or a file.
-        width = shutil.get_terminal_size((80, 24)).columns
-        encoding = (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "")
-        styled = out.isatty() and not os.environ.get("NO_COLOR")
-        for n, (path, rows) in enumerate(found):
-            if n:
-                click.echo("", file=out)
-            for line, bold in render_info(rows, path, width, fancy=encoding.startswith("utf")):
-                click.echo(click.style(line, bold=True) if bold and styled else line, file=out)
+        write_info(found, out)
 
 
 #: BLAS thread pools this process does not want: actfmt runs layers on threads of its own, so a pool per BLAS
@@ -947,9 +833,6 @@ def _quit_now(signum: int, frame: Any) -> None:
 def escape_library_messages() -> None:
     """Python warnings and log records of the libraries actfmt uses (zarr, h5py, fsspec...) may quote a tree's
     names: printed escaped like every other output (actfmt._escape), in their usual form."""
-    import logging
-    import warnings
-
     plain = warnings.formatwarning
 
     def formatwarning(*args: Any, **kwargs: Any) -> str:
