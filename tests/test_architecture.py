@@ -22,7 +22,7 @@ LAYERS = [
     {"actfmt.checks", "actfmt.convert", "actfmt.statistics"},
     {"actfmt.dataset", "actfmt.torch", "actfmt._dask"},
     {"actfmt.reporters"},
-    {"actfmt.cli", "actfmt.__main__"},
+    {"actfmt.cli", "actfmt.cli_base", "actfmt.__main__"},
 ]
 
 
