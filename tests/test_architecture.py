@@ -145,3 +145,15 @@ def test_the_result_imports_alone() -> None:
     through ``actfmt.checks`` and back, a circular import)."""
     code = "import sys, actfmt.report; assert not [m for m in sys.modules if m.startswith('actfmt.checks')]"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
+
+
+def test_the_command_line_starts_without_the_api_or_a_drawing_library() -> None:
+    """``actfmt --help`` imports the renderers (actfmt.reporters) but neither the API modules a command calls
+    (they import every format) nor rich or matplotlib (imported when something is drawn)."""
+    code = (
+        "import sys, actfmt.cli, actfmt.reporters; "
+        "late = [m for m in ('actfmt.checks', 'actfmt.convert', 'actfmt.statistics', 'rich', 'matplotlib') "
+        "if m in sys.modules]; "
+        "assert not late, late"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
