@@ -18,10 +18,11 @@ LAYERS = [
     {"actfmt._version", "actfmt._escape", "actfmt.errors", "actfmt.progress", "actfmt.layout"},
     {"actfmt.storage"},
     {"actfmt.formats", "actfmt.checksum", "actfmt.moments"},
-    {"actfmt.checks", "actfmt.report", "actfmt.convert", "actfmt.statistics"},
+    {"actfmt.report"},  # the result of a validation (Finding, severities): below the rules that make it
+    {"actfmt.checks", "actfmt.convert", "actfmt.statistics"},
     {"actfmt.dataset", "actfmt.torch", "actfmt._dask"},
-    {"actfmt.reporters", "actfmt._console", "actfmt.plot"},
-    {"actfmt.cli", "actfmt.__main__"},
+    {"actfmt.reporters"},
+    {"actfmt.cli", "actfmt.cli_base", "actfmt.__main__"},
 ]
 
 
@@ -135,5 +136,24 @@ def test_startup_imports_no_heavy_library(command: str) -> None:
         f"import sys; {command}; "
         "heavy = [m for m in ('torch', 'zarr', 'h5py', 'numpy', 'fsspec', 'dask') if m in sys.modules]; "
         "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
+
+
+def test_the_result_imports_alone() -> None:
+    """``actfmt.report`` owns Finding and the severities: importing it first pulls in no rule (it once went
+    through ``actfmt.checks`` and back, a circular import)."""
+    code = "import sys, actfmt.report; assert not [m for m in sys.modules if m.startswith('actfmt.checks')]"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
+
+
+def test_the_command_line_starts_without_the_api_or_a_drawing_library() -> None:
+    """``actfmt --help`` imports the renderers (actfmt.reporters) but neither the API modules a command calls
+    (they import every format) nor rich or matplotlib (imported when something is drawn)."""
+    code = (
+        "import sys, actfmt.cli, actfmt.reporters; "
+        "late = [m for m in ('actfmt.checks', 'actfmt.convert', 'actfmt.statistics', 'rich', 'matplotlib') "
+        "if m in sys.modules]; "
+        "assert not late, late"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)

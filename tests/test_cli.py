@@ -149,7 +149,7 @@ def test_progress_bar_wiring(trees: dict[str, Path], monkeypatch: pytest.MonkeyP
     from rich.console import Console
 
     import actfmt.cli
-    from actfmt._console import ProgressRenderer
+    from actfmt.reporters import ProgressRenderer
 
     made: list[tuple[dict[str, bool], ProgressRenderer, io.StringIO]] = []
 

@@ -12,12 +12,13 @@ import pytest
 from rich.console import Console
 
 from actfmt import __version__
-from actfmt._console import ProgressRenderer, format_rate, format_size
-from actfmt.checks.base import ERROR, WARNING, Finding
 from actfmt.progress import ProgressEvent
-from actfmt.report import Report, SkippedChecks
+from actfmt.report import ERROR, WARNING, Finding, Report, SkippedChecks
 from actfmt.reporters import (
+    ProgressRenderer,
     display_path,
+    format_rate,
+    format_size,
     group_by_split,
     render,
     render_github,

@@ -361,8 +361,8 @@ def test_a_refused_conversion_lists_each_finding_on_its_own_line(tmp_path: Path)
 def test_progress_descriptions_are_escaped_and_not_markup() -> None:
     from rich.console import Console
 
-    from actfmt._console import ProgressRenderer
     from actfmt.progress import ProgressEvent
+    from actfmt.reporters import ProgressRenderer
 
     buf = StringIO()
     console = Console(file=buf, force_terminal=True, width=200, color_system="standard")  # names whole

@@ -488,6 +488,7 @@ def test_a_pt_reader_never_mixes_two_trees_swapped_under_it(tmp_path: Path) -> N
             os.rename(tmp_path / "EM", tmp_path / names[1])
             os.rename(tmp_path / names[0], tmp_path / "EM")
             names.reverse()
+            stop.wait(0.002)  # a pause now and then, so that some opens complete between two swaps
 
     swapper = threading.Thread(target=swap)
     swapper.start()
@@ -497,14 +498,15 @@ def test_a_pt_reader_never_mixes_two_trees_swapped_under_it(tmp_path: Path) -> N
         while time.monotonic() < deadline:
             try:
                 with actfmt.open(tmp_path / "EM") as split:
-                    values = {float(v) for i in split.layers for v in split.layer(i)[0:40].float().unique()}
+                    layers = list(split.layers)
+                    values = {float(v) for i in layers for v in split.layer(i)[0:40].float().unique()}
             except ChangedError:
                 changed += 1
                 continue
             except (ActfmtError, FileNotFoundError):  # between the two renames, nothing is there
                 gone += 1
                 continue
-            assert len(values) == 1, f"rows of two trees in one read: {values}"
+            assert len(values) == 1, f"rows of two trees in one read: {values} (layers {layers})"
             whole += 1
     finally:
         stop.set()

@@ -1,8 +1,9 @@
 """The ``actfmt`` command line: Click commands only.
 
-Each command parses options, calls one API function, renders the result, and turns an ActfmtError into a
-clean message (exit 2 for usage / tool failures, never a traceback).  Heavy imports happen inside commands so
-that ``actfmt --help`` stays fast.
+Each command parses options, calls one API function, renders the result through :mod:`actfmt.reporters`, and
+turns an ActfmtError into a clean message (exit 2 for usage / tool failures, never a traceback).  The API
+modules (:mod:`actfmt.checks`, :mod:`actfmt.convert`, :mod:`actfmt.statistics`, which import every format) are
+imported inside the command that calls them, so that ``actfmt --help`` stays fast.
 
 Exit codes: 0 no errors; 1 errors (or warnings with ``--strict``); 2 usage error, missing PATH, no split
 found, the tool's own failure.  An unexpected exception prints ``actfmt: internal error: ...`` and exits 2;
@@ -11,268 +12,63 @@ found, the tool's own failure.  An unexpected exception prints ``actfmt: interna
 
 from __future__ import annotations
 
-import contextlib
+import difflib
 import os
 import signal
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any, TypeVar
+from typing import Any
 
 import click
 
-from actfmt._escape import dumps, escape, escape_line, escape_lines
+from actfmt._escape import escape, escape_lines
 from actfmt._version import __version__
-from actfmt.errors import (
-    ActfmtError,
-    Interrupted,
-    ValidationFailedError,
-    os_error_from_text,
-    os_error_message,
+from actfmt.cli_base import (
+    SINGLE_THREADED_BLAS,
+    ActfmtGroup,
+    CliError,
+    PathOrURL,
+    escape_library_messages,
+    executor_options,
+    jobs_option,
+    on_signal,
+    output_file_option,
+    output_format_option,
+    output_stream,
+    progress_options,
+    split_csv,
+    storage_options_option,
 )
+from actfmt.errors import ActfmtError
 from actfmt.formats import ALIASES, FORMATS, all_compressions, get_format
 from actfmt.layout import SUPPORTED_DTYPES
+from actfmt.reporters import FORMATS as OUTPUT_FORMATS
+from actfmt.reporters import (
+    STATS_FORMATS,
+    ProgressRenderer,
+    check_plot,
+    convert_summary,
+    json_document,
+    plan_lines,
+    plot_stats,
+    render,
+    render_stats,
+    rule_dict,
+    rule_lines,
+    rules_table,
+    verify_lines,
+    write_info,
+)
 
-OUTPUT_FORMATS = ("text", "json", "github", "junit", "sarif")
-F = TypeVar("F", bound=Callable[..., Any])
 #: Without ``--deep``, a progress bar appears only once a run has lasted this long (seconds).
 PROGRESS_DELAY = 1.0
 
 
-# --------------------------------------------------------------------------------------------- shared helpers
-
-
-class CliError(click.ClickException):
-    """A clean one-line failure: ``actfmt: error: ...`` on stderr, exit 2."""
-
-    exit_code = 2
-
-    def __init__(self, message: str, *, lines: Sequence[str] | None = None) -> None:
-        super().__init__(message)
-        self.lines = list(lines) if lines is not None else None
-
-    def show(self, file: IO[Any] | None = None) -> None:
-        # A message names files of the tree: escaped (actfmt._escape) on one line, a newline in a name written
-        # \n; with ``lines`` (a failed validation's findings, one a line) each line escaped on its own.
-        text = (
-            "\n".join(escape_line(line) for line in self.lines)
-            if self.lines is not None
-            else escape_line(self.format_message())
-        )
-        click.echo(f"actfmt: error: {text}", err=True)
-
-
-class InternalError(click.ClickException):
-    """An unexpected exception: a bug in actfmt.  Exit 2, no traceback unless ``ACTFMT_DEBUG=1``."""
-
-    exit_code = 2
-
-    def __init__(self, exc: BaseException) -> None:
-        super().__init__(f"{type(exc).__name__}: {exc}")
-
-    def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"actfmt: internal error: {escape_lines(self.format_message())}", err=True)
-        click.echo(
-            f"This is a bug in actfmt {__version__}. Please report it with the command you ran "
-            "(set ACTFMT_DEBUG=1 to print the traceback).",
-            err=True,
-        )
-
-
-def _debug() -> bool:
-    return os.environ.get("ACTFMT_DEBUG", "") not in ("", "0")
-
-
-class ActfmtGroup(click.Group):
-    """Translates errors raised by any command: ActfmtError / OSError -> CliError; the rest -> InternalError."""
-
-    def make_context(
-        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
-    ) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.exceptions.ClickException as exc:  # `actfmt --bad-option`: the argument quoted, escaped
-            exc.message = escape_line(exc.message)  # type: ignore[misc]  # Final in click's stubs
-            raise
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except click.exceptions.ClickException as exc:  # click's own messages quote the arguments: escaped
-            if not isinstance(exc, CliError):
-                exc.message = escape_line(exc.message)  # type: ignore[misc]  # Final in click's stubs
-            raise
-        except (click.exceptions.Exit, click.exceptions.Abort):
-            raise
-        except ActfmtError as exc:
-            lines = exc.lines if isinstance(exc, ValidationFailedError) else None
-            raise CliError(str(exc), lines=lines) from None
-        except BrokenPipeError:  # `actfmt info ... | head`: click leaves quietly
-            raise
-        except OSError as exc:  # the environment's fault (full disk, permissions...): one line, exit 2
-            raise CliError(os_error_message(exc)) from None
-        except Interrupted as exc:
-            name = signal.Signals(exc.signum).name
-            kept = (
-                f"; partial kept at {escape(', '.join(exc.partials))}; rerun with --resume to continue"
-                if exc.partials
-                else ""
-            )
-            click.echo(f"actfmt: interrupted ({name}){kept}", err=True)
-            raise click.exceptions.Exit(exc.exit_code) from None
-        except Exception as exc:
-            embedded = os_error_from_text(str(exc))
-            if (
-                embedded is not None
-            ):  # a library's wrapped OS error (an HDF5 error stack): still the environment
-                raise CliError(os_error_message(embedded)) from None
-            if _debug():
-                import traceback
-
-                traceback.print_exc()
-            raise InternalError(exc) from None
-
-
-def split_csv(ctx: click.Context, param: click.Parameter, value: Sequence[str] | None) -> list[str]:
-    """Click callback: repeated and comma-separated values -> one flat list (``--select A,B --select C``)."""
-    items: list[str] = []
-    for chunk in value or ():
-        items.extend(part.strip() for part in chunk.split(",") if part.strip())
-    return items
-
-
 def progress_renderer(*, quiet: bool = False, no_progress: bool = False, immediate: bool = False) -> Any:
-    """A :class:`~actfmt._console.ProgressRenderer` on stderr (a no-op when quiet or not a terminal).
+    """A :class:`~actfmt.reporters.ProgressRenderer` on stderr (a no-op when quiet or not a terminal).
 
     ``immediate`` draws at once (long jobs such as ``--deep``); otherwise the bar waits ``PROGRESS_DELAY``.
     """
-    from actfmt._console import ProgressRenderer
-
     return ProgressRenderer(enabled=not (quiet or no_progress), delay=0.0 if immediate else PROGRESS_DELAY)
-
-
-@contextlib.contextmanager
-def output_stream(path: str | None) -> Iterator[IO[str]]:
-    """stdout, or ``path`` opened for writing (UTF-8)."""
-    if path is None:
-        yield sys.stdout
-        return
-    try:
-        fh = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise CliError(f"cannot write the output file {path}: {exc.strerror or exc}") from None
-    with fh:
-        yield fh
-
-
-output_file_option = click.option(
-    "-o",
-    "--output-file",
-    type=click.Path(dir_okay=False),
-    metavar="FILE",
-    help="Write the output to FILE instead of stdout.",
-)
-
-#: The version of every JSON document the commands print (validate's and stats' carry their own).
-JSON_SCHEMA_VERSION = 1
-
-
-def json_document(data: Any, key: str = "items") -> str:
-    """A command's JSON output: ``schema_version`` and ``tool`` first, then the command's fields (a list is
-    put under ``key``)."""
-    head: dict[str, Any] = {
-        "schema_version": JSON_SCHEMA_VERSION,
-        "tool": {"name": "actfmt", "version": __version__},
-    }
-    body = {key: data} if isinstance(data, list) else data
-    return dumps(head | body, ensure_ascii=True)
-
-
-class PathOrURL(click.ParamType):
-    """A local path (checked like ``click.Path``) or an fsspec URL (``s3://bucket/key``, ``memory://...``)."""
-
-    name = "path"
-
-    def __init__(self, exists: bool = False) -> None:
-        self._path = click.Path(exists=exists)
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from actfmt.storage import is_url
-
-        if isinstance(value, str) and is_url(value):
-            return value
-        return self._path.convert(value, param, ctx)
-
-
-def _storage_options(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any] | None:
-    from actfmt.storage import parse_storage_options
-
-    try:
-        return parse_storage_options(value)
-    except ActfmtError as exc:
-        raise click.BadParameter(
-            str(exc).removeprefix("--storage-options "), param_hint="'--storage-options'"
-        ) from None
-
-
-storage_options_option = click.option(
-    "--storage-options",
-    "storage_options",
-    metavar="JSON",
-    callback=_storage_options,
-    help="fsspec options for s3:// gs:// ... URLs, as a JSON object, e.g. "
-    '\'{"endpoint_url": "http://127.0.0.1:9000"}\' or \'{"anon": true}\'. Credentials come from the '
-    "environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS ...) or from here; never "
-    "printed.",
-)
-
-
-def progress_options(keeps: str) -> Callable[[F], F]:
-    """``-q/--quiet`` and ``--no-progress``: one pair, one meaning, on every long-running command.
-
-    ``--no-progress`` never draws a progress bar; ``--quiet`` draws none either and also drops the summary line,
-    keeping ``keeps`` (what the command still prints: findings, differences, warnings).
-    """
-
-    def decorate(fn: F) -> F:
-        fn = click.option(
-            "--no-progress",
-            is_flag=True,
-            help="Never draw a progress bar (it is drawn on stderr, and only when stderr is a terminal).",
-        )(fn)
-        fn = click.option(
-            "-q", "--quiet", is_flag=True, help=f"No progress bar, no summary line: print {keeps} only."
-        )(fn)
-        return fn
-
-    return decorate
-
-
-def jobs_option(default: int, help: str) -> Any:
-    """``-j/--jobs N`` (0: one per CPU)."""
-    return click.option(
-        "-j", "--jobs", type=click.IntRange(min=0), default=default, show_default=True, metavar="N", help=help
-    )
-
-
-def executor_options(what: str) -> Any:
-    """``--executor local|dask`` and ``--scheduler ADDRESS``; ``what``: what happens to layers ("written")."""
-
-    def decorate(f: Any) -> Any:
-        f = click.option(
-            "--scheduler",
-            metavar="ADDRESS",
-            help="With --executor dask: the scheduler to use (tcp://host:8786); default: a local cluster.",
-        )(f)
-        return click.option(
-            "--executor",
-            type=click.Choice(["local", "dask"]),
-            default="local",
-            show_default=True,
-            help=f"Where layers are {what}: this process, or tasks on dask.distributed (needs actfmt[dask]).",
-        )(f)
-
-    return decorate
 
 
 # --------------------------------------------------------------------------------------------- the group
@@ -382,8 +178,6 @@ def validate_command(
                 report.elapsed = time.perf_counter() - started
             reports.append(report)
 
-    from actfmt.reporters import render
-
     with output_stream(output_file) as out:
         render(output_format, reports, out, strict=strict, quiet=quiet)
 
@@ -392,17 +186,6 @@ def validate_command(
 
 
 # --------------------------------------------------------------------------------------------- rules / rule
-
-
-def _rule_dict(rule: Any) -> dict[str, Any]:
-    return {
-        "code": rule.code,
-        "name": rule.name,
-        "severity": rule.severity,
-        "deep": bool(rule.deep),
-        "title": rule.title(),
-        "documentation": rule.documentation(),
-    }
 
 
 @cli.command("rules")
@@ -426,12 +209,9 @@ def rules_command(output_format: str, output_file: str | None) -> None:
     rules = [RULES[code] for code in sorted(RULES)]
     with output_stream(output_file) as out:
         if output_format == "json":
-            out.write(json_document([_rule_dict(r) for r in rules], key="rules") + "\n")
+            out.write(json_document([rule_dict(r) for r in rules], key="rules") + "\n")
             return
-        name_width = max((len(r.name) for r in rules), default=0)
-        for r in rules:
-            deep = "--deep" if r.deep else ""
-            out.write(f"{r.code}  {r.name:<{name_width}}  {r.severity:<7}  {deep:<6}  {r.title()}\n")
+        out.write(rules_table(rules))
 
 
 @cli.command("rule")
@@ -452,13 +232,10 @@ def rule_command(rule_id: str, output_format: str) -> None:
     except (KeyError, ActfmtError):
         raise CliError(f"unknown rule {rule_id!r}; `actfmt rules` lists every code and name") from None
     if output_format == "json":
-        click.echo(json_document(_rule_dict(rule)))
+        click.echo(json_document(rule_dict(rule)))
         return
-    deep = "yes (runs with --deep)" if rule.deep else "no"
-    click.echo(f"{rule.code} {rule.name}")
-    click.echo(f"default severity: {rule.severity}; reads the values: {deep}")
-    click.echo()
-    click.echo(rule.documentation())
+    for line in rule_lines(rule):
+        click.echo(line)
 
 
 # --------------------------------------------------------------------------------------------- convert
@@ -478,8 +255,6 @@ class FormatChoice(click.Choice):
             return ALIASES[key]
         if key in TARGETS:
             return key
-        import difflib
-
         close = difflib.get_close_matches(key, [*TARGETS, *ALIASES], n=1, cutoff=0.5)
         hint = f" Did you mean {ALIASES.get(close[0], close[0])!r}?" if close else ""
         aliases = ", ".join(f"{a} = {t}" for a, t in ALIASES.items())
@@ -626,98 +401,13 @@ def convert_command(
             out.write(json_document(result.to_dict()) + "\n")
     elif dry_run:
         with output_stream(output_file) as out:
-            for line in _plan_lines(result, dst):
-                out.write(escape_line(line) + "\n")
+            for line in plan_lines(result, dst):
+                out.write(line + "\n")
     elif not quiet:
-        from actfmt._console import format_rate, format_size
-
-        skipped = f", {len(result.skipped)} already complete" if result.skipped else ""
-        n = len(result.splits)
-        # a rate over less than a second is mostly start-up: say the size and the time only
-        rate = f" ({format_rate(result.bytes, result.seconds)})" if result.seconds >= 1 else ""
-        click.echo(
-            f"Converted {n} split{'' if n == 1 else 's'}{skipped} · {result.layers} layers · "
-            f"{format_size(result.bytes)} in {result.seconds:.1f} s{rate} -> {escape(dst)}"
-        )
-
-
-def _plan_lines(result: Any, dst: str) -> list[str]:
-    """``convert --dry-run``: one line per split (source -> destination, layers, size, action), then a total."""
-    from actfmt._console import format_size
-
-    def shown(dest: Any) -> str:  # DST as the user typed it, then the mirrored part
-        text, root = str(dest), os.path.abspath(dst)
-        return dst.rstrip("/") + text[len(root) :] if text.startswith(root + "/") else text
-
-    rows = [
-        (p.job.label, shown(p.job.destination), p.layers, format_size(p.bytes), p.action)
-        for p in result.planned
-    ]
-    wa = max((len(r[0]) for r in rows), default=0)
-    wb = max((len(r[1]) for r in rows), default=0)
-    lines = [f"{a:<{wa}}  -> {b:<{wb}}  {n:>3} layers  {size:>9}  {act}" for a, b, n, size, act in rows]
-    n = len(rows)
-    lines.append(
-        f"Dry run: {n} split{'' if n == 1 else 's'} · {result.layers} layers · {format_size(result.bytes)} "
-        f"-> {dst}; nothing written."
-    )
-    exists = [p for p in result.planned if p.action == "exists"]
-    if exists:
-        lines.append(
-            f"{len(exists)} destination{'' if len(exists) == 1 else 's'} exist: a real run refuses them; "
-            "add --overwrite (replace) or --resume (continue)."
-        )
-    if any(p.action == "refused" for p in result.planned):
-        lines.append(
-            "refused: not a complete actfmt store of this format; actfmt replaces only its own complete stores."
-        )
-    return lines
+        click.echo(convert_summary(result, dst))
 
 
 # --------------------------------------------------------------------------------------------- verify / info
-
-
-def output_format_option(help: str) -> Callable[[F], F]:
-    """``--output-format text|json`` and its older spelling ``--json`` (kept so that existing scripts work)."""
-
-    def decorate(fn: F) -> F:
-        fn = click.option(
-            "--json", "as_json", is_flag=True, hidden=True, help="Same as --output-format json."
-        )(fn)
-        fn = click.option(
-            "--output-format",
-            type=click.Choice(["text", "json"]),
-            default="text",
-            show_default=True,
-            help=help,
-        )(fn)
-        return fn
-
-    return decorate
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def _pair_lines(a: str, b: str, pairs: Sequence[tuple[str, str]]) -> list[str]:
-    """The pairs of splits ``verify`` compared: ``A: PATH`` and ``B: PATH``, then under ``compared in model/ds/:``
-    one line per pair (``EM  with EM.zarr``), grouped by the directory both splits lie in."""
-    groups: dict[str, list[tuple[str, str]]] = {}
-    for x, y in pairs:
-        dx, _, nx = x.rpartition("/")
-        dy, _, ny = y.rpartition("/")
-        if dx and dx == dy:
-            groups.setdefault(dx, []).append((nx, ny))
-        else:
-            groups.setdefault("", []).append(("A" if x == "." else f"A/{x}", "B" if y == "." else f"B/{y}"))
-    a, b, pairs = escape(a), escape(b), [(escape(x), escape(y)) for x, y in pairs]  # names of the trees
-    lines = [f"A: {a}", f"B: {b}"]
-    for where, named in groups.items():
-        lines.append(f"compared in {where}/:" if where else "compared:")
-        width = max(len(x) for x, _ in named)
-        lines += [f"  {x:<{width}}  with {y}" for x, y in named]
-    return [escape_line(line) for line in lines]
 
 
 @cli.command("verify")
@@ -748,7 +438,6 @@ def verify_command(
     Exit 0 when they do, 1 when they differ (the first differing layer and row are shown).
     """
     from actfmt.convert import verify
-    from actfmt.reporters import display_path
 
     with progress_renderer(quiet=quiet, no_progress=no_progress) as progress:
         res = verify(a, b, progress=progress, storage_options=storage_options)
@@ -756,20 +445,7 @@ def verify_command(
         if as_json or output_format == "json":
             out.write(json_document(res.to_dict()) + "\n")
         else:
-            lines = []
-            if not quiet:
-                lines += _pair_lines(display_path(a), display_path(b), res.pairs)
-            lines += [escape_line(d) for d in res.differences]
-            if not quiet:
-                from actfmt._console import format_size
-
-                lines.append(
-                    f"✓ Same activations: {_plural(res.splits, 'pair')} of splits, "
-                    f"{_plural(res.layers, 'layer')}, {format_size(res.bytes)}."
-                    if res.equal
-                    else f"✗ Different: {_plural(len(res.differences), 'difference')}."
-                )
-            for line in lines:
+            for line in verify_lines(res, a, b, quiet=quiet):
                 click.echo(line, file=out)
     click.get_current_context().exit(0 if res.equal else 1)
 
@@ -783,7 +459,7 @@ def verify_command(
 )
 @click.option(
     "--output-format",
-    type=click.Choice(["text", "json", "csv"]),
+    type=click.Choice(STATS_FORMATS),
     default="text",
     show_default=True,
     help="text: tables with per-layer curves; json: the versioned document (see the README); csv: one row "
@@ -859,8 +535,6 @@ def stats_command(
 
     Exit status: 0 done, 2 usage error, no split found or input that cannot be read.
     """
-    from actfmt.plot import check_plot, plot_stats
-    from actfmt.reporters import render_stats
     from actfmt.statistics import stats
 
     if plot:
@@ -906,9 +580,6 @@ def info_command(
 
     Exit 2 when a PATH holds no split.
     """
-    import shutil
-
-    from actfmt._console import render_info
     from actfmt.convert import info
 
     found = [(path, info(path, storage_options=storage_options)) for path in paths]
@@ -916,60 +587,13 @@ def info_command(
         if as_json or output_format == "json":
             out.write(json_document([r.to_dict() for _, rows in found for r in rows], key="splits") + "\n")
             return
-        # The terminal's width (COLUMNS first); 80 when stdout is a pipe or a file.
-        width = shutil.get_terminal_size((80, 24)).columns
-        encoding = (getattr(out, "encoding", None) or "utf-8").lower().replace("-", "")
-        styled = out.isatty() and not os.environ.get("NO_COLOR")
-        for n, (path, rows) in enumerate(found):
-            if n:
-                click.echo("", file=out)
-            for line, bold in render_info(rows, path, width, fancy=encoding.startswith("utf")):
-                click.echo(click.style(line, bold=True) if bold and styled else line, file=out)
-
-
-#: BLAS thread pools this process does not want: actfmt runs layers on threads of its own, so a pool per BLAS
-#: call would only oversubscribe the cores (and OpenBLAS's start-up costs ~50 ms of every command).
-_SINGLE_THREADED_BLAS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    """SIGINT / SIGTERM: stop the command cleanly (locks released, partial stores kept); a second one quits at
-    once."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _quit_now)
-    raise Interrupted(signum)
-
-
-def _quit_now(signum: int, frame: Any) -> None:
-    os._exit(128 + signum)
-
-
-def escape_library_messages() -> None:
-    """Python warnings and log records of the libraries actfmt uses (zarr, h5py, fsspec...) may quote a tree's
-    names: printed escaped like every other output (actfmt._escape), in their usual form."""
-    import logging
-    import warnings
-
-    plain = warnings.formatwarning
-
-    def formatwarning(*args: Any, **kwargs: Any) -> str:
-        return escape_lines(plain(*args, **kwargs).rstrip("\n")) + "\n"
-
-    class EscapedStderr(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            try:
-                click.echo(escape_lines(self.format(record)), err=True)
-            except Exception:  # pragma: no cover - logging's own policy
-                self.handleError(record)
-
-    warnings.formatwarning = formatwarning
-    logging.lastResort = EscapedStderr(logging.WARNING)
+        write_info(found, out)
 
 
 def main() -> None:
-    for var in _SINGLE_THREADED_BLAS:
+    for var in SINGLE_THREADED_BLAS:
         os.environ.setdefault(var, "1")
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _on_signal)
+        signal.signal(sig, on_signal)
     escape_library_messages()
     cli(prog_name="actfmt")

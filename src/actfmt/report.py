@@ -1,5 +1,8 @@
 """The result of a validation: a plain object, rendered by a reporter chosen by name.
 
+It owns what a result is made of: :class:`Finding` (one problem at one place) and the severities
+(:data:`ERROR`, :data:`WARNING`); the rules (:mod:`actfmt.checks`) make findings, this module never imports them.
+
 Reporters: ``text`` (rich), ``json`` (the contract below), ``github``, ``junit``, ``sarif``.
 JSON contract (``schema_version`` 1)::
 
@@ -11,15 +14,34 @@ JSON contract (``schema_version`` 1)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from actfmt.checks.base import ERROR, WARNING, Finding
+from actfmt._version import __version__
 
-__all__ = ["SCHEMA_VERSION", "Report", "SkippedChecks"]
+__all__ = ["ERROR", "SCHEMA_VERSION", "SEVERITIES", "WARNING", "Finding", "Report", "SkippedChecks"]
 
 SCHEMA_VERSION = 1
+ERROR = "error"
+WARNING = "warning"
+SEVERITIES = (ERROR, WARNING)
 _SEVERITY_ORDER = {ERROR: 0, WARNING: 1}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem at one place.  ``location`` is relative to the PATH validated, with ``/``."""
+
+    code: str
+    name: str
+    severity: str
+    location: str
+    message: str
+    expected: Any = None
+    actual: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -80,8 +102,6 @@ class Report:
         return 0
 
     def to_dict(self) -> dict[str, Any]:
-        from actfmt._version import __version__
-
         return {
             "schema_version": SCHEMA_VERSION,
             "tool": {"name": "actfmt", "version": __version__},

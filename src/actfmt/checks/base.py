@@ -1,4 +1,5 @@
-"""Rule and Finding: the building blocks of validation.
+"""Rule: the building block of validation (a rule makes :class:`~actfmt.report.Finding` objects; the finding
+and the severities belong to the result, :mod:`actfmt.report`, and are re-exported here for the rules).
 
 A rule is one class: a stable ``code`` (never reused), a kebab-case ``name``, a default ``severity``, and its
 docstring, whose first line is its title and whole text its documentation (``actfmt rule CODE``).
@@ -7,30 +8,11 @@ docstring, whose first line is its title and whole text its documentation (``act
 from __future__ import annotations
 
 import inspect
-from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
+from actfmt.report import ERROR, SEVERITIES, WARNING, Finding
+
 __all__ = ["ERROR", "SEVERITIES", "WARNING", "Finding", "Rule"]
-
-ERROR = "error"
-WARNING = "warning"
-SEVERITIES = (ERROR, WARNING)
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One problem at one place.  ``location`` is relative to the PATH validated, with ``/``."""
-
-    code: str
-    name: str
-    severity: str
-    location: str
-    message: str
-    expected: Any = None
-    actual: Any = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Rule:

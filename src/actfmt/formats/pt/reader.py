@@ -48,12 +48,20 @@ SIDECAR = ".actfmt.json"
 
 
 def list_layers(split: Location) -> list[tuple[int, Location]]:
-    """Correctly named ``layer_XX`` directories, sorted by index."""
-    return [
-        (i, e.location)
-        for e in split.list_dir()
-        if (i := layer_index(e.name)) is not None and e.followed().is_dir()
-    ]
+    """Correctly named ``layer_XX`` directories, sorted by index.  A layer that is listed but cannot be reached
+    (a dangling link, or a directory moved away while the split is listed) is an error, never a layer left out."""
+    out = []
+    for e in split.list_dir():
+        if (i := layer_index(e.name)) is None:
+            continue
+        if e.followed().kind == Kind.MISSING:
+            raise ShardNotFoundError(
+                f"{e.location}: listed but cannot be reached (a dangling link, or moved while the split was "
+                f"being opened); check the split, then open it again."
+            )
+        if e.is_dir():
+            out.append((i, e.location))
+    return out
 
 
 def list_shards(layer_dir: Location) -> list[tuple[int, Location]]:
@@ -90,6 +98,10 @@ class PtReader(RowStoreReader):
         #: (``convert --overwrite``) is a ChangedError, never rows of two trees.
         self._dir_identity = _dir_identity(location, st)
         self._layer_dirs = list_layers(location)
+        if not self._layer_dirs:
+            raise NotASplitError(
+                f"{location}: no layer_XX directories; a .pt split is a directory with layer_XX/."
+            )
         self._stores: dict[int, RowStore] = {}
         self._headers: dict[int, list[ShardHeader]] = {}
         self._check_unchanged()

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import posixpath
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import ActfmtError
-from actfmt.statistics import StatsResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from actfmt.statistics import StatsResult
 
 __all__ = ["DEFAULT_DPI", "PlotError", "check_plot", "plot_stats"]
 
@@ -152,8 +154,15 @@ def plot_stats(
             acc.set_title(
                 "EM vs Neutral: separation along the difference of means", loc="left", fontsize="medium"
             )
-            accuracies = [pl.midpoint_accuracy for p in result.pairs for pl in p.layers]
-            top = max((a for a in accuracies if a is not None), default=1.0)
+            top = max(
+                (
+                    pl.midpoint_accuracy
+                    for p in result.pairs
+                    for pl in p.layers
+                    if pl.midpoint_accuracy is not None
+                ),
+                default=1.0,
+            )
             acc.set_ylim(min(0.45, CHANCE - 0.05), min(1.02, max(top + 0.05, CHANCE + 0.1)))
             acc.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
             acc.grid(alpha=0.3)
