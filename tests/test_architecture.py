@@ -15,7 +15,7 @@ PACKAGE = SRC / "actfmt"
 
 #: The floors, bottom first: a module may import only from its own floor or below.
 LAYERS = [
-    {"actfmt._version", "actfmt.errors", "actfmt.progress", "actfmt.layout"},
+    {"actfmt._version", "actfmt.errors", "actfmt.progress", "actfmt.layout", "actfmt.kernel"},
     {"actfmt.storage"},
     {"actfmt.formats", "actfmt.checksum", "actfmt.moments"},
     {"actfmt.checks", "actfmt.report", "actfmt.convert", "actfmt.statistics"},
