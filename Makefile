@@ -39,14 +39,16 @@ faults: install
 fixtures: install
 	$(BIN)/python scripts/make_fixtures.py
 
-# The sdist and the wheel, in dist/ (README: "Install it anywhere else").
+# The sdist and two wheels, in dist/ (README: "Install it anywhere else"): this platform's, with the compiled
+# statistics kernel, and a pure-Python one (ACTFMT_PURE=1: the numpy kernel) for any platform.
 dist: install
 	rm -rf dist
 	$(BIN)/python -m build --outdir dist .
+	ACTFMT_PURE=1 $(BIN)/python -m build --wheel --outdir dist .
 
 # Build, install the wheel alone into a fresh venv outside the repository, run actfmt there (CI runs this).
 check-wheel: install
 	TORCH_SPEC="$(TORCH_SPEC)" bash scripts/check_wheel.sh "$(BIN)/python"
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) build dist *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(DEMO_OUT) build dist *.egg-info src/*.egg-info src/actfmt/*.so
