@@ -3,6 +3,7 @@ fallback against a float64 reference, on every stored dtype, with NaN, ±Inf, -0
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import sysconfig
 
@@ -195,3 +196,32 @@ def test_non_contiguous_and_wrong_blocks() -> None:
 def test_the_compiled_kernel_is_built_where_a_compiler_is() -> None:
     assert kernel._c is not None, "build it: python setup.py build_ext --inplace (or pip install -e .)"
     assert kernel.compiled()
+
+
+@pytest.mark.parametrize("numpy_kernel", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_batcher_pieces_cut_anywhere(
+    dtype: str, numpy_kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conversion's scan feeds pieces cut anywhere (mid-row too): the same figures as one update."""
+    from actfmt import moments
+    from actfmt.moments import RowBatcher
+
+    monkeypatch.setattr(moments, "BATCH_ROWS", 64)  # several batches merged
+    if numpy_kernel:
+        monkeypatch.setenv("ACTFMT_KERNEL", "numpy")
+    bits = special_block(dtype, rows=301, cols=37, seed=2)
+    want = Moments(37)
+    want.update(bits, dtype)
+    got = Moments(37)
+    batcher = RowBatcher(got, dtype, bits.shape[1] * bits.itemsize)
+    raw = memoryview(bits.tobytes())
+    cuts = [0, 1, 7, 300, 301, 5000, 5003, 9999, 20000, len(raw)]
+    for a, b in itertools.pairwise(cuts):
+        batcher.feed(raw[a:b])
+    assert batcher.batch == 64
+    batcher.flush()
+    for key, value in want.summary().items():
+        assert got.summary()[key] == pytest.approx(value, rel=1e-12), key
+    np.testing.assert_array_equal(got.count, want.count)
+    assert got.rows == 301

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - depends on the build
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-__all__ = ["BITS", "BlockFigures", "as_float64", "block_moments", "compiled", "decode"]
+__all__ = ["BITS", "BlockFigures", "Sums", "as_float64", "block_moments", "compiled", "decode"]
 
 #: Per stored dtype: (unsigned view, magnitude mask, exponent mask); an all-ones exponent is Inf or NaN.
 BITS = {
@@ -85,6 +85,87 @@ def _compiled(block: np.ndarray, dtype: str, columns: bool, simd: bool = True) -
         block, _KIND[dtype], rows, cols, s, q, bad, rownorm2, simd
     )
     return BlockFigures(s, q, bad, rownorm2, decode(absbits, dtype), nan, inf, zero, good, nsum, nmax, arg)
+
+
+class Sums:
+    """:func:`block_moments` of consecutive blocks of rows summed as one: the per-dimension sums accumulate in
+    place (the compiled kernel adds into them), so a stream of small pieces costs no copy into a batch."""
+
+    def __init__(self, cols: int, dtype: str) -> None:
+        import numpy as np
+
+        self.cols, self.dtype = cols, dtype
+        self._rownorm2: np.ndarray | None = None
+        self.col_sum = np.zeros(cols)
+        self.col_sq = np.zeros(cols)
+        self.col_bad = np.zeros(cols, dtype=np.int64)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start again from nothing (the arrays are zeroed in place: :meth:`Moments.add` keeps no reference)."""
+        self.col_sum.fill(0)
+        self.col_sq.fill(0)
+        self.col_bad.fill(0)
+        self.rows = self.nan = self.inf = self.zero_rows = self.good_rows = 0
+        self.norm_sum = self.norm_max = self.abs_max = 0.0
+        self.abs_bits = 0
+        self.norm_argmax = -1
+
+    def add(self, block: np.ndarray) -> None:
+        """Fold in a C-contiguous block (rows x cols, the stored dtype's unsigned view)."""
+        import numpy as np
+
+        rows = block.shape[0]
+        if compiled():
+            if self._rownorm2 is None or self._rownorm2.size < rows:
+                self._rownorm2 = np.empty(max(rows, 1024))
+            bits, nan, inf, zero, good, nsum, nmax, arg = _c.moments(
+                block,
+                _KIND[self.dtype],
+                rows,
+                self.cols,
+                self.col_sum,
+                self.col_sq,
+                self.col_bad,
+                self._rownorm2,
+            )
+            self.abs_bits = max(self.abs_bits, bits)
+        else:
+            f = numpy_block_moments(block, self.dtype)
+            assert f.col_sum is not None and f.col_sq is not None and f.col_bad is not None
+            self.col_sum += f.col_sum
+            self.col_sq += f.col_sq
+            self.col_bad += f.col_bad
+            nan, inf, zero, good, nsum, nmax, arg = f[5:]
+            self.abs_max = max(self.abs_max, f.abs_max)
+        if nmax > self.norm_max:
+            self.norm_max, self.norm_argmax = nmax, self.rows + arg
+        self.nan += nan
+        self.inf += inf
+        self.zero_rows += zero
+        self.good_rows += good
+        self.norm_sum += nsum
+        self.rows += rows
+
+    def figures(self) -> BlockFigures:
+        """The sums so far as one block's figures (no per-row norms: ``rownorm2`` is empty)."""
+        import numpy as np
+
+        abs_max = max(self.abs_max, decode(self.abs_bits, self.dtype))
+        return BlockFigures(
+            self.col_sum,
+            self.col_sq,
+            self.col_bad,
+            np.empty(0),
+            abs_max,
+            self.nan,
+            self.inf,
+            self.zero_rows,
+            self.good_rows,
+            self.norm_sum,
+            self.norm_max,
+            self.norm_argmax,
+        )
 
 
 def as_float64(

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from actfmt.checksum import scan_blocks
-from actfmt.kernel import BITS, BlockFigures, as_float64, block_moments
+from actfmt.kernel import BITS, BlockFigures, Sums, as_float64, block_moments
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -457,33 +457,50 @@ def _blocks(reader: Reader, pos: int) -> Iterable[np.ndarray]:
 
 
 class RowBatcher:
-    """Collects pieces of raw bytes made of whole rows (a conversion's scan of the source) into blocks of up to
-    :data:`BATCH_ROWS` rows (4 MiB at most) for :meth:`Moments.update`: a block's sums are merged once."""
+    """Folds pieces of raw bytes (a conversion's scan of the source, in row order) into :class:`Moments`: the
+    whole rows of each piece go through the kernel where they lie (a row split between pieces is put together
+    first), their sums accumulate over up to :data:`BATCH_ROWS` rows (4 MiB at most), then merge once."""
 
     def __init__(self, moments: Moments, dtype: str, row_bytes: int) -> None:
         import numpy as np
 
         self.moments, self.dtype, self.row_bytes = moments, dtype, row_bytes
-        rows = max(SUB_ROWS, min(BATCH_ROWS, (4 << 20) // max(1, row_bytes)))
-        self.buf = np.empty(rows * row_bytes, dtype=np.uint8)
+        self.batch = max(SUB_ROWS, min(BATCH_ROWS, (4 << 20) // max(1, row_bytes)))
+        self.sums = Sums(moments.hidden, dtype)
+        self.carry = np.empty(row_bytes, dtype=np.uint8)  # the start of a row the last piece cut
         self.fill = 0
-        self.store = {"bfloat16": "<u2", "float16": "<u2", "float32": "<u4"}[dtype]
+        self.store = BITS[dtype][0]
 
     def feed(self, piece: memoryview) -> None:
         import numpy as np
 
         data = np.frombuffer(piece, dtype=np.uint8)
-        while data.size:
-            take = min(data.size, self.buf.size - self.fill)
-            self.buf[self.fill : self.fill + take] = data[:take]
+        if self.row_bytes == 0:
+            return
+        if self.fill:
+            take = min(data.size, self.row_bytes - self.fill)
+            self.carry[self.fill : self.fill + take] = data[:take]
             self.fill += take
             data = data[take:]
-            if self.fill == self.buf.size:
-                self.flush()
+            if self.fill < self.row_bytes:
+                return
+            self._add(self.carry.view(self.store).reshape(1, -1))
+            self.fill = 0
+        whole = data.size // self.row_bytes
+        if whole:
+            self._add(data[: whole * self.row_bytes].view(self.store).reshape(whole, -1))
+        rest = data.size - whole * self.row_bytes
+        if rest:
+            self.carry[:rest] = data[whole * self.row_bytes :]
+            self.fill = rest
+
+    def _add(self, block: np.ndarray) -> None:
+        self.sums.add(block)
+        if self.sums.rows >= self.batch:
+            self.flush()
 
     def flush(self) -> None:
-        rows = self.fill // max(1, self.row_bytes)
-        if rows:
-            block = self.buf[: rows * self.row_bytes].view(self.store).reshape(rows, -1)
-            self.moments.update(block, self.dtype)
-        self.fill = 0
+        """Merge what was fed so far (a cut row stays for the next piece)."""
+        if self.sums.rows:
+            self.moments.add(self.sums.figures(), self.sums.rows)
+            self.sums.reset()
