@@ -93,7 +93,10 @@ def main() -> int:
     )
     args = ap.parse_args()
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    # actfmt's own cluster: no MALLOC_TRIM_THRESHOLD_ in the workers' environment
+    from actfmt.convert.executors import local_cluster
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -152,7 +155,7 @@ def main() -> int:
         timings = {}
         for n in (1, 2):
             with (
-                LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0") as cl,
+                local_cluster(n) as cl,
                 Client(cl, set_as_default=False) as client,
             ):
                 client.run(_warm)

@@ -153,6 +153,20 @@ def test_cli_executor_dask_starts_a_local_cluster(
     assert same.exit_code == 0, same.output
 
 
+@pytest.mark.slow
+def test_actfmts_local_cluster_leaves_mallocs_adaptive_threshold_on() -> None:
+    """dask's MALLOC_TRIM_THRESHOLD_ in a worker's environment nearly doubles a zarr layer task's CPU time."""
+    import os
+
+    from actfmt.convert.executors import dask_client
+
+    with dask_client(None, 1) as client:
+        env = client.run(
+            lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS"))
+        )
+    assert list(env.values()) == [(None, "1")]
+
+
 def test_cli_bad_scheduler_is_a_clear_error_not_a_traceback(tree: Path, tmp_path: Path) -> None:
     import dask
 
