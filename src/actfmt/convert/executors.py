@@ -97,7 +97,9 @@ def local_cluster(workers: int) -> Any:
     glibc's adaptive mmap threshold, so every buffer above 128 KiB (a chunk compressed, a block read) is a fresh
     mapping, faulted in page by page and unmapped again.  Measured: zarr layer tasks (blosc-zstd) took 1.46 CPU-s
     per 460 MB in a plain process and 2.2-2.6 with it, the whole difference between a dask worker core and a
-    local one (0.52x).  dask's other settings (one BLAS/OpenMP thread) stay."""
+    local one (0.52x).  dask's other settings (one BLAS/OpenMP thread) stay.  (distributed also copies that
+    environment into the process starting the cluster, so a second cluster started there inherits it anyway:
+    :func:`dask_client` then sets glibc's thresholds in the workers, :func:`relax_malloc`.)"""
     import dask
 
     distributed = _import_distributed()
@@ -107,6 +109,21 @@ def local_cluster(workers: int) -> Any:
         return distributed.LocalCluster(
             n_workers=max(1, workers), threads_per_worker=1, processes=True, dashboard_address=":0"
         )
+
+
+def relax_malloc() -> bool:
+    """In this process, give glibc's malloc the thresholds its adaptive mode would reach (buffers up to 32 MiB from
+    the heap, trimmed beyond 128 MiB) whatever ``MALLOC_TRIM_THRESHOLD_`` said at start; ``False`` where there is
+    no glibc.  Run in the workers of the cluster :func:`dask_client` starts."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        return bool(libc.mallopt(m_trim_threshold, 128 << 20) and libc.mallopt(m_mmap_threshold, 32 << 20))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 @contextlib.contextmanager
@@ -125,6 +142,7 @@ def dask_client(scheduler: Any, workers: int) -> Iterator[Any]:
     elif scheduler is None:
         cluster = local_cluster(workers)
         client = distributed.Client(cluster, set_as_default=False)
+        client.run(relax_malloc)
     else:
         address = str(scheduler)
         try:
