@@ -11,7 +11,7 @@ DEMO_OUT ?= demo-out
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml setup.py src/actfmt/_kernel.c | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test,all]"
 	$(BIN)/python -m compileall -q src/actfmt  # as pip does for a wheel: start-up never compiles actfmt
@@ -39,14 +39,16 @@ faults: install
 fixtures: install
 	$(BIN)/python scripts/make_fixtures.py
 
-# The sdist and the wheel, in dist/ (README: "Install it anywhere else").
+# The sdist and two wheels, in dist/ (README: "Install it anywhere else"): this platform's, with the compiled
+# statistics kernel, and a pure-Python one (ACTFMT_PURE=1: the numpy kernel) for any platform.
 dist: install
 	rm -rf dist
 	$(BIN)/python -m build --outdir dist .
+	ACTFMT_PURE=1 $(BIN)/python -m build --wheel --outdir dist .
 
 # Build, install the wheel alone into a fresh venv outside the repository, run actfmt there (CI runs this).
 check-wheel: install
 	TORCH_SPEC="$(TORCH_SPEC)" bash scripts/check_wheel.sh "$(BIN)/python"
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) build dist *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(DEMO_OUT) build dist *.egg-info src/*.egg-info src/actfmt/*.so

@@ -37,12 +37,18 @@ if grep -i -E "deprecat|SetuptoolsWarning|_DeprecatedConfig" "$WORK/build.log"; 
 fi
 SDIST=$(ls "$WORK"/dist/actfmt-*.tar.gz)
 WHEEL=$(ls "$WORK"/dist/actfmt-*.whl)
-echo "$(basename "$SDIST")  $(basename "$WHEEL")"
+# the pure-Python wheel too (no compiled kernel): the one the README's CI recipes install
+ACTFMT_PURE=1 "$PY" -m build --wheel --outdir "$WORK/pure" . >"$WORK/build-pure.log" 2>&1 || {
+  cat "$WORK/build-pure.log"
+  fail "ACTFMT_PURE=1 python -m build --wheel"
+}
+PURE_WHEEL=$(ls "$WORK"/pure/actfmt-*-py3-none-any.whl)
+echo "$(basename "$SDIST")  $(basename "$WHEEL")  $(basename "$PURE_WHEEL")"
 
 step "the wheel is as small as the README says"
 # README, "Use in CI": "(under N kB)"; the figure a user reads is checked on every build.
 SAID=$(grep -o -E '\(under [0-9]+ kB\)' README.md | grep -o -E '[0-9]+' | head -1)
-SIZE=$(($(stat -c %s "$WHEEL") / 1000))
+SIZE=$(($(stat -c %s "$PURE_WHEEL") / 1000))  # the one the README names
 [ -n "$SAID" ] || fail "README.md no longer says how large the wheel is ('(under N kB)' after its name)"
 [ "$SIZE" -lt "$SAID" ] || fail "the wheel is $SIZE kB; README.md says under $SAID kB"
 echo "wheel: $SIZE kB (README: under $SAID kB)"
@@ -67,6 +73,7 @@ want = {n for n in want if n.endswith(".py") or n.endswith("py.typed")}
 missing = sorted(want - names)
 assert not missing, f"files missing from the wheel: {missing}"
 assert "actfmt/py.typed" in names, "no py.typed in the wheel"
+assert [n for n in names if n.startswith("actfmt/_kernel") and n.endswith(".so")], "no compiled kernel in the wheel"
 info = next(n for n in names if n.endswith(".dist-info/METADATA"))
 meta = Parser().parsestr(zipfile.ZipFile(wheel).read(info).decode())
 assert meta["License-Expression"] == "MIT", meta["License-Expression"]
@@ -105,6 +112,7 @@ case "$where" in
   *) fail "actfmt was imported from $where" ;;
 esac
 "$VENV/bin/python" -c 'import importlib.resources as r; assert r.files("actfmt").joinpath("py.typed").is_file()'
+"$VENV/bin/python" -c 'from actfmt import kernel; assert kernel.compiled(), "the compiled kernel is not used"'
 
 run() {
   printf '$ %s\n' "$*"
@@ -147,9 +155,9 @@ PY
 
 step "the README's CI recipes, as written (from a checkout holding Activations/ and the wheel)"
 mkdir -p ci
-cp "$WHEEL" ci/
+cp "$PURE_WHEEL" ci/
 ln -s "$VENV" .venv # the Jenkins recipe's .venv/bin/actfmt
-"$VENV/bin/python" - "$REPO/README.md" "$(basename "$WHEEL")" >"$WORK/recipes.sh" <<'PY'
+"$VENV/bin/python" - "$REPO/README.md" "$(basename "$PURE_WHEEL")" >"$WORK/recipes.sh" <<'PY'
 """The install and actfmt lines of README's "Use in CI" section, as shell commands for the check's venv."""
 import re
 import shlex

@@ -15,7 +15,14 @@ PACKAGE = SRC / "actfmt"
 
 #: The floors, bottom first: a module may import only from its own floor or below.
 LAYERS = [
-    {"actfmt._version", "actfmt._escape", "actfmt.errors", "actfmt.progress", "actfmt.layout"},
+    {
+        "actfmt._version",
+        "actfmt._escape",
+        "actfmt.errors",
+        "actfmt.progress",
+        "actfmt.layout",
+        "actfmt.kernel",
+    },
     {"actfmt.storage"},
     {"actfmt.formats", "actfmt.checksum", "actfmt.moments"},
     {"actfmt.report"},  # the result of a validation (Finding, severities): below the rules that make it

@@ -153,6 +153,30 @@ def test_cli_executor_dask_starts_a_local_cluster(
     assert same.exit_code == 0, same.output
 
 
+@pytest.mark.slow
+def test_actfmts_local_cluster_leaves_mallocs_adaptive_threshold_on() -> None:
+    """dask's MALLOC_TRIM_THRESHOLD_ in a worker's environment nearly doubles a zarr layer task's CPU time: the
+    cluster actfmt starts has none (in a fresh process: distributed copies it into the process that starts a
+    cluster, as this module's fixture did) and sets glibc's thresholds in its workers anyway."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os\n"
+        "from actfmt.convert.executors import dask_client, relax_malloc\n"
+        "with dask_client(None, 1) as client:\n"
+        "    env = client.run(lambda: (os.environ.get('MALLOC_TRIM_THRESHOLD_'), os.environ.get('OMP_NUM_THREADS')))\n"
+        "    relaxed = client.run(relax_malloc)\n"
+        "print(list(env.values()), list(relaxed.values()))\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}  # as a shell starts it
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, env=clean
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[(None, '1')] [True]", out.stdout + out.stderr
+
+
 def test_cli_bad_scheduler_is_a_clear_error_not_a_traceback(tree: Path, tmp_path: Path) -> None:
     import dask
 

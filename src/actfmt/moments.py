@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from actfmt.checksum import scan_blocks
+from actfmt.kernel import BITS, BlockFigures, Sums, as_float64, block_moments
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -48,61 +49,12 @@ __all__ = [
 #: Version of the JSON document ``actfmt stats --output-format json`` writes (and of the ``stats`` entry of a
 #: store's ``actfmt`` block).
 SCHEMA_VERSION = 1
-#: Rows converted to float64 at a time: a sub-block stays in the CPU's cache between its passes.
+#: Rows converted to float64 at a time by :class:`Projection`: a sub-block stays in the CPU's cache.
 SUB_ROWS = 64
 #: Rows a conversion collects before folding them in (a block's sums are merged once).
 BATCH_ROWS = 1024
-#: Per stored dtype: (unsigned view, magnitude mask, exponent mask); an all-ones exponent is Inf or NaN.
-_BITS = {
-    "bfloat16": ("<u2", 0x7FFF, 0x7F80),
-    "float16": ("<u2", 0x7FFF, 0x7C00),
-    "float32": ("<u4", 0x7FFFFFFF, 0x7F800000),
-}
-
-
-def _as_float64(
-    block: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray | None = None
-) -> np.ndarray:
-    """Stored values (bfloat16 as its ``uint16`` bits) as float64, into ``out`` (exact).  ``scratch``: a
-    ``uint32`` array at least ``block``'s size, for bfloat16."""
-    import numpy as np
-
-    if dtype == "bfloat16":
-        wide = np.left_shift(
-            block,
-            16,
-            dtype=np.uint32,
-            out=None if scratch is None else scratch.reshape(-1)[: block.size].reshape(block.shape),
-        )
-        np.copyto(out, wide.view(np.float32))
-    else:
-        np.copyto(out, block.view({"float16": np.float16, "float32": np.float32}[dtype]))
-    return out
-
-
-def _decode(bits: int, dtype: str) -> float:
-    """The value of one stored magnitude (bits of a non-negative number)."""
-    import numpy as np
-
-    if dtype == "bfloat16":
-        return float(np.array([bits << 16], dtype=np.uint32).view(np.float32)[0])
-    view = {"float16": (np.uint16, np.float16), "float32": (np.uint32, np.float32)}[dtype]
-    return float(np.array([bits], dtype=view[0]).view(view[1])[0])
-
-
-def _largest_magnitude(bits: np.ndarray, magnitude: int, exponent: int, special: int) -> int:
-    """The largest magnitude (sign bit cleared) among sign-magnitude floats given as unsigned bits, leaving out
-    NaN / Inf when ``special``.  Without them: two reductions and no copy (as unsigned, the largest is the largest
-    negative when there is one; as signed, the largest non-negative)."""
-    import numpy as np
-
-    if special:
-        mags = np.bitwise_and(bits, magnitude)
-        mags[(bits & exponent) == exponent] = 0
-        return int(mags.max())
-    top = int(bits.max())
-    signed = int(bits.view(np.int16 if bits.dtype.itemsize == 2 else np.int32).max())
-    return max(top & magnitude if top > magnitude else 0, signed if signed >= 0 else 0)
+_BITS = BITS
+_as_float64 = as_float64
 
 
 class Moments:
@@ -124,12 +76,6 @@ class Moments:
         self.norm_max = 0.0
         self.abs_max = 0.0
         self.mean_only = False  # built from a stored exact mean (for a pair's direction): no other figure
-        self._work: dict[str, np.ndarray] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_work"] = {}
-        return state
 
     # -- accumulate ----------------------------------------------------------------------------------------
     def _add(self, n: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> None:
@@ -144,74 +90,31 @@ class Moments:
             self.m2 += m2 + delta * delta * self.count * frac
         self.count = total
 
-    def _buffers(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Reused work arrays for ``rows`` rows: float64 values, uint32 scratch, ones of rows and of columns."""
-        import numpy as np
-
-        w = self._work
-        if w.get("x") is None or w["x"].shape[0] < rows:
-            w["x"] = np.empty((rows, self.hidden), dtype=np.float64)
-            w["wide"] = np.empty(rows * self.hidden, dtype=np.uint32)
-            w["ones_r"] = np.ones(rows, dtype=np.float64)
-            w["ones_d"] = np.ones(self.hidden, dtype=np.float64)
-        return w["x"], w["wide"], w["ones_r"], w["ones_d"]
-
     def update(self, block: np.ndarray, dtype: str) -> None:
-        """Fold in a block of rows in the stored dtype (bfloat16 as its ``uint16`` bits).
+        """Fold in a block of rows in the stored dtype (bfloat16 as its ``uint16`` bits): one pass of
+        :func:`actfmt.kernel.block_moments` (float64 sums of x and x² per dimension and of x² per row, NaN and
+        Inf counted and left out), the block's sums then merged as a mean and M2 with Chan's update."""
+        if block.shape[0]:
+            self.add(block_moments(block, dtype), block.shape[0])
 
-        Per sub-block of :data:`SUB_ROWS` rows (it stays in the CPU's cache): the values exactly as float64, the
-        column sums of x and of x² and the row sums of x² as BLAS matrix-vector products (x² of a stored value is
-        exact in float64).  The block's sums become a mean and M2 merged with Chan's update.  A sub-block holding
-        NaN or Inf takes a slower path that leaves those values out."""
+    def add(self, f: BlockFigures, rows: int) -> None:
+        """Fold in the figures of one pass over a block of ``rows`` rows (its per-dimension sums included)."""
         import numpy as np
 
-        unsigned, magnitude, exponent = _BITS[dtype]
-        block = np.ascontiguousarray(block).view(unsigned)
-        rows = block.shape[0]
-        if rows == 0:
-            return
-        x_buf, wide, ones_r, ones_d = self._buffers(min(SUB_ROWS, rows))
-        col = np.zeros(self.hidden, dtype=np.float64)  # sum of x per dimension
-        col_sq = np.zeros(self.hidden, dtype=np.float64)  # sum of x² per dimension
-        n = np.zeros(self.hidden, dtype=np.int64)
-        bad = 0
-        for a in range(0, rows, SUB_ROWS):
-            part = block[a : a + SUB_ROWS]
-            k = part.shape[0]
-            x = _as_float64(part, dtype, x_buf[:k], wide)
-            s = ones_r[:k] @ x
-            np.multiply(x, x, out=x)
-            sq_rows = x @ ones_d
-            if math.isfinite(float(sq_rows.sum())):
-                col += s
-                col_sq += ones_r[:k] @ x
-                n += k
-                norms = np.sqrt(sq_rows)
-                self.zero_rows += int(np.count_nonzero(sq_rows == 0))
-            else:  # NaN or Inf in this sub-block: count them and leave them out
-                special = (part & exponent) == exponent
-                bad += int(np.count_nonzero(special))
-                x = _as_float64(part, dtype, x_buf[:k], wide)
-                x[special] = 0.0
-                col += ones_r[:k] @ x
-                np.multiply(x, x, out=x)
-                col_sq += ones_r[:k] @ x
-                n += k - np.count_nonzero(special, axis=0)
-                good = ~special.any(axis=1)
-                sq_rows = (x @ ones_d)[good]
-                norms = np.sqrt(sq_rows)
-                self.zero_rows += int(np.count_nonzero(sq_rows == 0))
-            if norms.size:
-                self.norm_rows += int(norms.size)
-                self.norm_sum += float(norms.sum())
-                self.norm_max = max(self.norm_max, float(norms.max()))
-        self.abs_max = max(self.abs_max, _decode(_largest_magnitude(block, magnitude, exponent, bad), dtype))
-        self.nonfinite += bad
+        assert f.col_sum is not None and f.col_sq is not None and f.col_bad is not None
+        col = f.col_sum
+        n = rows - f.col_bad
+        self.zero_rows += f.zero_rows
+        self.norm_rows += f.good_rows
+        self.norm_sum += f.norm_sum
+        self.norm_max = max(self.norm_max, f.norm_max)
+        self.abs_max = max(self.abs_max, f.abs_max)
+        self.nonfinite += f.nan + f.inf
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(n > 0, col / np.maximum(n, 1), 0.0)
         # squares of stored values are exact in float64, and so are their sums over a block to ~1e-13: M2 from
         # the sums loses nothing that matters (|mean| / std would have to exceed ~1e4 to reach 1e-8)
-        self._add(n, mean, np.maximum(col_sq - col * mean, 0.0))
+        self._add(n, mean, np.maximum(f.col_sq - col * mean, 0.0))
         self.rows += rows
 
     def merge(self, other: Moments) -> Moments:
@@ -307,63 +210,32 @@ class Moments:
 
 
 class RowNorms:
-    """The row norms ‖xᵢ‖₂ of a layer, cheaply: their count, sum and maximum (and which row), for the deep
-    validation rule norm-outlier (ACT408).  16-bit values are squared exactly in float32 and summed in float32
-    (relative error ~1e-6: ample for a threshold); float32 values in float64.  Rows holding NaN or Inf are left
-    out.  Mergeable."""
+    """The row norms ‖xᵢ‖₂ of a layer: their count, sum and maximum (and which row), for the deep validation
+    rule norm-outlier (ACT408), from the same kernel as :class:`Moments` (float64).  Rows holding NaN or Inf
+    are left out.  Mergeable."""
 
     def __init__(self) -> None:
         self.rows = 0
         self.total = 0.0
         self.max = 0.0
         self.max_row = -1
-        self._buf: np.ndarray | None = None  # reused work array (a fresh one per block costs page faults)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_buf": None}
 
     def update(self, block: np.ndarray, dtype: str, first_row: int = 0) -> np.ndarray:
         """Fold in a block of rows (stored dtype; bfloat16 as its bits) whose first row is ``first_row``.
-        Returns each row's norm: NaN or Inf exactly for the rows holding a NaN or an Inf (a finite row whose
-        squares overflow float32 is computed again in float64); 0 for rows of zeros (or of values whose squares
-        underflow float32)."""
+        Returns each row's norm: NaN for the rows holding a NaN, Inf for those holding an Inf (and no NaN); 0
+        exactly for rows of zeros."""
         import numpy as np
 
-        block = np.ascontiguousarray(block).view(_BITS[dtype][0])
-        rows, width = block.shape
-        if rows == 0:
-            return np.empty(0, dtype=np.float64)
-        wide = np.float64 if dtype == "float32" else np.float32
-        step = max(1, min(rows, (1 << 20) // max(1, width * np.dtype(wide).itemsize)))  # ~1 MiB: in cache
-        if self._buf is None or self._buf.dtype != wide or self._buf.size < step * width:
-            self._buf = np.empty(step * width, dtype=wide)
-        norms = np.empty(rows, dtype=np.float64)
-        with np.errstate(over="ignore", invalid="ignore"):
-            for a in range(0, rows, step):
-                part = block[a : a + step]
-                x = self._buf[: part.size].reshape(part.shape)
-                if dtype == "bfloat16":
-                    np.left_shift(part, 16, out=x.view(np.uint32), dtype=np.uint32)
-                else:
-                    np.copyto(x, part.view(np.float16 if dtype == "float16" else np.float32))
-                norms[a : a + part.shape[0]] = np.einsum("ij,ij->i", x, x)  # fused: no squares array
-            np.sqrt(norms, out=norms)
-        finite = np.isfinite(norms)
-        if not finite.all():  # NaN / Inf in the row, or a square beyond float32: those rows again in float64
-            redo = np.flatnonzero(~finite)
-            again = _as_float64(block[redo], dtype, np.empty((redo.size, width)))
-            with np.errstate(over="ignore", invalid="ignore"):
-                norms[redo] = np.sqrt(np.einsum("ij,ij->i", again, again))
-            finite = np.isfinite(norms)
-        counted = norms if finite.all() else np.where(finite, norms, 0.0)
-        n = int(np.count_nonzero(finite))
-        if n:
-            self.rows += n
-            self.total += float(counted.sum())
-            i = int(np.argmax(counted))
-            if float(counted[i]) > self.max:
-                self.max, self.max_row = float(counted[i]), first_row + i
-        return norms
+        f = block_moments(block, dtype, columns=False)
+        self.add(f, first_row)
+        return np.sqrt(f.rownorm2)
+
+    def add(self, f: BlockFigures, first_row: int = 0) -> None:
+        """Fold in the figures of one pass over a block whose first row is ``first_row``."""
+        self.rows += f.good_rows
+        self.total += f.norm_sum
+        if f.norm_max > self.max:
+            self.max, self.max_row = f.norm_max, first_row + f.norm_argmax
 
     def merge(self, other: RowNorms) -> RowNorms:
         self.rows += other.rows
@@ -585,33 +457,50 @@ def _blocks(reader: Reader, pos: int) -> Iterable[np.ndarray]:
 
 
 class RowBatcher:
-    """Collects pieces of raw bytes made of whole rows (a conversion's scan of the source) into blocks of up to
-    :data:`BATCH_ROWS` rows (4 MiB at most) for :meth:`Moments.update`: a block's sums are merged once."""
+    """Folds pieces of raw bytes (a conversion's scan of the source, in row order) into :class:`Moments`: the
+    whole rows of each piece go through the kernel where they lie (a row split between pieces is put together
+    first), their sums accumulate over up to :data:`BATCH_ROWS` rows (4 MiB at most), then merge once."""
 
     def __init__(self, moments: Moments, dtype: str, row_bytes: int) -> None:
         import numpy as np
 
         self.moments, self.dtype, self.row_bytes = moments, dtype, row_bytes
-        rows = max(SUB_ROWS, min(BATCH_ROWS, (4 << 20) // max(1, row_bytes)))
-        self.buf = np.empty(rows * row_bytes, dtype=np.uint8)
+        self.batch = max(SUB_ROWS, min(BATCH_ROWS, (4 << 20) // max(1, row_bytes)))
+        self.sums = Sums(moments.hidden, dtype)
+        self.carry = np.empty(row_bytes, dtype=np.uint8)  # the start of a row the last piece cut
         self.fill = 0
-        self.store = {"bfloat16": "<u2", "float16": "<u2", "float32": "<u4"}[dtype]
+        self.store = BITS[dtype][0]
 
     def feed(self, piece: memoryview) -> None:
         import numpy as np
 
         data = np.frombuffer(piece, dtype=np.uint8)
-        while data.size:
-            take = min(data.size, self.buf.size - self.fill)
-            self.buf[self.fill : self.fill + take] = data[:take]
+        if self.row_bytes == 0:
+            return
+        if self.fill:
+            take = min(data.size, self.row_bytes - self.fill)
+            self.carry[self.fill : self.fill + take] = data[:take]
             self.fill += take
             data = data[take:]
-            if self.fill == self.buf.size:
-                self.flush()
+            if self.fill < self.row_bytes:
+                return
+            self._add(self.carry.view(self.store).reshape(1, -1))
+            self.fill = 0
+        whole = data.size // self.row_bytes
+        if whole:
+            self._add(data[: whole * self.row_bytes].view(self.store).reshape(whole, -1))
+        rest = data.size - whole * self.row_bytes
+        if rest:
+            self.carry[:rest] = data[whole * self.row_bytes :]
+            self.fill = rest
+
+    def _add(self, block: np.ndarray) -> None:
+        self.sums.add(block)
+        if self.sums.rows >= self.batch:
+            self.flush()
 
     def flush(self) -> None:
-        rows = self.fill // max(1, self.row_bytes)
-        if rows:
-            block = self.buf[: rows * self.row_bytes].view(self.store).reshape(rows, -1)
-            self.moments.update(block, self.dtype)
-        self.fill = 0
+        """Merge what was fed so far (a cut row stays for the next piece)."""
+        if self.sums.rows:
+            self.moments.add(self.sums.figures(), self.sums.rows)
+            self.sums.reset()

@@ -21,6 +21,7 @@ from actfmt.errors import OutsideTreeError
 from actfmt.formats import Split, WalkProblem, get_format
 from actfmt.formats.pt.header import ShardHeader, load_shard, probe_shard, read_heads
 from actfmt.formats.vectors import STATS_FILE
+from actfmt.kernel import BITS, block_moments
 from actfmt.layout import (
     JSON_MAX_BYTES,
     KNOWN_KEYS,
@@ -463,12 +464,6 @@ def scan_split(split: Split, root: Location, jobs: int = 1) -> SplitContext:
 
 
 # -- the deep pass -------------------------------------------------------------------------------------------
-#: Per stored dtype: (unsigned view, sign mask, exponent mask) -- all-ones exponent = Inf (zero mantissa) or NaN.
-_BITS = {
-    "bfloat16": ("<u2", 0x7FFF, 0x7F80),
-    "float16": ("<u2", 0x7FFF, 0x7C00),
-    "float32": ("<u4", 0x7FFFFFFF, 0x7F800000),
-}
 
 
 def _blocks(entry: ShardEntry) -> Iterable[np.ndarray]:
@@ -489,7 +484,7 @@ def _blocks(entry: ShardEntry) -> Iterable[np.ndarray]:
     where = entry.path.pinned(h.identity)
     for start in range(0, rows, step):
         n = min(step, rows - start)
-        buf = np.empty((n, width), dtype=_BITS[dtype][0])
+        buf = np.empty((n, width), dtype=BITS[dtype][0])
         read_into([(where, h.data_offset + start * row_bytes, buf.reshape(-1).view(np.uint8))])
         yield buf
 
@@ -501,28 +496,20 @@ def _deep_read(entry: ShardEntry) -> None:
 
     h = entry.header
     assert h is not None
-    _, magnitude, exponent = _BITS[h.dtype]
     digest = xxhash.xxh3_64()
     digest.update(f"{tuple(h.shape)}|torch.{h.dtype}|".encode())
     norms = RowNorms()
     row = 0
     try:
         for block in _blocks(entry):
-            bits = block.view(_BITS[h.dtype][0])
-            # the row norms say which rows to look at: NaN / Inf only in rows whose norm is not finite, zeros
-            # only in rows whose norm is 0; those few rows are then checked bit by bit
-            row_norms = norms.update(bits, h.dtype, row)
-            odd = np.flatnonzero(~np.isfinite(row_norms))
-            if odd.size:
-                sub = bits[odd]
-                special = (sub & exponent) == exponent
-                nan = int(np.count_nonzero(special & ((sub & (magnitude ^ exponent)) != 0)))
-                entry.nan += nan
-                entry.inf += int(np.count_nonzero(special)) - nan
-            maybe = np.flatnonzero(row_norms == 0)
-            if maybe.size:
-                zero = ~np.any(bits[maybe] & magnitude, axis=1)
-                entry.zero_rows += (maybe[zero] + row).tolist()
+            bits = block.view(BITS[h.dtype][0])
+            # one pass of the statistics kernel: NaN / Inf counts, row norms (0 exactly for rows of zeros)
+            f = block_moments(bits, h.dtype, columns=False)
+            norms.add(f, row)
+            entry.nan += f.nan
+            entry.inf += f.inf
+            if f.zero_rows:
+                entry.zero_rows += (np.flatnonzero(f.rownorm2 == 0) + row).tolist()
             digest.update(np.ascontiguousarray(bits).data.cast("B"))
             row += bits.shape[0]
     except Exception as exc:  # changed since the probe: report it like a probe failure

@@ -17,6 +17,7 @@ from actfmt.checks.context import SplitContext, SplitRule
 from actfmt.checksum import Hasher, scan_blocks
 from actfmt.errors import BadHeaderError, ExternalDataError
 from actfmt.formats import get_format
+from actfmt.kernel import block_moments
 from actfmt.moments import LAYER_FIELDS, Moments, RowNorms
 
 __all__ = [
@@ -128,9 +129,10 @@ def store_deep(ctx: SplitContext, on_bytes: Any = None) -> None:
             for start, stop in scan_blocks(layer):
                 block = reader.read_array(pos, start, stop)
                 h.update(block)
-                n.update(block, layer.dtype, start)
-                if m is not None:
-                    m.update(block, layer.dtype)
+                f = block_moments(block, layer.dtype, columns=m is not None)  # one pass for both
+                n.add(f, start)
+                if m is not None and block.shape[0]:
+                    m.add(f, block.shape[0])
                 if on_bytes:
                     on_bytes(block.nbytes)
         except Exception as exc:
