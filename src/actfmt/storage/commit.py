@@ -45,7 +45,7 @@ def sibling(final: Location, tag: str) -> Location:
     """``.{name}.actfmt-{tag}`` beside ``final``; a name too long for the file system is shortened with a
     hash of the full name (so a 250-character split name still gets its lock and its partial)."""
     name = f".{final.name}.actfmt-{tag}"
-    if len(name.encode("utf-8")) > NAME_MAX:
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
         digest = hashlib.sha256(final.name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
         name = f".actfmt-{digest}.{tag}"
     return final.with_name(name)
