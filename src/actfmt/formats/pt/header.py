@@ -221,6 +221,11 @@ class _Fallback(Exception):
     pass
 
 
+class _Refused(Exception):
+    """What torch's loader refuses too, found from the header alone: said without importing torch (which
+    costs ~200 MB of memory and seconds of a header-only check)."""
+
+
 class _StorageType:
     def __init__(self, name: str) -> None:
         self.dtype, self.itemsize = _STORAGES[name]
@@ -237,10 +242,10 @@ class _Tensor:
             raise _Fallback
         if not isinstance(stride, tuple) or len(stride) != len(size) or not isinstance(offset, int):
             raise _Fallback
-        if (
-            isinstance(offset, bool) or offset < 0
-        ):  # torch refuses it ("invalid storage offset"): let it say so
+        if isinstance(offset, bool):
             raise _Fallback
+        if offset < 0:  # torch refuses it too ("invalid storage offset")
+            raise _Refused(f"the tensor's storage offset is {offset}, below 0")
         if not all(isinstance(n, int) and n >= 0 for n in (*size, *stride)):
             raise _Fallback
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
@@ -333,7 +338,10 @@ def fast_probe(
     if blocks is None or not blocks:
         blocks = {a: location.read_range(a, b) for a, b in _ranges(size)}
     rf = RangeFile(location, size, blocks)
-    header = probe_zip(rf, size)
+    try:
+        header = probe_zip(rf, size)
+    except _Refused as exc:
+        raise CorruptShardError(f"{location}: {exc}; the shard is damaged or crafted: re-create it.") from None
     if header is None:
         return None
     return _remember(location, ShardHeader(**{**header.__dict__, "identity": identity}))
@@ -365,6 +373,14 @@ def probe_zip(fh: BinaryIO | RangeFile, size: int) -> ShardHeader | None:
             if rec.header_offset < 0 or rec.header_offset + nbytes > size:
                 return None
             numel = math.prod(obj.size)
+            if numel:
+                # the last element the view reaches (torch's set_ refuses a view beyond its storage)
+                extent = obj.offset + sum((n - 1) * k for n, k in zip(obj.size, obj.stride, strict=True)) + 1
+                if extent > st.numel:
+                    raise _Refused(
+                        f"the tensor declares shape {list(obj.size)} (stride {list(obj.stride)}, offset "
+                        f"{obj.offset}), which reaches element {extent:,} of a storage of {st.numel:,}"
+                    )
             if numel and obj.offset + numel > st.numel:  # (contiguous bound; strides are torch's business)
                 return None
             start = zip_data_start(fh, rec.header_offset)
