@@ -306,14 +306,6 @@ class WriteOptions:
     zarr_format: int = 3
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "chunk_rows": self.chunk_rows,
-            "compression": self.compression,
-            "level": self.level,
-            "zarr_format": self.zarr_format,
-        }
-
 
 # ----------------------------------------------------------------------------------------------------------
 # raw rows

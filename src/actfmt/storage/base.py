@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 import posixpath
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar
 
@@ -479,9 +479,3 @@ def _short_read(loc: Location, got: int, want: int) -> Exception:
         f"{loc}: truncated (the file ends at byte {got}, before byte {want}: an interrupted copy or a full "
         f"disk?); re-copy it, or re-run what wrote it (actfmt convert ... --resume or --overwrite)."
     )
-
-
-def iter_ranges(total: int, step: int) -> Iterator[tuple[int, int]]:
-    """``[(0, step), (step, 2*step), ..., (k*step, total)]``."""
-    for start in range(0, total, max(1, step)):
-        yield start, min(total, start + step)

@@ -584,13 +584,6 @@ class _PinnedFds:
                 del self._fds[key]
                 os.close(fd)
 
-    def close_all(self) -> None:
-        with self._lock:
-            for key, (fd, users) in list(self._fds.items()):
-                if users <= 0:
-                    del self._fds[key]
-                    os.close(fd)
-
 
 _PINNED = _PinnedFds()
 

@@ -341,7 +341,9 @@ def fast_probe(
     try:
         header = probe_zip(rf, size)
     except _Refused as exc:
-        raise CorruptShardError(f"{location}: {exc}; the shard is damaged or crafted: re-create it.") from None
+        raise CorruptShardError(
+            f"{location}: {exc}; the shard is damaged or crafted: re-create it."
+        ) from None
     if header is None:
         return None
     return _remember(location, ShardHeader(**{**header.__dict__, "identity": identity}))

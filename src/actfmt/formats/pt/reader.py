@@ -200,10 +200,6 @@ class PtReader(RowStoreReader):
         except OSError:
             return "unreadable"
 
-    def shard_headers(self, layer: int) -> list[ShardHeader]:
-        self.row_store(layer)
-        return self._headers[layer]
-
     def close(self) -> None:
         self._stores.clear()
         self._headers.clear()
