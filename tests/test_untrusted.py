@@ -160,7 +160,8 @@ try:
         for i in s.layers:
             lv = s.layer(i)
             x = lv[:]
-            leak |= token in x.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes()
+            raw = x.contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes()
+            leak |= token in raw or b"root:x:0:0:" in raw
             if len(lv):
                 lv[[0, len(lv) - 1]]
         if len(s):
@@ -358,7 +359,8 @@ def open_inprocess(path: Path, cwd: Path, token: str) -> Ran:
             for i in s.layers:
                 lv = s.layer(i)
                 x = lv[:]
-                leak |= token.encode() in x.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                raw = x.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                leak |= token.encode() in raw or any(sec in raw for sec in EXTRA_SECRETS)
                 if len(lv):
                     lv[[0, len(lv) - 1]]
             if len(s):
@@ -455,12 +457,14 @@ def token_in_tree(root: Path, token: bytes) -> list[str]:
                 hits.append(f"{p.relative_to(root)} is a link out of the destination ({os.readlink(p)})")
         elif p.is_file():
             data = p.read_bytes()
-            if token in data or token[:12] in data:
-                hits.append(f"{p.relative_to(root)} holds the secret token")
+            if token in data or token[:12] in data or any(x in data for x in EXTRA_SECRETS):
+                hits.append(f"{p.relative_to(root)} holds the secret token (or /etc/passwd)")
     return hits
 
 
 BAD_TEXT = ("internal error", "Traceback")
+#: Bytes of files outside every tree that must never show up either (h5_external_passwd points at it).
+EXTRA_SECRETS = (b"root:x:0:0:",)
 
 
 def _controls(text: str) -> list[str]:
@@ -509,6 +513,9 @@ def common_problems(ran: Ran, token: str, expect_rc: tuple[int, ...] = (0, 1, 2)
         out.append("stdout holds the secret token")
     if t in ran.err or t[:12] in ran.err:
         out.append("stderr holds the secret token")
+    for x in EXTRA_SECRETS:
+        if x in ran.out or x in ran.err:
+            out.append(f"the output holds bytes of a file outside the tree ({x!r})")
     if ran.leak or b"LEAK:" in ran.err:
         out.append("open read the secret (values or metadata hold the token)")
     return out
@@ -651,9 +658,13 @@ def shared(corpus: crafted.Corpus) -> Path:
 
 @pytest.mark.parametrize("name", UNPRIV)
 def test_crafted_link_unprivileged(corpus: crafted.Corpus, servers: Servers, shared: Path, name: str) -> None:
-    """validate, convert --force --to pt (into the sticky directory) and open, as nobody: no secret read."""
+    """validate, convert --force --to pt and open, as nobody, the workspace copied into a shared sticky
+    directory (links kept as they are) and the destination there too: no secret read."""
     c = corpus.cases[name]
-    ws = corpus.ws(name)
+    ws = shared / name
+    shutil.rmtree(ws, ignore_errors=True)
+    shutil.copytree(corpus.ws(name), ws, symlinks=True)
+    _readable(ws)
     env = _env(corpus, name)
     problems = []
     before = snapshot(ws)
@@ -727,14 +738,16 @@ def test_planted_link_unprivileged(corpus: crafted.Corpus, servers: Servers, sha
 
 
 def _convert_refused(
-    corpus: crafted.Corpus, name: str, src: Path, dst: Path, to: str, watch: Path
+    corpus: crafted.Corpus, name: str, src: Path, dst: Path, to: str, watch: Path, home: Path | None = None
 ) -> list[str]:
-    """``convert src dst --to to --overwrite`` (in this process) must refuse and leave ``watch`` as it was."""
+    """``convert src dst --to to --overwrite`` (in this process, HOME = ``home`` if given) must refuse and leave
+    ``watch`` as it was."""
     ws = corpus.ws(name)
     before = snapshot(watch)
-    ran = run_inprocess(
-        ["convert", str(src), str(dst), "--to", to, "--overwrite", "--no-progress"], ws, _env(corpus, name)
-    )
+    env = _env(corpus, name)
+    if home is not None:
+        env["HOME"] = str(home)
+    ran = run_inprocess(["convert", str(src), str(dst), "--to", to, "--overwrite", "--no-progress"], ws, env)
     problems = common_problems(ran, corpus.token, expect_rc=(1, 2))
     problems += format_problems("convert", ran)
     problems += [f"{watch.name}: {d}" for d in diff(before, snapshot(watch))]
@@ -749,28 +762,18 @@ def test_dst_home_with_documents(corpus: crafted.Corpus) -> None:
     name = "dst_documents"
     ws = corpus.ws(name)
     home = ws / "home"
-    env_home = _env(corpus, name)["HOME"]
-    problems = []
-    # DST is $HOME (the environment's HOME points at the workspace's home for this run)
-    old = os.environ.get("HOME")
-    os.environ["HOME"] = str(home)
-    try:
-        problems += _convert_refused(corpus, name, ws / "tree", home, "pt", home)
-    finally:
-        if old is None:
-            del os.environ["HOME"]
-        else:
-            os.environ["HOME"] = old
-    assert env_home  # the CliRunner env sets HOME too; both point into the corpus
-    # DST is another directory with a plain Documents/ in it
-    plain = ws / "plain"
-    shutil.rmtree(plain, ignore_errors=True)
-    shutil.copytree(home, plain)
-    problems += _convert_refused(corpus, name, ws / "tree", plain, "pt", plain)
-    shutil.rmtree(plain)
+    problems = _convert_refused(corpus, name, ws / "tree", home, "pt", home, home=home)
     thesis = home / "Documents" / "thesis.txt"
     if not thesis.is_file() or thesis.read_text().strip() != corpus.token:
         problems.append("~/Documents/thesis.txt is gone or changed")
+    # DST is another directory with a plain Documents/ in it
+    plain = ws / "plain"
+    shutil.rmtree(plain, ignore_errors=True)
+    plain.mkdir()
+    (plain / "Documents").mkdir()
+    (plain / "Documents" / "thesis.txt").write_text(corpus.token + "\n")
+    problems += _convert_refused(corpus, name, ws / "tree", plain, "pt", plain)
+    shutil.rmtree(plain)
     assert not problems, "\n".join(problems)
 
 
@@ -903,8 +906,9 @@ def test_collision_refused_at_planning(corpus: crafted.Corpus) -> None:
 
 
 def test_remote_silent_endpoint(corpus: crafted.Corpus) -> None:
-    """An S3 endpoint that accepts connections and never answers: validate ends with a clear error (the
-    default timeout), well before the kill timeout."""
+    """An S3 endpoint that accepts connections and never answers: validate ends with a clear error that says
+    it timed out.  The timeouts are set short through their documented environment variables
+    (ACTFMT_CONNECT_TIMEOUT / ACTFMT_READ_TIMEOUT) so the test takes seconds, not the default's minute."""
     pytest.importorskip("s3fs")
     import socket
     import threading
@@ -930,8 +934,10 @@ def test_remote_silent_endpoint(corpus: crafted.Corpus) -> None:
         "AWS_ACCESS_KEY_ID": "testing-key-id",
         "AWS_SECRET_ACCESS_KEY": "testing-secret",
         "AWS_DEFAULT_REGION": "us-east-1",
+        "ACTFMT_CONNECT_TIMEOUT": "2",
+        "ACTFMT_READ_TIMEOUT": "2",
     }
-    kill_after = max(TIMEOUT, 60.0)
+    kill_after = 40.0
     try:
         ran = run_subprocess(
             [
