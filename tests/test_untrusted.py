@@ -202,7 +202,6 @@ def run_subprocess(
     os.close(fd)
     os.chmod(rss_file, 0o666)
     cmd = [
-        *prefix,
         "/usr/bin/time",
         "-f",
         "%M",
@@ -215,6 +214,7 @@ def run_subprocess(
         "-s",
         "KILL",
         str(timeout),
+        *prefix,  # setpriv right before python: an unprivileged process cannot exec the venv's python again
         sys.executable,
         *argv,
     ]
@@ -244,10 +244,10 @@ class ForkServer:
     def __init__(self, preload: str, unprivileged: bool, tmp: Path) -> None:
         prefix = as_user_prefix() if unprivileged else []
         cmd = [
-            *prefix,
             "prlimit",
             f"--as={AS_LIMIT}",
             "--",
+            *prefix,  # setpriv right before python: an unprivileged process cannot exec the venv's python
             sys.executable,
             str(HERE / "_forkserver.py"),
             preload,
@@ -296,6 +296,8 @@ class ForkServer:
         if self.proc.stdin:
             self.proc.stdin.close()
         self.proc.wait(timeout=30)
+        if self.proc.stdout:
+            self.proc.stdout.close()
 
 
 class Servers:
@@ -540,6 +542,13 @@ def format_problems(cmd: str, ran: Ran) -> list[str]:
     else:
         out += text_problems("stdout", ran.text, github=cmd == "validate-github")
     out += text_problems("stderr", ran.etext)
+    for label, raw in (("stdout", ran.out), ("stderr", ran.err)):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            out.append(
+                f"{label} is not valid UTF-8 (a raw byte {raw[exc.start : exc.start + 1]!r} of a name)"
+            )
     return out
 
 
@@ -824,6 +833,21 @@ def no_writes() -> Iterator[list[str]]:
         "mkfifo",
     ):
         patch(os, attr, deny(f"os.{attr}"))
+    real_isdir = os.path.isdir
+
+    def mkdir(path: Any, *a: Any, **k: Any) -> Any:  # an existing directory: nothing changes, allowed
+        if real_isdir(path):
+            raise FileExistsError(17, "File exists", str(path))
+        return deny("os.mkdir")(path)
+
+    def makedirs(path: Any, mode: int = 0o777, exist_ok: bool = False) -> Any:
+        if real_isdir(path):
+            if exist_ok:
+                return None
+            raise FileExistsError(17, "File exists", str(path))
+        return deny("os.makedirs")(path)
+
+    os.mkdir, os.makedirs = mkdir, makedirs  # restored with the others (saved above)
     for attr in ("rmtree", "move", "copytree", "copy", "copy2", "copyfile"):
         patch(shutil, attr, deny(f"shutil.{attr}"))
     real_os_open, real_open = os.open, io.open
@@ -850,22 +874,25 @@ def no_writes() -> Iterator[list[str]]:
 
 
 def test_dst_root_and_home_refused_dry(corpus: crafted.Corpus) -> None:
-    """DST=/ and DST=$HOME are refused at planning: checked in this process with every write primitive trapped
-    (a conversion that got as far as taking a lock or making a directory fails the test, touching nothing)."""
+    """DST=/ is refused at planning, and so is a split whose destination would be the home directory itself
+    (HOME=.../home/EM, `convert tree .../home --overwrite` with tree/EM): checked in this process with every
+    write primitive trapped (a conversion that got as far as a lock, a file or a new directory fails the test,
+    touching nothing)."""
     import actfmt
 
     ws = corpus.ws("dst_root")
     problems = []
     old = os.environ.get("HOME")
-    fake_home = ws / "fakehome"
+    fake_home = ws / "home" / "EM"
+    fake_home.mkdir(parents=True, exist_ok=True)
+    (fake_home / "notes.txt").write_text(corpus.token + "\n")
     os.environ["HOME"] = str(fake_home)
     try:
-        for dst in ("/", str(fake_home), str(fake_home) + "/"):
-            fake_home.mkdir(exist_ok=True)
+        for dst in ("/", "//", "/./", str(fake_home.parent)):
             with no_writes() as calls:
                 try:
                     actfmt.convert(ws / "tree", dst, to="pt", overwrite=True, jobs=1)
-                    problems.append(f"convert(..., {dst!r}, overwrite=True) returned: not refused")
+                    problems.append(f"convert(tree, {dst!r}, overwrite=True) returned: not refused")
                 except Trapped:
                     problems.append(f"DST={dst!r}: not refused at planning: it tried {calls[0]}")
                 except ActfmtError as exc:
@@ -878,6 +905,8 @@ def test_dst_root_and_home_refused_dry(corpus: crafted.Corpus) -> None:
             del os.environ["HOME"]
         else:
             os.environ["HOME"] = old
+    if (fake_home / "notes.txt").read_text().strip() != corpus.token:
+        problems.append("the fake home's notes.txt changed")
     assert not problems, "\n".join(problems)
 
 
