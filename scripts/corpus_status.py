@@ -50,35 +50,42 @@ SHORT = {
 
 
 def reasons(text: str) -> list[str]:
-    lines = [ln.strip() for ln in text.splitlines()]
+    """The problems an assertion listed: its ``- ...`` lines (the matrix), else the lines of its message."""
+    lines = [ln[1:].strip() for ln in text.splitlines() if ln.startswith("E ")]
     out = [ln[2:] for ln in lines if ln.startswith("- ")]
-    if not out:  # the scenario tests: one problem a line
-        body = text.split("--- stderr")[0]
-        out = [ln for ln in body.splitlines()[1:6] if ln.strip() and not ln.startswith(("assert", "E "))]
-        out = out or [text.strip().splitlines()[0][:200]] if text.strip() else ["failed"]
-    return [re.sub(r"/tmp/actfmt-crafted-[^/]+/", "", r)[:220] for r in out]
+    if not out:
+        msg: list[str] = []
+        for ln in lines:
+            if ln.startswith(("assert ", "+", "where", "--- ")):
+                break
+            msg.append(ln.removeprefix("AssertionError: "))
+        out = [m for m in msg if m] or [text.strip().splitlines()[-1][:200] if text.strip() else "failed"]
+    return [re.sub(r"/tmp/actfmt-crafted-[^/ ]+/", "", r)[:220] for r in out]
 
 
 def main(argv: list[str]) -> int:
-    xml = ET.parse(argv[0])
     title = argv[argv.index("--title") + 1] if "--title" in argv else argv[0]
+    files = [a for k, a in enumerate(argv) if not a.startswith("--") and (k == 0 or argv[k - 1] != "--title")]
+    latest: dict[str, ET.Element] = {}  # a later run of a test replaces an earlier one
+    for f in files:
+        for tc in ET.parse(f).iter("testcase"):
+            latest[tc.get("name", "")] = tc
     cells: dict[str, dict[str, str]] = defaultdict(dict)
     why: dict[tuple[str, str], list[str]] = {}
     scenario: dict[str, tuple[str, list[str]]] = {}
-    for tc in xml.iter("testcase"):
-        name = tc.get("name", "")
+    for name, tc in latest.items():
         fail = tc.find("failure")
         if fail is None:
             fail = tc.find("error")
         skipped = tc.find("skipped") is not None
         status = "skip" if skipped else ("FAIL" if fail is not None else "ok")
-        text = (fail.get("message", "") + "\n" + (fail.text or "")) if fail is not None else ""
+        text = (fail.text or fail.get("message", "")) if fail is not None else ""
         m = re.fullmatch(r"test_crafted\[(.+)-((?:validate|convert|info|stats|verify|open)[\w-]*)\]", name)
         if m:
             case, cmd = m.groups()
             cells[case][cmd] = status
             if fail is not None:
-                why[(case, cmd)] = reasons(fail.text or fail.get("message", ""))
+                why[(case, cmd)] = reasons(text)
             continue
         m = re.fullmatch(r"test_crafted_link_unprivileged\[(.+)\]", name)
         if m:

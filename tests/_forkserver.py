@@ -2,12 +2,13 @@
 
     prlimit --as=N python tests/_forkserver.py cli|torch
 
-Started once (under ``prlimit``, as root or through ``setpriv``), it imports ``actfmt.cli`` (and, with
-``torch``, torch and :mod:`actfmt.dataset`) and answers one JSON request per line on stdin: it forks a child
-that runs the command with its stdout / stderr in the files named, its current directory and environment set,
-and ``alarm(timeout)`` (SIGALRM's default action ends it even inside a C loop); the server waits for it with
-``wait4`` and answers ``{"status": wait status, "maxrss": KB}``.  The child's peak RSS includes what it
-inherited from the server (its baseline, ~30 MB for ``cli``), so the figure is an upper bound.
+Started once (under ``prlimit``, as root or through ``setpriv``), it imports ``actfmt.cli`` and what most
+commands need (:data:`PRELOAD`; with ``torch``, torch and :mod:`actfmt.dataset` too) and answers one JSON
+request per line on stdin: it forks a child that runs the command with its stdout / stderr in the files named,
+its current directory and environment set, and ``alarm(timeout)`` (SIGALRM's default action ends it even inside
+a C loop); the server waits for it with ``wait4`` and answers ``{"status": wait status, "maxrss": KB}``.  The
+child's peak RSS includes what it inherited from the server (its baseline, ~55 MB for ``cli``), so the figure
+is an upper bound.
 
 Requests: ``{"kind": "cli", "args": [...]}`` runs ``actfmt.cli.main()`` with those arguments; ``{"kind":
 "python", "code": ..., "args": [...]}`` runs the code as ``__main__`` with ``sys.argv[1:] = args``.
@@ -56,13 +57,16 @@ def _child(req: dict) -> int:  # type: ignore[type-arg]
     return code
 
 
+#: Imported by the server, so that each command does not import them again: what most commands need (their
+#: RSS, ~55 MB, is part of every child's peak).
+PRELOAD = ["actfmt.cli", "actfmt.checks", "actfmt.formats", "actfmt.convert", "numpy", "h5py", "numcodecs"]
+
+
 def main() -> None:
-    import actfmt.cli
+    import importlib
 
-    if sys.argv[1:] == ["torch"]:
-        import torch  # noqa: F401
-
-        import actfmt.dataset  # noqa: F401
+    for name in PRELOAD + (["torch", "actfmt.dataset"] if sys.argv[1:] == ["torch"] else []):
+        importlib.import_module(name)
     out = sys.stdout
     out.write(json.dumps({"ready": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}) + "\n")
     out.flush()

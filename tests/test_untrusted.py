@@ -440,10 +440,17 @@ def snapshot(root: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple[Any, ..
     return out
 
 
-def diff(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    out = [f"created {k}" for k in sorted(after.keys() - before.keys())]
-    out += [f"removed {k}" for k in sorted(before.keys() - after.keys())]
-    out += [f"changed {k}" for k in sorted(before.keys() & after.keys()) if before[k] != after[k]]
+def diff(before: dict[str, Any], after: dict[str, Any], most: int = 4) -> list[str]:
+    """What was created, removed or changed (the first ``most`` of each, then a count)."""
+    out = []
+    for what, keys in (
+        ("created", sorted(after.keys() - before.keys())),
+        ("removed", sorted(before.keys() - after.keys())),
+        ("changed", sorted(k for k in before.keys() & after.keys() if before[k] != after[k])),
+    ):
+        out += [f"{what} {k}" for k in keys[:most]]
+        if len(keys) > most:
+            out.append(f"{what} {len(keys) - most} more")
     return out
 
 
