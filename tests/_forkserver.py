@@ -6,7 +6,7 @@ Started once (under ``prlimit``, as root or through ``setpriv``), it imports ``a
 commands need (:data:`PRELOAD`; with ``torch``, torch and :mod:`actfmt.dataset` too) and answers one JSON
 request per line on stdin: it forks a child that runs the command with its stdout / stderr in the files named,
 its current directory and environment set, and ``alarm(timeout)`` (SIGALRM's default action ends it even inside
-a C loop); the server waits for it with ``wait4`` and answers ``{"status": wait status, "maxrss": KB}``.  The
+a C loop); the server waits for it with ``wait4`` and answers ``{"status": wait status, "maxrss": KB, "torch": whether the command imported torch}``.  The
 child's peak RSS includes what it inherited from the server (its baseline, ~55 MB for ``cli``), so the figure
 is an upper bound.
 
@@ -21,6 +21,7 @@ import os
 import resource
 import signal
 import sys
+from pathlib import Path
 
 
 def _child(req: dict) -> int:  # type: ignore[type-arg]
@@ -52,7 +53,10 @@ def _child(req: dict) -> int:  # type: ignore[type-arg]
         try:
             sys.stdout.flush()
             sys.stderr.flush()
-        except BaseException:
+            if "torch" in sys.modules and req.get("note"):
+                with open(req["note"], "w") as fh:
+                    fh.write("torch")
+        except BaseException:  # the exit code is all that is left to report
             pass
     return code
 
@@ -78,7 +82,9 @@ def main() -> None:
         if pid == 0:
             os._exit(_child(req))
         _pid, status, usage = os.wait4(pid, 0)
-        out.write(json.dumps({"status": status, "maxrss": usage.ru_maxrss}) + "\n")
+        note = req.get("note")
+        torch = bool(note) and os.path.exists(note) and Path(note).read_text() == "torch"
+        out.write(json.dumps({"status": status, "maxrss": usage.ru_maxrss, "torch": torch}) + "\n")
         out.flush()
 
 
