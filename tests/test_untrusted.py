@@ -946,8 +946,8 @@ def test_remote_silent_endpoint(corpus: crafted.Corpus) -> None:
         "AWS_ACCESS_KEY_ID": "testing-key-id",
         "AWS_SECRET_ACCESS_KEY": "testing-secret",
         "AWS_DEFAULT_REGION": "us-east-1",
-        "ACTFMT_CONNECT_TIMEOUT": "2",
-        "ACTFMT_READ_TIMEOUT": "2",
+        "ACTFMT_CONNECT_TIMEOUT": "1",
+        "ACTFMT_READ_TIMEOUT": "1",
     }
     kill_after = 40.0
     try:
