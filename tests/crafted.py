@@ -577,6 +577,13 @@ def _zarr_separator(ws: Path, kit: Kit, sep: str) -> Path:
     edit_array(store, "layer_00", lambda d: d["chunk_key_encoding"]["configuration"].update(separator=sep))
     (store / "layer_00" / "c.0.0").unlink()
     key = sep.join(["c", "0", "0"])
+    # the kernel resolves `c/..` only if `c` exists: make every directory the key walks through
+    parts = key.split("/")
+    here = store / "layer_00"
+    for part in parts[:-1]:
+        here = here / part
+        if part not in ("..", ".", "") and not os.path.lexists(here):
+            here.mkdir()
     return Path(os.path.normpath(store / "layer_00" / key))
 
 
