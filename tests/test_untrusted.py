@@ -54,16 +54,12 @@ FORMATS = ("text", "json", "github", "junit", "sarif")
 #: Cases (beyond the bombs) that also run as subprocesses under the limits, one or two per family.
 SAMPLE = {
     "link_pt_shard",
-    "link_zarr_chunk",
     "link_h5_file",
     "h5_external_abs",
-    "h5_virtual",
     "zarr_key_escape",
     "name_gh_error",
     "name_xff",
-    "zarr_chunks_0",
     "zarr_codec_pickle",
-    "h5_softlink_cycle",
     "pt_offset_neg",
     "zarr_flipped_byte",
 }
