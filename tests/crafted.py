@@ -59,7 +59,7 @@ class Case:
     limits: bool = False  # a bomb: run only as a subprocess under prlimit and timeout
     unprivileged: bool = False  # a link case: also run as an unprivileged user in a sticky directory
     kind: str = "tree"  # tree: the standard matrix; destination / lock / collision / remote: own scenario
-    cwd: bool = False  # run with the workspace as the current directory (relative HDF5 external paths)
+    cwd: bool = False  # depends on the current directory (every run uses the workspace): relative HDF5 paths
     open_tree: bool = False  # `open` reads the tree (actfmt.open_tree): the split's own path is the link
     tags: tuple[str, ...] = field(default=())
 
