@@ -24,7 +24,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from actfmt.layout import loads_json
-from actfmt.storage import Entry, Location, read_into
+from actfmt.storage import Entry, Location, read_into, short_read
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -363,6 +363,9 @@ class RowStore:
         self.dtype = stored_dtype(dtype)
         self.row_bytes = hidden_dim * self.dtype.itemsize
         self.missing_ok = missing_ok
+        #: ``(location, file size)`` of a single-segment store whose file ends before its declared rows (a
+        #: truncated or crafted file): a read past that end fails before anything is allocated for it.
+        self.short_file: tuple[Location, int] | None = None
         self.offsets = np.zeros(len(self.segments) + 1, dtype=np.int64)
         np.cumsum([s.rows for s in self.segments], out=self.offsets[1:])
 
@@ -425,6 +428,11 @@ class RowStore:
         import numpy as np
 
         start, stop = max(0, start), min(max(start, stop), self.rows)
+        if self.short_file is not None and stop > start:
+            loc, size = self.short_file
+            want = self.segments[0].offset + stop * self.row_bytes
+            if want > size:
+                raise short_read(loc, size, want)
         out = scratch(out, max(0, stop - start), self.hidden_dim, self.dtype)
         reqs, pos = [], 0
         for k, a, b in self._pieces(start, stop):

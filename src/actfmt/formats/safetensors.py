@@ -379,6 +379,8 @@ class SafetensorsReader(RowStoreReader):
             store = self._stores[layer] = RowStore(
                 [Segment(h.location.pinned(h.identity), h.data_start, h.rows)], h.shape[1], h.dtype
             )
+            if h.file_nbytes < h.expected_file_nbytes:  # truncated: never allocate for rows it does not hold
+                store.short_file = (h.location, h.file_nbytes)
         return store
 
     def fingerprint(self, layer: int) -> str | None:

@@ -14,7 +14,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from actfmt.errors import ActfmtError
-from actfmt.storage.base import Entry, Kind, Location, OutputFile, Stat, read_into, read_objects, scan_runs
+from actfmt.storage.base import (
+    Entry,
+    Kind,
+    Location,
+    OutputFile,
+    Stat,
+    read_into,
+    read_objects,
+    scan_runs,
+    short_read,
+)
 from actfmt.storage.local import LocalLocation, read_pool
 
 __all__ = [
@@ -33,6 +43,7 @@ __all__ = [
     "read_pool",
     "resolve",
     "scan_runs",
+    "short_read",
 ]
 
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")

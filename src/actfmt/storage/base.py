@@ -350,7 +350,7 @@ class Location(abc.ABC):
                 continue
             view = memoryview(buf).cast("B")
             if len(data) != len(view):
-                raise _short_read(loc, off + len(data), off + len(view))
+                raise short_read(loc, off + len(data), off + len(view))
             view[:] = data
             out.append(True)
         return out
@@ -472,7 +472,7 @@ def read_objects(locations: Sequence[Location], missing_ok: bool = True) -> list
     return out
 
 
-def _short_read(loc: Location, got: int, want: int) -> Exception:
+def short_read(loc: Location, got: int, want: int) -> Exception:
     from actfmt.errors import TruncatedError
 
     return TruncatedError(

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from actfmt.errors import OutsideTreeError
-from actfmt.storage.base import SCAN_PIECE, Entry, Kind, Location, OutputFile, ReadRequest, Stat, _short_read
+from actfmt.storage.base import SCAN_PIECE, Entry, Kind, Location, OutputFile, ReadRequest, Stat, short_read
 
 __all__ = ["LocalLocation", "contained", "open_regular"]
 
@@ -427,7 +427,7 @@ class LocalLocation(Location):
                     want = min(SCAN_PIECE, length - done)
                     n = os.preadv(fd, [buf[:want]], off + done)
                     if n <= 0:
-                        raise _short_read(loc, off + done, off + length)
+                        raise short_read(loc, off + done, off + length)
                     visit(buf[:n])
                     done += n
 
@@ -638,7 +638,7 @@ def _pread_all(views: Sequence[tuple[Location, int, memoryview]], missing_ok: bo
             while done < len(view):
                 n = os.preadv(fd, [view[done:]], off + done)
                 if n <= 0:
-                    raise _short_read(loc, off + done, off + len(view))
+                    raise short_read(loc, off + done, off + len(view))
                 done += n
             out.append(True)
     return out
@@ -759,7 +759,7 @@ class LocalOutput(OutputFile):
                         exc.filename = self.location.path
                     raise
                 if n <= 0:
-                    raise _short_read(source, offset + done, offset + length)
+                    raise short_read(source, offset + done, offset + length)
                 done += n
                 if at is None:
                     self._pos += n

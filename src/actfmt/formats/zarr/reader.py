@@ -178,20 +178,21 @@ class ZarrReader(Reader):
         out = []
         for pos, m in enumerate(self._metas):
             where = self.location / m.name
+            # the header declares what actfmt does not store: a bad store header (ACT606), not an incomplete one
             if len(m.shape) != 2:
-                raise FormatError(
+                raise BadHeaderError(
                     f"{where}: array of shape {list(m.shape)}, expected [examples, hidden_dim]."
                 )
             dtype = m.attributes.get(DTYPE_ATTR) or dtypes.get(m.name) or _NATURAL.get(m.dtype)
             if dtype not in SUPPORTED_DTYPES:
-                raise FormatError(
-                    f"{where}: stored as {m.dtype} with no {DTYPE_ATTR!r} attribute; actfmt reads "
-                    f"float16, bfloat16 (as uint16 + {DTYPE_ATTR}) and float32."
+                raise BadHeaderError(
+                    f"{where}: stored as {m.dtype} with no {DTYPE_ATTR!r} attribute; actfmt reads float16, "
+                    f"bfloat16 and float32."
                 )
             if stored_dtype(dtype).str != m.dtype and not (
                 dtype == "bfloat16" and m.dtype in ("<i2", "bfloat16")
             ):
-                raise FormatError(f"{where}: stored as {m.dtype} but {DTYPE_ATTR} says {dtype}.")
+                raise BadHeaderError(f"{where}: stored as {m.dtype} but {DTYPE_ATTR} says {dtype}.")
             shard_rows = m.attributes.get(SHARD_ROWS_ATTR)
             sr = check_shard_rows(
                 where, recorded.get(m.name) if shard_rows is None else shard_rows, m.shape[0]
