@@ -19,7 +19,7 @@ LAYERS = [
     {"actfmt.storage"},
     {"actfmt.formats", "actfmt.checksum", "actfmt.moments"},
     {"actfmt.checks", "actfmt.report", "actfmt.convert", "actfmt.statistics"},
-    {"actfmt.dataset", "actfmt.torch", "actfmt._dask"},
+    {"actfmt.dataset", "actfmt.torch", "actfmt._dask", "actfmt.stream"},
     {"actfmt.reporters", "actfmt._console"},
     {"actfmt.cli", "actfmt.__main__"},
 ]
