@@ -760,6 +760,78 @@ def info_command(
         click.echo(click.style(line, bold=True) if bold and styled else line)
 
 
+# --------------------------------------------------------------------------------------------- stream
+
+
+@cli.command("stream")
+@click.argument("paths", nargs=-1, required=True, type=PathOrURL(exists=True))
+@click.option(
+    "--layers", required=True, help="A layer index (x is [batch, d]) or a comma list (x is [batch, n, d])."
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--buffer-rows", type=click.IntRange(min=1), help="Rows in the shuffle buffer [default: 256 MiB]."
+)
+@click.option(
+    "--block-rows", type=click.IntRange(min=1), help="Rows per read [default: 8 MiB, whole chunks]."
+)
+@click.option("--no-shuffle", is_flag=True, help="Storage order.")
+@click.option("--paired", is_flag=True, help="Row i of every split together.")
+@output_format_option("text: one line per figure; json: the API's StreamReport.to_dict().")
+def stream_command(
+    paths: tuple[str, ...],
+    layers: str,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    buffer_rows: int | None,
+    block_rows: int | None,
+    no_shuffle: bool,
+    paired: bool,
+    output_format: str,
+    as_json: bool,
+) -> None:
+    """Stream PATH... (splits in any format) as actfmt.stream does for training, and print the throughput (GB/s
+    of x delivered, rows/s) and how well the order is mixed, to measure a disk or choose a buffer size."""
+    from actfmt.stream import measure
+
+    try:
+        parts = [int(v) for v in layers.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{layers!r}: give layer indices, e.g. 3 or 0,6,12", param_hint="--layers"
+        ) from None
+    if not parts:
+        raise click.BadParameter("give at least one layer index", param_hint="--layers")
+    rep = measure(
+        list(paths),
+        parts[0] if len(parts) == 1 and "," not in layers else parts,
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=not no_shuffle,
+        seed=seed,
+        buffer_rows=buffer_rows,
+        block_rows=block_rows,
+        paired=paired,
+    )
+    if as_json or output_format == "json":
+        click.echo(json.dumps(rep.to_dict(), indent=2))
+        return
+    mix = rep.mixing
+    click.echo(
+        f"{rep.rows:,} rows in {_plural(rep.batches, 'batch').replace('batchs', 'batches')} over "
+        f"{_plural(rep.epochs, 'epoch')}: {rep.seconds:.2f} s, {rep.gb_per_s:.2f} GB/s of x, "
+        f"{rep.rows_per_s:,.0f} rows/s (first batch after {rep.first_batch_seconds:.2f} s)"
+    )
+    click.echo(
+        f"buffer {rep.buffer_rows:,} rows, blocks of {rep.block_rows:,} rows; mixing: |corr(position, row)| "
+        f"{mix['corr']:.3f} (0 = no trace of storage order), same-block pairs per batch "
+        f"{mix['same_block']:.2f}x a full shuffle's"
+    )
+
+
 #: BLAS thread pools this process does not want: actfmt runs layers on threads of its own, so a pool per BLAS
 #: call would only oversubscribe the cores (and OpenBLAS's start-up costs ~50 ms of every command).
 _SINGLE_THREADED_BLAS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
