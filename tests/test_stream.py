@@ -350,3 +350,29 @@ def test_inside_a_dataloader_with_spawned_workers(trees: dict[str, Any]) -> None
     assert np.array_equal(
         allk, keys(collect(Stream(trees["safetensors"], 2, 32, block_rows=16, buffer_rows=48)))
     )
+
+
+# -- the command line -----------------------------------------------------------------------------------------
+
+
+def test_cli_prints_throughput_and_mixing(trees: dict[str, Any]) -> None:
+    from click.testing import CliRunner
+
+    from actfmt.cli import cli
+
+    res = CliRunner().invoke(cli, ["stream", *trees["pt"], "--layers", "1", "--batch-size", "50", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["rows"] == 2 * TOTAL and rep["bytes"] == 2 * TOTAL * HIDDEN * 2 and rep["gb_per_s"] > 0
+    assert 0 <= rep["mixing"]["corr"] < 0.5
+    res = CliRunner().invoke(
+        cli, ["stream", trees["pt"][0], "--layers", "0,2", "--no-shuffle", "--epochs", "2"]
+    )
+    assert res.exit_code == 0, res.output
+    assert (
+        f"{2 * TOTAL:,} rows in" in res.output
+        and "GB/s of x" in res.output
+        and "corr(position, row)| 1.000" in res.output
+    )
+    res = CliRunner().invoke(cli, ["stream", trees["pt"][0], "--layers", "7"])
+    assert res.exit_code == 2 and "no layer 7" in res.output

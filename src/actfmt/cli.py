@@ -768,9 +768,11 @@ def info_command(
 @click.option(
     "--layers", required=True, help="A layer index (x is [batch, d]) or a comma list (x is [batch, n, d])."
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=4096, show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Rows per batch."
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Epochs to stream.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the order (epoch e: seed + e).")
 @click.option(
     "--buffer-rows", type=click.IntRange(min=1), help="Rows in the shuffle buffer [default: 256 MiB]."
 )
