@@ -77,6 +77,8 @@ MIN_READ_BYTES = 1 << 20
 BUFFER_BYTES = 256 << 20
 #: ``normalize=`` choices (as :class:`actfmt.torch.ActivationDataset`).
 NORMALIZE = (None, "scale", "standardize")
+#: Blocks read at once.
+LOAD_THREADS = 2
 #: Format version of :meth:`Stream.state_dict`.
 STATE_VERSION = 1
 
@@ -622,8 +624,14 @@ class _Run:
         else:
             self.first_block = plan.m
         s.counters.first_block = self.first_block
+        self.next_block = self.first_block
+        self.last_block = plan.last_block(int(plan.slot_of(self.end - 1))) if steps.size else -1
+        self.open_lock = threading.Lock()
         self.threads = [
-            threading.Thread(target=self._load, name="actfmt-stream-load", daemon=True),
+            *(
+                threading.Thread(target=self._load, name=f"actfmt-stream-load-{k}", daemon=True)
+                for k in range(LOAD_THREADS)
+            ),
             threading.Thread(target=self._assemble, name="actfmt-stream-assemble", daemon=True),
         ]
         self.cuda_stream = None
@@ -634,14 +642,21 @@ class _Run:
 
     # -- loader -----------------------------------------------------------------------------------------
     def _load(self) -> None:
-        plan, s = self.plan, self.s
+        """One of :data:`LOAD_THREADS` loaders: take the next block in stream order, wait for its ring slot to be
+        free (the block there no longer needed), read it.  Two reads in flight keep a disk busy (a cold epoch) and
+        let two cores copy from the page cache."""
+        plan = self.plan
         try:
-            readers = s._open()
-            positions = [[r._by_index[li] for li in s.layers] for r in readers]
-            last = plan.last_block(int(plan.slot_of(self.end - 1))) if self.end > self.start else -1
-            for j in range(self.first_block, last + 1):
-                ring = j % self.capacity
+            with self.open_lock:
+                readers = self.s._open()
+            positions = [[r._by_index[li] for li in self.s.layers] for r in readers]
+            while True:
                 with self.cond:
+                    j = self.next_block
+                    if j > self.last_block:
+                        return
+                    self.next_block += 1
+                    ring = j % self.capacity
                     while not self.stopping:
                         occ = self.occupant[ring]
                         if occ < 0 or plan.last_use(occ) < self.low_slot:
@@ -651,10 +666,9 @@ class _Run:
                         return
                     if self.occupant[ring] >= 0:
                         self.loaded.discard(self.occupant[ring])
-                    self.occupant[ring] = -1
+                    self.occupant[ring] = j
                 self._read_block(readers, positions, j, ring)
                 with self.cond:
-                    self.occupant[ring] = j
                     self.loaded.add(j)
                     self.cond.notify_all()
         except BaseException as exc:  # handed to the caller
@@ -683,11 +697,16 @@ class _Run:
                     raise StreamError(
                         f"{s.locations[p]}: {name}: rows {start}-{start + n - 1} cannot be read: {exc}"
                     ) from exc
+        with self.cond:
+            self._count(n * len(which), time.perf_counter() - t0)
+
+    def _count(self, rows: int, seconds: float) -> None:
+        s = self.s
         c = s.counters
         c.blocks_read += 1
-        c.rows_read += n * len(which)
-        c.bytes_read += n * len(which) * len(s.layers) * s.row_bytes
-        c.read_seconds += time.perf_counter() - t0
+        c.rows_read += rows
+        c.bytes_read += rows * len(s.layers) * s.row_bytes
+        c.read_seconds += seconds
 
     # -- assembler --------------------------------------------------------------------------------------
     def _assemble(self) -> None:
