@@ -26,10 +26,11 @@ So the state is ``(epoch, position)`` -- rows of the epoch consumed -- and :meth
 jumps straight there: it recomputes the slot sizes (arithmetic, no data), and reads only the blocks resident at
 that point.  Nothing is read from the start of the epoch.
 
-**Reading**: a loader thread reads whole blocks (``Reader.read_array`` of a row range: ``preadv`` into the
+**Reading**: two loader threads read whole blocks (``Reader.read_array`` of a row range: ``preadv`` into the
 buffer for raw stores, chunk decoding straight into it otherwise) in the order the slots need them; an
-assembler thread gathers each batch from the buffer with one ``index_select`` per batch (no Python work per
-row) into output buffers recycled once the caller drops a batch, and puts it in a bounded queue.
+assembler thread gathers each batch from the buffer with one ``numpy.take`` per batch (no Python work per
+row, no OpenMP region) into output buffers recycled once the caller drops a batch, and puts it in a bounded
+queue.
 
 **Memory**: ``(W + span + 2)`` blocks of every requested layer (``span``: the blocks one batch can reach past
 the buffer) plus the ``prefetch`` queue of batches.  More buffer, better mixing; see the README for figures.
