@@ -658,9 +658,12 @@ class _Run:
                         return
                     self.next_block += 1
                     ring = j % self.capacity
+                    # the slot's previous block must be j - capacity (another loader may be far ahead: it must
+                    # not take the slot before block j has had it) and no longer needed
+                    before = j - self.capacity if j - self.capacity >= self.first_block else -1
                     while not self.stopping:
                         occ = self.occupant[ring]
-                        if occ < 0 or plan.last_use(occ) < self.low_slot:
+                        if occ == before and (occ < 0 or plan.last_use(occ) < self.low_slot):
                             break
                         self.cond.wait()
                     if self.stopping:
