@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 
-.PHONY: install test lint demo bench faults fixtures dist check-wheel clean
+.PHONY: install test lint demo bench bench-stream faults fixtures dist check-wheel clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+bench-stream: install
+	$(BIN)/python benchmarks/stream.py
 
 faults: install
 	$(BIN)/python benchmarks/faults.py

@@ -27,7 +27,7 @@ LAYERS = [
     {"actfmt.formats", "actfmt.checksum", "actfmt.moments"},
     {"actfmt.report"},  # the result of a validation (Finding, severities): below the rules that make it
     {"actfmt.checks", "actfmt.convert", "actfmt.statistics"},
-    {"actfmt.dataset", "actfmt.torch", "actfmt._dask"},
+    {"actfmt.dataset", "actfmt.torch", "actfmt._dask", "actfmt.stream"},
     {"actfmt.reporters"},
     {"actfmt.cli", "actfmt.cli_base", "actfmt.__main__"},
 ]

@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from actfmt._version import __version__
 
-__all__ = ["__version__", "convert", "info", "open", "open_tree", "stats", "validate", "verify"]
+__all__ = ["__version__", "convert", "info", "open", "open_tree", "stats", "stream", "validate", "verify"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from actfmt.checks import validate
     from actfmt.convert import convert, info, verify
     from actfmt.dataset import open, open_tree
     from actfmt.statistics import stats
+    from actfmt.stream import stream
 
 _LAZY = {
     "validate": "actfmt.checks:validate",
@@ -25,6 +26,7 @@ _LAZY = {
     "open": "actfmt.dataset:open",
     "open_tree": "actfmt.dataset:open_tree",
     "stats": "actfmt.statistics:stats",
+    "stream": "actfmt.stream:stream",
 }
 
 

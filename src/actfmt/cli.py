@@ -55,6 +55,7 @@ from actfmt.reporters import (
     rule_dict,
     rule_lines,
     rules_table,
+    stream_lines,
     verify_lines,
     write_info,
 )
@@ -588,6 +589,74 @@ def info_command(
             out.write(json_document([r.to_dict() for _, rows in found for r in rows], key="splits") + "\n")
             return
         write_info(found, out)
+
+
+# --------------------------------------------------------------------------------------------- stream
+
+
+@cli.command("stream")
+@click.argument("paths", nargs=-1, required=True, type=PathOrURL(exists=True))
+@click.option(
+    "--layers", required=True, help="A layer index (x is [batch, d]) or a comma list (x is [batch, n, d])."
+)
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Rows per batch."
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Epochs to stream.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the order (epoch e: seed + e).")
+@click.option(
+    "--buffer-rows", type=click.IntRange(min=1), help="Rows in the shuffle buffer [default: 256 MiB]."
+)
+@click.option(
+    "--block-rows", type=click.IntRange(min=1), help="Rows per read [default: 8 MiB, whole chunks]."
+)
+@click.option("--no-shuffle", is_flag=True, help="Storage order.")
+@click.option("--paired", is_flag=True, help="Row i of every split together.")
+@output_format_option("text: one line per figure; json: the API's StreamReport.to_dict().")
+@output_file_option
+def stream_command(
+    paths: tuple[str, ...],
+    layers: str,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    buffer_rows: int | None,
+    block_rows: int | None,
+    no_shuffle: bool,
+    paired: bool,
+    output_format: str,
+    as_json: bool,
+    output_file: str | None,
+) -> None:
+    """Stream PATH... (splits in any format) as actfmt.stream does for training, and print the throughput (GB/s
+    of x delivered, rows/s) and how well the order is mixed, to measure a disk or choose a buffer size."""
+    from actfmt.stream import measure
+
+    try:
+        parts = [int(v) for v in layers.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{layers!r}: give layer indices, e.g. 3 or 0,6,12", param_hint="--layers"
+        ) from None
+    if not parts:
+        raise click.BadParameter("give at least one layer index", param_hint="--layers")
+    rep = measure(
+        list(paths),
+        parts[0] if len(parts) == 1 and "," not in layers else parts,
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=not no_shuffle,
+        seed=seed,
+        buffer_rows=buffer_rows,
+        block_rows=block_rows,
+        paired=paired,
+    )
+    with output_stream(output_file) as out:
+        if as_json or output_format == "json":
+            out.write(json_document(rep.to_dict()) + "\n")
+        else:
+            for line in stream_lines(rep):
+                click.echo(line, file=out)
 
 
 def main() -> None:

@@ -931,6 +931,13 @@ class HDF5Reader(Reader):
             comp = f"{comp} (shuffle)"
         return {"chunks": list(dset.chunks) if dset.chunks else None, "compression": comp or "none"}
 
+    def chunk_rows_of(self, layer: int) -> int | None:
+        """Rows per chunk of a chunked layer (``None``: contiguous, or stored raw, where any rows are cheap)."""
+        if self._rows(layer) is not None:
+            return None
+        chunks = self._dataset(layer).chunks
+        return int(chunks[0]) if chunks else None
+
     def _dtype_name(self, dset: h5py.Dataset, name: str) -> str:
         raw = dset.attrs.get(DTYPE_ATTR)
         if isinstance(raw, bytes):

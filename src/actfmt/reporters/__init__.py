@@ -42,6 +42,7 @@ from actfmt.reporters.stats import (
     render_stats_text,
     sparkline,
 )
+from actfmt.reporters.stream import stream_lines
 from actfmt.reporters.validation import (
     FORMATS,
     MAX_PER_RULE,
@@ -97,6 +98,7 @@ __all__ = [
     "rules_table",
     "shorten_left",
     "sparkline",
+    "stream_lines",
     "summary_line",
     "verify_lines",
     "write_info",

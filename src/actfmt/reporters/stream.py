@@ -1,0 +1,23 @@
+"""``actfmt stream``: the throughput and mixing figures of a measured stream, one line each."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actfmt.reporters.common import plural
+
+__all__ = ["stream_lines"]
+
+
+def stream_lines(rep: Any) -> list[str]:
+    """What ``actfmt stream`` prints for a :class:`~actfmt.stream.StreamReport`."""
+    mix = rep.mixing
+    batches = f"{rep.batches:,} batch" if rep.batches == 1 else f"{rep.batches:,} batches"
+    return [
+        f"{rep.rows:,} rows in {batches} over {plural(rep.epochs, 'epoch')}: {rep.seconds:.2f} s, "
+        f"{rep.gb_per_s:.2f} GB/s of x, {rep.rows_per_s:,.0f} rows/s (first batch after "
+        f"{rep.first_batch_seconds:.2f} s)",
+        f"buffer {rep.buffer_rows:,} rows, blocks of {rep.block_rows:,} rows; mixing: |corr(position, row)| "
+        f"{mix['corr']:.3f} (0 = no trace of storage order), same-block pairs per batch "
+        f"{mix['same_block']:.2f}x a full shuffle's",
+    ]
