@@ -449,3 +449,21 @@ def test_dry_run_prints_the_plan_and_writes_nothing(stores: dict[str, Path], tmp
         ).stdout
     )
     assert {p["action"] for p in replace["planned"]} == {"replace"}
+
+
+def test_info_never_shortens_two_stores_until_they_look_alike() -> None:
+    from actfmt.reporters.info import _fit_labels
+
+    a = "a" * 50 + "_model_one/EM.zarr"
+    b = "a" * 50 + "_model_two/EM.zarr"
+    short = _fit_labels([a, b], 40, "…")
+    assert len(set(short)) == 2 and all(len(s) <= 40 for s in short)
+    assert short[0].endswith("_model_one/EM.zarr") and short[1].endswith("_model_two/EM.zarr")
+    # when no shortening keeps them apart, they stay whole
+    c, d = "x" * 30 + "1" + "y" * 30, "x" * 30 + "2" + "y" * 30
+    assert _fit_labels([c, d], 20, "…") == [c, d]
+    # the usual case: shortened at a "/"
+    assert _fit_labels(["very/long/path/to/EM.zarr", "short/Neutral.zarr"], 20, "…") == [
+        "…/path/to/EM.zarr",
+        "short/Neutral.zarr",
+    ]

@@ -65,12 +65,20 @@ def _shorten_middle(text: str, width: int, ellipsis: str = "…") -> str:
     return shorten_left(text, width, ellipsis)
 
 
+def _cut_left(text: str, width: int, ellipsis: str = "…") -> str:
+    """``text`` cut from the left to ``width`` characters, mid-name if need be."""
+    return text if len(text) <= width else ellipsis + text[len(text) - max(1, width - len(ellipsis)) :]
+
+
 def _fit_labels(labels: Sequence[str], width: int, ellipsis: str) -> list[str]:
-    """Each label shortened from the left to ``width``; from the middle when that would make two alike."""
-    short = [shorten_left(label, width, ellipsis) for label in labels]
-    if len(set(short)) < len(set(labels)):
-        short = [_shorten_middle(label, width, ellipsis) for label in labels]
-    return short
+    """Each label shortened to ``width``: from the left at a ``/``, else from the middle, else mid-name, taking
+    the first way that keeps every label apart; when none does, the labels are kept whole (a wrapped line is
+    better than two stores that look alike)."""
+    for shorten in (shorten_left, _shorten_middle, _cut_left):
+        short = [shorten(label, width, ellipsis) for label in labels]
+        if len(set(short)) == len(set(labels)):
+            return short
+    return list(labels)
 
 
 def _common_dir(labels: Sequence[str]) -> str:
