@@ -421,33 +421,15 @@ def test_dry_run_prints_the_plan_and_writes_nothing(stores: dict[str, Path], tmp
     assert len(lines) == 3 and all(line.endswith("create") for line in lines[:2])
     assert "EM.zarr" in lines[0] and "2 layers" in lines[0]
     assert lines[2].startswith("Dry run: 2 splits · 4 layers · ") and "nothing written" in lines[2]
-    doc = json.loads(
-        run(
-            "convert",
-            str(stores["pt"]),
-            str(stores["zarr"]),
-            "--to",
-            "zarr",
-            "--dry-run",
-            "--output-format",
-            "json",
-        ).stdout
-    )
+
+    def plan(*extra: str) -> Any:
+        args = ["convert", str(stores["pt"]), str(stores["zarr"]), "--to", "zarr", "--dry-run", *extra]
+        return json.loads(run(*args, "--output-format", "json").stdout)
+
+    doc = plan()
     assert doc["dry_run"] is True and {p["action"] for p in doc["planned"]} == {"exists"}
     assert sum(p["bytes"] for p in doc["planned"]) == 2 * 2 * 120 * 8 * 2  # splits x layers x rows x d x bf16
-    replace = json.loads(
-        run(
-            "convert",
-            str(stores["pt"]),
-            str(stores["zarr"]),
-            "--to",
-            "zarr",
-            "--dry-run",
-            "--overwrite",
-            "--output-format",
-            "json",
-        ).stdout
-    )
+    replace = plan("--overwrite")
     assert {p["action"] for p in replace["planned"]} == {"replace"}
 
 

@@ -48,6 +48,19 @@ class MetadataUnparseable(SplitRule):
             )
 
 
+def _missing_keys(rule: type[SplitRule], ctx: SplitContext, kind: str, what: str) -> Iterable[Finding]:
+    """One finding naming every key of ``kind`` that ``metadata.json`` lacks."""
+    missing = [p.key for p in ctx.problems if p.kind == kind]
+    if missing:
+        keys = ", ".join(repr(k) for k in missing)
+        yield rule.finding(
+            ctx.metadata_location,
+            f"{what}{'s' if len(missing) > 1 else ''} {keys} missing from metadata.json",
+            expected=missing,
+            actual=None,
+        )
+
+
 class MetadataMissingKey(SplitRule):
     """A required key is absent from `metadata.json`.
 
@@ -67,15 +80,7 @@ class MetadataMissingKey(SplitRule):
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
-        missing = [p.key for p in ctx.problems if p.kind == "missing-key"]
-        if missing:
-            keys = ", ".join(repr(k) for k in missing)
-            yield cls.finding(
-                ctx.metadata_location,
-                f"required key{'s' if len(missing) > 1 else ''} {keys} missing from metadata.json",
-                expected=missing,
-                actual=None,
-            )
+        yield from _missing_keys(cls, ctx, "missing-key", "required key")
 
 
 class MetadataMissingProducerKey(SplitRule):
@@ -97,15 +102,7 @@ class MetadataMissingProducerKey(SplitRule):
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
-        missing = [p.key for p in ctx.problems if p.kind == "missing-producer-key"]
-        if missing:
-            keys = ", ".join(repr(k) for k in missing)
-            yield cls.finding(
-                ctx.metadata_location,
-                f"the producer's key{'s' if len(missing) > 1 else ''} {keys} missing from metadata.json",
-                expected=missing,
-                actual=None,
-            )
+        yield from _missing_keys(cls, ctx, "missing-producer-key", "the producer's key")
 
 
 class MetadataBadValue(SplitRule):
