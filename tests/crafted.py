@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actfmt.convert import convert as actfmt_convert
+
 __all__ = ["CASES", "Case", "Corpus", "build", "build_case"]
 
 ROWS, HIDDEN, LAYERS, SHARD, BATCH = 40, 8, 2, 16, 8  # shards of 16, 16, 8 rows
@@ -109,9 +111,8 @@ def valid_split(path: Path, seed: int = 0, **kw: Any) -> None:
 
 def convert_split(src: Path, dst_dir: Path, to: str, **kw: Any) -> Path:
     """``actfmt.convert`` of one split into ``dst_dir``; returns the store (``EM.zarr``, ``EM.h5``, ``EM/``)."""
-    import actfmt
 
-    result = actfmt.convert(src, dst_dir, to=to, jobs=1, **kw)
+    result = actfmt_convert(src, dst_dir, to=to, jobs=1, **kw)
     (job,) = result.splits
     return Path(str(job.destination))
 

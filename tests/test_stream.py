@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import actfmt
+from actfmt.convert import convert as actfmt_convert
 from actfmt.errors import ActfmtError
 from actfmt.formats import find_splits
 from actfmt.stream import Stream, StreamError, mixing, stream
@@ -37,7 +38,7 @@ def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         ("hdf5", "hdf5", None, 40),
         ("safetensors", "safetensors", None, None),
     ):
-        actfmt.convert(root / "pt", root / label, to=fmt, compression=comp, chunk_rows=chunk)
+        actfmt_convert(root / "pt", root / label, to=fmt, compression=comp, chunk_rows=chunk)
     for label in ("pt", "zarr", "zarr-raw", "hdf5", "safetensors"):
         found = {Path(str(loc)).name.split(".")[0]: str(loc) for loc, _ in find_splits(root / label)}
         out[label] = [found["EM"], found["Neutral"]]

@@ -41,6 +41,7 @@ import pytest
 from click.testing import CliRunner
 
 from actfmt.cli import cli
+from actfmt.convert import convert as actfmt_convert
 from actfmt.errors import ActfmtError
 from tests import _openread, crafted
 from tests._faults import NOBODY, as_user_prefix
@@ -857,7 +858,6 @@ def test_dst_root_and_home_refused_dry(corpus: crafted.Corpus) -> None:
     (HOME=.../home/EM, `convert tree .../home --overwrite` with tree/EM): checked in this process with every
     write primitive trapped (a conversion that got as far as a lock, a file or a new directory fails the test,
     touching nothing)."""
-    import actfmt
 
     ws = corpus.ws("dst_root")
     problems = []
@@ -870,7 +870,7 @@ def test_dst_root_and_home_refused_dry(corpus: crafted.Corpus) -> None:
         for dst in ("/", "//", "/./", str(fake_home.parent)):
             with no_writes() as calls:
                 try:
-                    actfmt.convert(ws / "tree", dst, to="pt", overwrite=True, jobs=1)
+                    actfmt_convert(ws / "tree", dst, to="pt", overwrite=True, jobs=1)
                     problems.append(f"convert(tree, {dst!r}, overwrite=True) returned: not refused")
                 except Trapped:
                     problems.append(f"DST={dst!r}: not refused at planning: it tried {calls[0]}")
