@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import du, make_seed_split
 
-from actfmt.convert import convert
+from actfmt.conversion import convert
 
 
 def _cpu() -> float:
@@ -57,12 +57,12 @@ def measure(fn: Callable[[], object], repeat: int, cpu: Callable[[], float]) -> 
 
 def _warm() -> None:
     """Import what a layer task needs in a worker (a standing cluster has done so long before)."""
-    import actfmt.convert
+    import actfmt.conversion
     import actfmt.formats
 
     for name in actfmt.formats.FORMATS:
         actfmt.formats.get_format(name)
-    assert actfmt.convert.run_layer_task
+    assert actfmt.conversion.run_layer_task
 
 
 def _one_encode_thread() -> None:
@@ -96,7 +96,7 @@ def main() -> int:
     from distributed import Client
 
     # actfmt's own cluster: no MALLOC_TRIM_THRESHOLD_ in the workers' environment
-    from actfmt.convert.executors import local_cluster
+    from actfmt.conversion.executors import local_cluster
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -115,7 +115,7 @@ def main() -> int:
         return go
 
     def verify_only(to: str) -> Callable[[], object]:
-        from actfmt.convert import layer_checksum
+        from actfmt.conversion import layer_checksum
         from actfmt.formats import find_splits, open_reader
 
         def go() -> None:

@@ -73,7 +73,7 @@ def child(kind: str, path: str, layers: list[int], batch: int) -> dict[str, Any]
     t0 = time.perf_counter()
     nbytes = rows = 0
     if kind == "actfmt":
-        from actfmt.stream import measure
+        from actfmt.streaming import measure
 
         rep = measure([path], layers if len(layers) > 1 else layers[0], batch_size=batch)
         out = {"seconds": rep.seconds, "bytes": rep.bytes, "rows": rep.rows, "mixing": rep.mixing}
@@ -158,15 +158,15 @@ def bench(
     cold: bool,
 ) -> None:
     stores = stores_for(src, work, formats)
-    readers: list[tuple[str, str, Path]] = [("actfmt.stream", label, p) for label, p in stores.items()]
+    readers: list[tuple[str, str, Path]] = [("actfmt.streaming", label, p) for label, p in stores.items()]
     readers += [("seed loader", "pt", src), ("ActivationDataset+DataLoader", "pt", src)]
-    kinds = {"actfmt.stream": "actfmt", "seed loader": "seed", "ActivationDataset+DataLoader": "dataset"}
+    kinds = {"actfmt.streaming": "actfmt", "seed loader": "seed", "ActivationDataset+DataLoader": "dataset"}
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for _ in range(repeat):
         for who, label, path in readers:
             warm(path) if path.is_dir() else cat_seconds(path)
             results.setdefault((who, label), []).append(run_child(kinds[who], path, layers, batch))
-    peers = [k for k in results if k[0] != "actfmt.stream"]
+    peers = [k for k in results if k[0] != "actfmt.streaming"]
     best_peer = max(statistics.median(r["bytes"] / r["seconds"] for r in results[k]) for k in peers)
     print(f"\n### {name}: {src} ({du(src) / 1e9:.2f} GB), layers {layers[0]}..{layers[-1]}, batch {batch}\n")
     print("| reader | store | GB/s of x | rows/s | peak RSS | vs best peer |")
@@ -179,7 +179,7 @@ def bench(
         print(
             f"| {who} | {label} | {median_spread(gbs)} | {statistics.median(rows):,.0f} | {rss:.2f} GB | {ratio:.1f}x |"
         )
-    mix = results[("actfmt.stream", formats[0])][0].get("mixing")
+    mix = results[("actfmt.streaming", formats[0])][0].get("mixing")
     if mix:
         print(
             f"\nactfmt.stream mixing (default buffer): |corr(position, row)| {mix['corr']:.3f}, same-block pairs "

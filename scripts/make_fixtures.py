@@ -639,7 +639,7 @@ def _(c: Path) -> None:
     deep=True,
 )
 def _(c: Path) -> None:
-    from actfmt.convert import convert
+    from actfmt.conversion import convert
 
     work = c / "_pt"
     base(work)
@@ -659,7 +659,7 @@ def _(c: Path) -> None:
     [("ACT007", "Activations/org_tiny-model/toy_ds/EM.zarr")],
 )
 def _(c: Path) -> None:
-    from actfmt.convert import convert
+    from actfmt.conversion import convert
 
     work = c / "_pt"
     base(work)

@@ -63,7 +63,7 @@ def _child(req: dict) -> int:  # type: ignore[type-arg]
 
 #: Imported by the server, so that each command does not import them again: what most commands need (their
 #: RSS, ~55 MB, is part of every child's peak).
-PRELOAD = ["actfmt.cli", "actfmt.checks", "actfmt.formats", "actfmt.convert", "numpy", "h5py", "numcodecs"]
+PRELOAD = ["actfmt.cli", "actfmt.checks", "actfmt.formats", "actfmt.conversion", "numpy", "h5py", "numcodecs"]
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actfmt.convert import convert as actfmt_convert
+from actfmt.conversion import convert as actfmt_convert
 
 __all__ = ["CASES", "Case", "Corpus", "build", "build_case"]
 

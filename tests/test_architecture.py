@@ -26,8 +26,8 @@ LAYERS = [
     {"actfmt.storage"},
     {"actfmt.formats", "actfmt.checksum", "actfmt.moments"},
     {"actfmt.report"},  # the result of a validation (Finding, severities): below the rules that make it
-    {"actfmt.checks", "actfmt.convert", "actfmt.statistics"},
-    {"actfmt.dataset", "actfmt.torch", "actfmt._dask", "actfmt.stream"},
+    {"actfmt.checks", "actfmt.conversion", "actfmt.statistics"},
+    {"actfmt.dataset", "actfmt.torch", "actfmt._dask", "actfmt.streaming"},
     {"actfmt.reporters"},
     {"actfmt.cli", "actfmt.cli_base", "actfmt.__main__"},
 ]
@@ -164,3 +164,16 @@ def test_the_command_line_starts_without_the_api_or_a_drawing_library() -> None:
         "assert not late, late"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, capture_output=True)
+
+
+def test_the_api_functions_are_not_shadowed_by_a_module() -> None:
+    """Importing a submodule binds it as an attribute of its package: no module may share a name with a function of
+    the top-level API, or ``actfmt.convert(...)`` stops working once something imported it (it once did)."""
+    code = (
+        "import importlib, pkgutil, actfmt, inspect; "
+        "[importlib.import_module(m.name) for m in pkgutil.walk_packages(actfmt.__path__, 'actfmt.') "
+        "if not m.name.endswith('__main__')]; "
+        "bad = [n for n in actfmt.__all__ if n != '__version__' and not inspect.isfunction(getattr(actfmt, n))]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import actfmt.cli
 from actfmt.checks import validate
 from actfmt.cli import cli
-from actfmt.convert import info
+from actfmt.conversion import info
 from actfmt.reporters import ProgressRenderer, render_info, shorten_left
 
 from ._trees import make_split, make_tree

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import actfmt.formats as formats_registry
-from actfmt.convert import convert, info, verify
+from actfmt.conversion import convert, info, verify
 from actfmt.errors import ConversionError, DestinationExistsError, LockedError
 from actfmt.formats import find_splits, open_reader
 
@@ -130,7 +130,7 @@ def test_info_describes_each_split(tmp_path: Path) -> None:
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from actfmt.convert import convert
+    from actfmt.conversion import convert
     def slow(event):
         if event.kind == "advance" and event.task == "convert":
             time.sleep(0.02)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import actfmt
-from actfmt.convert import convert
+from actfmt.conversion import convert
 from actfmt.formats import FORMATS, get_format
 from actfmt.torch import ActivationDataset
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import actfmt
-from actfmt.convert import convert, verify
+from actfmt.conversion import convert, verify
 from actfmt.errors import ChangedError, ConversionError
 from actfmt.formats import find_splits, get_format, open_reader
 from tests._faults import actfmt_cmd, run
@@ -36,7 +36,7 @@ FORMATS = ["zarr", "hdf5", "safetensors", "pt"]
 SLOW_CLI = textwrap.dedent(
     """
     import os, sys, time
-    import actfmt.convert.tasks as tasks
+    import actfmt.conversion.tasks as tasks
     real = tasks.copy_layer
     def slow(*a, **k):
         time.sleep(float(os.environ.get("ACTFMT_TEST_LAYER_DELAY", "0.25")))

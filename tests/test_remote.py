@@ -22,7 +22,7 @@ from click.testing import CliRunner
 import actfmt
 from actfmt.checks import validate
 from actfmt.cli import cli
-from actfmt.convert import convert, info, verify
+from actfmt.conversion import convert, info, verify
 from actfmt.errors import (
     ConversionError,
     DestinationExistsError,

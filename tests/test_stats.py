@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import actfmt
 from actfmt.cli import cli
-from actfmt.convert import convert
+from actfmt.conversion import convert
 from actfmt.moments import LAYER_FIELDS, PAIR_FIELDS, Moments, Projection, RowNorms, direction
 from actfmt.statistics import parse_layers
 from tests._trees import make_split, make_tree, seed_load

@@ -1,4 +1,4 @@
-"""actfmt.stream: the permutation, determinism, resume and rank invariants, labels, pairs, dtypes, errors."""
+"""actfmt.streaming: the permutation, determinism, resume and rank invariants, labels, pairs, dtypes, errors."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import actfmt
-from actfmt.convert import convert as actfmt_convert
+from actfmt.conversion import convert as actfmt_convert
 from actfmt.errors import ActfmtError
 from actfmt.formats import find_splits
-from actfmt.stream import Stream, StreamError, mixing, stream
+from actfmt.streaming import Stream, StreamError, mixing, stream
 from actfmt.torch import ActivationDataset
 
 from ._trees import bits, make_tree
@@ -149,7 +149,7 @@ def test_mixing_figures(trees: dict[str, Any]) -> None:
 
 RESUME = r"""
 import json, sys, torch
-from actfmt.stream import Stream
+from actfmt.streaming import Stream
 cases = json.loads(sys.argv[1])
 out = {}
 for name, c in cases.items():
@@ -328,7 +328,7 @@ def test_unknown_layer_and_mismatched_pairs(trees: dict[str, Any], tmp_path: Pat
 
 
 def test_callable_module_and_lazy_name() -> None:
-    import actfmt.stream as module
+    import actfmt.streaming as module
 
     assert actfmt.stream is module or actfmt.stream is stream
     assert callable(actfmt.stream)

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 # -- helpers -------------------------------------------------------------------------------------------------
 def convert_to(tmp_path: Path, fmt: str, **options: Any) -> Path:
     """The valid EM/Neutral pair converted to ``fmt`` (chunks of 16 rows); returns its EM split."""
-    from actfmt.convert import convert
+    from actfmt.conversion import convert
 
     dst = tmp_path / fmt
     convert(SRC, dst, to=fmt, chunk_rows=options.pop("chunk_rows", 16), **options)

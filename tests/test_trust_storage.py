@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from actfmt.checks import validate
 from actfmt.cli import cli
-from actfmt.convert import convert
+from actfmt.conversion import convert
 from actfmt.errors import ActfmtError, OutsideTreeError
 from actfmt.storage import LocalLocation, resolve
 

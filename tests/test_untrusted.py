@@ -41,7 +41,7 @@ import pytest
 from click.testing import CliRunner
 
 from actfmt.cli import cli
-from actfmt.convert import convert as actfmt_convert
+from actfmt.conversion import convert as actfmt_convert
 from actfmt.errors import ActfmtError
 from tests import _openread, crafted
 from tests._faults import NOBODY, as_user_prefix

@@ -13,20 +13,20 @@ __all__ = ["__version__", "convert", "info", "open", "open_tree", "stats", "stre
 
 if TYPE_CHECKING:  # pragma: no cover
     from actfmt.checks import validate
-    from actfmt.convert import convert, info, verify
+    from actfmt.conversion import convert, info, verify
     from actfmt.dataset import open, open_tree
     from actfmt.statistics import stats
-    from actfmt.stream import stream
+    from actfmt.streaming import stream
 
 _LAZY = {
     "validate": "actfmt.checks:validate",
-    "convert": "actfmt.convert:convert",
-    "verify": "actfmt.convert:verify",
-    "info": "actfmt.convert:info",
+    "convert": "actfmt.conversion:convert",
+    "verify": "actfmt.conversion:verify",
+    "info": "actfmt.conversion:info",
     "open": "actfmt.dataset:open",
     "open_tree": "actfmt.dataset:open_tree",
     "stats": "actfmt.statistics:stats",
-    "stream": "actfmt.stream:stream",
+    "stream": "actfmt.streaming:stream",
 }
 
 

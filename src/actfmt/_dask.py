@@ -1,7 +1,7 @@
 """Dask integration for reading: lazy dask arrays over layers (``LayerView.to_dask()``).
 
 Needs the ``dask`` extra (``pip install 'actfmt[dask]'``); imported only when used.  (Conversion on a dask
-cluster, ``--executor dask``, is :mod:`actfmt.convert.executors`.)
+cluster, ``--executor dask``, is :mod:`actfmt.conversion.executors`.)
 
 :func:`layer_to_dask` gives a lazy ``[rows, hidden_dim]`` dask array whose blocks are read by picklable tasks
 that open the split themselves (its location, local or remote, travels with its storage options; no handle is

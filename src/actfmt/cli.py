@@ -2,7 +2,7 @@
 
 Each command parses options, calls one API function, renders the result through :mod:`actfmt.reporters`, and
 turns an ActfmtError into a clean message (exit 2 for usage / tool failures, never a traceback).  The API
-modules (:mod:`actfmt.checks`, :mod:`actfmt.convert`, :mod:`actfmt.statistics`, which import every format) are
+modules (:mod:`actfmt.checks`, :mod:`actfmt.conversion`, :mod:`actfmt.statistics`, which import every format) are
 imported inside the command that calls them, so that ``actfmt --help`` stays fast.
 
 Exit codes: 0 no errors; 1 errors (or warnings with ``--strict``); 2 usage error, missing PATH, no split
@@ -371,7 +371,7 @@ def convert_command(
     locally, then uploaded) and its completeness mark is written last, so an interrupted store never validates
     as complete (ACT603).
     """
-    from actfmt.convert import convert
+    from actfmt.conversion import convert
 
     with progress_renderer(quiet=quiet, no_progress=no_progress) as progress:
         result = convert(
@@ -438,7 +438,7 @@ def verify_command(
 
     Exit 0 when they do, 1 when they differ (the first differing layer and row are shown).
     """
-    from actfmt.convert import verify
+    from actfmt.conversion import verify
 
     with progress_renderer(quiet=quiet, no_progress=no_progress) as progress:
         res = verify(a, b, progress=progress, storage_options=storage_options)
@@ -581,7 +581,7 @@ def info_command(
 
     Exit 2 when a PATH holds no split.
     """
-    from actfmt.convert import info
+    from actfmt.conversion import info
 
     found = [(path, info(path, storage_options=storage_options)) for path in paths]
     with output_stream(output_file) as out:
@@ -630,7 +630,7 @@ def stream_command(
 ) -> None:
     """Stream PATH... (splits in any format) as actfmt.stream does for training, and print the throughput (GB/s
     of x delivered, rows/s) and how well the order is mixed, to measure a disk or choose a buffer size."""
-    from actfmt.stream import measure
+    from actfmt.streaming import measure
 
     try:
         parts = [int(v) for v in layers.split(",") if v.strip()]

@@ -17,7 +17,7 @@ SUFFIX = {"zarr": ".zarr", "hdf5": ".h5", "safetensors": ""}
 
 
 def converted(tmp_path: Path, fmt: str) -> Path:
-    from actfmt.convert import convert
+    from actfmt.conversion import convert
 
     dst = tmp_path / fmt
     convert(SRC, dst, to=fmt, chunk_rows=16)
@@ -163,7 +163,7 @@ def test_norm_outlier_and_identical_splits_in_stores(tmp_path: Path) -> None:
 
     import torch
 
-    from actfmt.convert import convert
+    from actfmt.conversion import convert
     from tests._trees import make_split
 
     src = tmp_path / "src"

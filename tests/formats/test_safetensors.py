@@ -304,7 +304,7 @@ class TestSafetensorsFormat(FormatConformance):
         splits = sorted(p for p in REAL.rglob("metadata.json")) if REAL.is_dir() else []
         if not splits:
             pytest.skip("real sample not present")
-        from actfmt.convert import convert
+        from actfmt.conversion import convert
 
         src = splits[0].parent
         dst = tmp_path / "out"

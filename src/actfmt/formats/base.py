@@ -4,7 +4,7 @@ A *split* is ``num_layers`` 2-D arrays ``[total_examples, hidden_dim]`` plus the
 return rows as numpy arrays of the *stored* dtype (:func:`stored_dtype`: bfloat16 as its ``uint16`` bits, since
 numpy has none) and, for the public API, as torch tensors with bfloat16 restored; writers receive numpy row
 blocks.  Nothing on the conversion path needs torch.  Shared logic (planning, checksums, commit, resume,
-verification) lives in :mod:`actfmt.convert`, never here.
+verification) lives in :mod:`actfmt.conversion`, never here.
 
 Rows stored raw (a ``.pt`` shard's tensor, a safetensors file, an uncompressed zarr chunk) are all read by one
 piece of code, :class:`RowStore`: segments of whole rows at known byte offsets, read with batched

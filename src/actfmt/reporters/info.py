@@ -34,7 +34,7 @@ MIN_SPLIT_WIDTH = 24
 
 
 def info_fields(row: Any) -> dict[str, str]:
-    """One :class:`~actfmt.convert.SplitInfo` as the text of each of :data:`INFO_COLUMNS` (``""``: unknown)."""
+    """One :class:`~actfmt.conversion.SplitInfo` as the text of each of :data:`INFO_COLUMNS` (``""``: unknown)."""
 
     def text(value: Any) -> str:
         return "" if value is None else escape(str(value))

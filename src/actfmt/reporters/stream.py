@@ -10,7 +10,7 @@ __all__ = ["stream_lines"]
 
 
 def stream_lines(rep: Any) -> list[str]:
-    """What ``actfmt stream`` prints for a :class:`~actfmt.stream.StreamReport`."""
+    """What ``actfmt stream`` prints for a :class:`~actfmt.streaming.StreamReport`."""
     mix = rep.mixing
     batches = f"{rep.batches:,} batch" if rep.batches == 1 else f"{rep.batches:,} batches"
     return [

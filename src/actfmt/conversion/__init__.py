@@ -17,12 +17,19 @@ from typing import Any
 
 from actfmt.checksum import ALGORITHM as CHECKSUM_ALGORITHM
 from actfmt.checksum import layer_checksum
-from actfmt.convert.executors import dask_layer_runner, local_runner
-from actfmt.convert.info import SplitInfo, info
-from actfmt.convert.plan import SplitJob, check_safe, plan
-from actfmt.convert.split import ConvertResult, PlannedSplit, convert_split, plan_split, spec_for
-from actfmt.convert.tasks import LayerResult, LayerRunner, LayerTask, copy_layer, layer_tasks, run_layer_task
-from actfmt.convert.verify import VerifyResult, verify
+from actfmt.conversion.executors import dask_layer_runner, local_runner
+from actfmt.conversion.info import SplitInfo, info
+from actfmt.conversion.plan import SplitJob, check_safe, plan
+from actfmt.conversion.split import ConvertResult, PlannedSplit, convert_split, plan_split, spec_for
+from actfmt.conversion.tasks import (
+    LayerResult,
+    LayerRunner,
+    LayerTask,
+    copy_layer,
+    layer_tasks,
+    run_layer_task,
+)
+from actfmt.conversion.verify import VerifyResult, verify
 from actfmt.errors import ConversionError, ValidationFailedError
 from actfmt.formats import get_format, walk_splits
 from actfmt.formats.base import Reader

@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from actfmt.checksum import ALGORITHM
-from actfmt.convert.plan import SplitJob
-from actfmt.convert.tasks import LayerResult, LayerRunner, layer_tasks
+from actfmt.conversion.plan import SplitJob
+from actfmt.conversion.tasks import LayerResult, LayerRunner, layer_tasks
 from actfmt.errors import (
     ActfmtError,
     ChangedError,

@@ -6,7 +6,7 @@ cleans up beside it: its partial store, the old store an ``--overwrite`` renames
 lies inside a source is refused before anything is touched.  So are a destination ``/``, a split that would
 convert to ``/`` or to the home directory (or above it), and two sources that would convert to one destination
 (``EM/`` and ``EM.zarr`` to ``EM/``).  What ``--overwrite`` may replace (a complete actfmt store of the target
-format, nothing else) is checked under the destination's lock, by :func:`actfmt.convert.split.convert_split`.
+format, nothing else) is checked under the destination's lock, by :func:`actfmt.conversion.split.convert_split`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where layer tasks run: threads in this process (:func:`local_runner`), or tasks on dask.distributed
 (:func:`dask_layer_runner`, ``actfmt convert --executor dask [--scheduler ADDRESS]``).
 
-Both run the same :class:`~actfmt.convert.tasks.LayerTask` s with :func:`~actfmt.convert.tasks.run_layer_task`:
+Both run the same :class:`~actfmt.conversion.tasks.LayerTask` s with :func:`~actfmt.conversion.tasks.run_layer_task`:
 planning, locking, the journal and publishing stay in the calling process (the *driver*).  On dask each task opens
 the source and the partial store itself; a failed task is retried (:data:`TASK_RETRIES` times, and dask
 reschedules the tasks of a worker that dies), rewriting its layers from row 0; nothing is published before every
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from actfmt.convert.tasks import Cancelled, LayerResult, LayerRunner, LayerTask, run_layer_task
+from actfmt.conversion.tasks import Cancelled, LayerResult, LayerRunner, LayerTask, run_layer_task
 from actfmt.errors import ActfmtError, ConversionError
 from actfmt.formats.base import Reader
 
@@ -183,7 +183,7 @@ def dask_map(client: Any, fn: Callable[[T], Any], items: list[T], name: str) -> 
 
 @contextlib.contextmanager
 def dask_layer_runner(scheduler: Any, workers: int) -> Iterator[LayerRunner]:
-    """A :data:`~actfmt.convert.LayerRunner` on dask.distributed, for the duration of one ``convert``
+    """A :data:`~actfmt.conversion.LayerRunner` on dask.distributed, for the duration of one ``convert``
     (``scheduler`` and ``workers``: see :func:`dask_client`)."""
 
     def run_on(client: Any) -> LayerRunner:

@@ -43,7 +43,6 @@ import queue
 import sys
 import threading
 import time
-import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -978,13 +977,3 @@ def measure(
         else {"corr": 0.0, "same_block": 1.0}
     )
     return StreamReport(rows, nbytes, seconds, batches, epochs, s.buffer_rows, s.block_rows, mix, first)
-
-
-class _CallableModule(types.ModuleType):
-    """``import actfmt.stream`` binds the module as ``actfmt.stream``: calling it calls :func:`stream`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Stream:
-        return stream(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
