@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,35 @@ def test_every_row_once_per_epoch_over_ranks(
     allk = np.concatenate(got)
     assert allk.size == 2 * TOTAL and np.unique(allk).size == 2 * TOTAL  # disjoint, every row once
     assert set(allk.tolist()) == {k * 1_000_000 + i for k in (0, 1) for i in range(TOTAL)}
+
+
+def test_a_block_still_being_read_is_not_given_away(
+    trees: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 2 of 3 never needs block 0, so block 0 is free at once; while one loader is still reading it, the
+    other must not read the next block into the same ring slot (the slow read used to land on top of it)."""
+    import actfmt.streaming as module
+
+    real = module._Run._read_block
+    lock, reading, clashes = threading.Lock(), set(), []
+
+    def slow_first(self: Any, readers: Any, positions: Any, j: int, ring: int) -> None:
+        with lock:
+            if ring in reading:
+                clashes.append(j)
+            reading.add(ring)
+        try:
+            if j == 0:
+                time.sleep(0.3)
+            real(self, readers, positions, j, ring)
+        finally:
+            with lock:
+                reading.discard(ring)
+
+    monkeypatch.setattr(module._Run, "_read_block", slow_first)
+    s = Stream(trees["pt"], 1, 13, block_rows=16, buffer_rows=16, rank=2, world_size=3)
+    check_rows(trees, collect(s), 1)
+    assert clashes == []  # two reads into one ring slot at once
 
 
 def test_drop_last_keeps_whole_steps_only(trees: dict[str, Any]) -> None:

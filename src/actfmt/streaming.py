@@ -662,7 +662,11 @@ class _Run:
                     before = j - self.capacity if j - self.capacity >= self.first_block else -1
                     while not self.stopping:
                         occ = self.occupant[ring]
-                        if occ == before and (occ < 0 or plan.last_use(occ) < self.low_slot):
+                        # and read: a block still being read by the other loader is not free, even when no
+                        # batch of this rank needs it (its read would land on top of the new one)
+                        if occ == before and (
+                            occ < 0 or (occ in self.loaded and plan.last_use(occ) < self.low_slot)
+                        ):
                             break
                         self.cond.wait()
                     if self.stopping:
