@@ -13,12 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from actfmt.formats.base import LayerInfo, Reader
 
-__all__ = ["ALGORITHM", "SCAN_BYTES", "Hasher", "crc32", "layer_checksum", "scan_blocks"]
-
-try:  # the zip CRC-32 of .pt shards: ISA-L's runs at memory speed, zlib's at ~2 GB/s
-    from isal.isal_zlib import crc32
-except ImportError:  # pragma: no cover - isal is a dependency; keep working without it
-    from zlib import crc32
+__all__ = ["ALGORITHM", "SCAN_BYTES", "Hasher", "layer_checksum", "scan_blocks"]
 
 ALGORITHM = "xxh3_64"
 #: Bytes read per step when hashing or comparing a layer (bounded memory whatever the layer size).

@@ -146,6 +146,21 @@ def read_json_document(location: Any, max_bytes: int = JSON_MAX_BYTES) -> Any:
     return loads_json(raw, max_bytes)
 
 
+def read_json_object(location: Any, what: str) -> dict[str, Any]:
+    """A JSON object file, with precise errors (missing, not JSON, not an object)."""
+    try:
+        data = read_json_document(location)
+    except FileNotFoundError:
+        raise MetadataError(f"{location}: missing; {what}.") from None
+    except JSONLimitError as exc:
+        raise MetadataError(f"{location}: refused: {exc}; fix the file.") from None
+    except ValueError as exc:  # not JSON, not UTF-8
+        raise MetadataError(f"{location}: not valid JSON ({exc}); fix the file.") from None
+    if not isinstance(data, dict):
+        raise MetadataError(f"{location}: must hold a JSON object.")
+    return data
+
+
 def layer_name(index: int) -> str:
     """``layer_name(3) == "layer_03"`` (the producer's ``f"layer_{i:02d}"``)."""
     return f"layer_{index:02d}"

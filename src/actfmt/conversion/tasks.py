@@ -17,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from actfmt.checksum import ALGORITHM, Hasher, crc32, layer_checksum
+from actfmt.checksum import ALGORITHM, Hasher, layer_checksum
 from actfmt.errors import ConversionError
 from actfmt.formats import get_format, open_reader
 from actfmt.formats.base import Reader, Runs, SplitSpec, WriteOptions, Writer
+from actfmt.formats.crc import crc32
 from actfmt.moments import Moments, RowBatcher
 from actfmt.storage import Location, scan_runs
 

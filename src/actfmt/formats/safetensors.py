@@ -39,7 +39,7 @@ import json
 import threading
 from collections.abc import Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from actfmt.errors import BadHeaderError, ConversionError, CorruptShardError, MetadataError, NotASplitError
 from actfmt.formats.base import (
@@ -56,12 +56,8 @@ from actfmt.formats.base import (
     as_array,
     fingerprint_of,
 )
-from actfmt.formats.pt.reader import read_json_object
-from actfmt.layout import METADATA_FILE, REQUIRED_KEYS, layer_index, loads_json
+from actfmt.layout import METADATA_FILE, REQUIRED_KEYS, layer_index, loads_json, read_json_object
 from actfmt.storage import Entry, Location, OutputFile
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
 
 __all__ = [
     "SUFFIX",
