@@ -258,7 +258,7 @@ def test_deep_emits_progress_with_bytes() -> None:
 
 def test_header_only_does_not_read_data(monkeypatch: pytest.MonkeyPatch) -> None:
     called: list[str] = []
-    monkeypatch.setattr(ctxmod, "_deep_read", lambda s: called.append(s.location))
+    monkeypatch.setattr(ctxmod, "_deep_read", lambda inv, s: called.append(s.location))
     validate(PAIR)
     assert called == []
     validate(PAIR, deep=True)

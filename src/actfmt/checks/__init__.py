@@ -24,7 +24,7 @@ from actfmt.checks.context import (
     deep_read,
     scan_split,
 )
-from actfmt.checks.stores import store_deep, store_units
+from actfmt.checks.stores import store_units
 from actfmt.errors import FormatError, NotASplitError
 from actfmt.formats import walk_splits
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
@@ -120,7 +120,7 @@ def resolve_selection(
 
 
 def _skip_reason(ctx: SplitContext, needed: set[str]) -> str:
-    if ctx.format != "pt" and ctx.metadata_state is not None:
+    if ctx.inventory is None and ctx.metadata_state is not None:
         return f"the {ctx.format} store's metadata cannot be read: {ctx.metadata_detail}"
     if ctx.metadata_state == "missing":
         return "metadata.json is missing (ACT101)"
@@ -183,9 +183,6 @@ def validate(
                 emit(progress, ProgressEvent("advance", "validate", advance=n, nbytes=n))
 
             deep_read(contexts, jobs, on_bytes)
-            for ctx in contexts:
-                if ctx.reader is not None:
-                    store_deep(ctx, on_bytes)
             emit(progress, ProgressEvent("end", "validate"))
         found: list[Finding] = []
         for rule in RULES.values():
@@ -195,7 +192,7 @@ def validate(
             report.splits.append(ctx.location)
             report.layers += sum(layer.is_dir for layer in ctx.layers)
             report.shards += len(ctx.all_shards())
-            if ctx.format != "pt":
+            if ctx.inventory is None:
                 chunks, layer_files = store_units(ctx)
                 report.chunks += chunks
                 report.layer_files += layer_files
@@ -204,7 +201,7 @@ def validate(
             for code, rule in RULES.items():
                 if not issubclass(rule, SplitRule) or (rule.deep and not deep):
                     continue
-                if rule.pt_only and ctx.format != "pt":
+                if rule.needs_inventory and ctx.inventory is None:
                     continue
                 if not ctx.has(*rule.needs):
                     if code in selected:

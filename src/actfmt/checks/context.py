@@ -10,38 +10,28 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from actfmt.checks.base import Finding, Rule
+from actfmt.checksum import Hasher, scan_blocks
 from actfmt.errors import OutsideTreeError
-from actfmt.formats import Split, WalkProblem, get_format
-from actfmt.formats.pt.header import ShardHeader, load_shard, probe_shard, read_heads
-from actfmt.formats.vectors import STATS_FILE
+from actfmt.formats import Inventory, LayerEntry, ShardEntry, Split, WalkProblem, get_format, kind_detail
 from actfmt.kernel import BITS, block_moments
 from actfmt.layout import (
     JSON_MAX_BYTES,
     KNOWN_KEYS,
-    LOOSE_LAYER_RE,
-    LOOSE_SHARD_RE,
-    METADATA_FILE,
-    SUPPORTED_DTYPES,
     JSONLimitError,
     Metadata,
     MetadataProblem,
     ShardPlan,
-    layer_index,
-    layer_name,
     loads_json,
     parse_metadata,
-    shard_index,
-    shard_name,
 )
-from actfmt.moments import RowNorms
-from actfmt.storage import Entry, Kind, Location, read_into
+from actfmt.moments import Moments, RowNorms
+from actfmt.storage import Entry, Kind, Location
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -61,12 +51,6 @@ __all__ = [
     "scan_split",
 ]
 
-#: Files a split may hold besides metadata.json and the layer directories (a converted .pt split's sidecar and
-#: its statistics vectors).
-ALLOWED_SPLIT_FILES = {METADATA_FILE, ".actfmt.json", STATS_FILE}
-#: Rows read per step by the deep pass (bounded memory whatever the shard size).
-DEEP_BLOCK_BYTES = 16 << 20
-
 
 # -- rule kinds ----------------------------------------------------------------------------------------------
 class SplitRule(Rule):
@@ -74,8 +58,9 @@ class SplitRule(Rule):
 
     #: Metadata keys the rule needs; when one is absent or unusable the rule is skipped for that split.
     needs: ClassVar[tuple[str, ...]] = ()
-    #: Rules that apply to the producer's ``.pt`` layout only.
-    pt_only: ClassVar[bool] = True
+    #: Rules about a split's own files (its metadata file, layer directories and pieces): they apply to the
+    #: splits whose format keeps an :class:`~actfmt.formats.inventory.Inventory`, the rest to every split.
+    needs_inventory: ClassVar[bool] = True
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:  # pragma: no cover - overridden
@@ -116,116 +101,6 @@ class WalkRule(Rule):
                 yield cls.finding(p.rel, p.detail)
 
 
-# -- entries -------------------------------------------------------------------------------------------------
-def _kind_detail(e: Entry) -> str:
-    """Why an entry that is not a regular file cannot be read as one."""
-    if e.kind == Kind.MISSING:
-        target = ""
-        if e.location.local_path is not None:
-            try:
-                target = f" (to {os.readlink(e.location.path)})"
-            except OSError:
-                target = ""
-        return f"a dangling symlink{target}"
-    if e.kind == Kind.SPECIAL:
-        return "not a regular file (a FIFO, socket or device); not opened"
-    if e.kind == Kind.OUTSIDE:
-        return "a link outside the tree; not followed, never read"
-    return "is a directory, not a file"
-
-
-def _outside_error(e: Entry) -> OutsideTreeError:
-    target = os.path.realpath(e.location.path) if e.location.local_path is not None else ""
-    return OutsideTreeError(
-        f"{e.location}: a link to {target or 'a place'} outside the tree; not followed, never read",
-        str(e.location),
-        target,
-    )
-
-
-@dataclass
-class _Named:
-    """An entry that stands for a layer or a shard: its index, where it is, and whether it is named exactly."""
-
-    index: int
-    path: Location
-    location: str
-    exact: bool
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-
-@dataclass
-class ShardEntry(_Named):
-    """One file in a layer directory that stands for a shard (exactly or badly named)."""
-
-    #: A correctly named shard with the same index exists: this one is ignored by the structural checks.
-    shadowed: bool = False
-    kind: str = "file"
-    header: ShardHeader | None = None
-    error: BaseException | None = None
-    # deep results
-    nonfinite: int = 0
-    nan: int = 0
-    inf: int = 0
-    zero_rows: list[int] = field(default_factory=list)
-    digest: str | None = None
-    norms: RowNorms | None = None  # the row norms (norm-outlier, ACT408)
-
-    @property
-    def readable(self) -> bool:
-        return self.header is not None
-
-    @property
-    def is_2d(self) -> bool:
-        return self.header is not None and len(self.header.shape) == 2
-
-    @property
-    def rows(self) -> int | None:
-        return self.header.shape[0] if self.is_2d and self.header is not None else None
-
-    @property
-    def width(self) -> int | None:
-        return self.header.shape[1] if self.is_2d and self.header is not None else None
-
-    @property
-    def dtype(self) -> str | None:
-        return self.header.dtype if self.header is not None else None
-
-    @property
-    def usable(self) -> bool:
-        """Readable, 2-D and of a supported dtype: the deep checks read it."""
-        return self.is_2d and self.dtype in SUPPORTED_DTYPES
-
-
-@dataclass
-class LayerEntry(_Named):
-    """One entry of a split that stands for a layer (exactly or badly named)."""
-
-    is_dir: bool = True
-    shadowed: bool = False
-    shards: list[ShardEntry] = field(default_factory=list)
-    strays: list[tuple[str, bool]] = field(default_factory=list)  # (location, is_dir)
-    list_error: OSError | None = None
-
-    @property
-    def canonical(self) -> str:
-        return layer_name(self.index)
-
-    def live_shards(self) -> list[ShardEntry]:
-        """Shards that count in the structural checks (not shadowed by a correctly named twin), by index."""
-        return sorted((s for s in self.shards if not s.shadowed), key=lambda s: (s.index, not s.exact))
-
-    def shard_location(self, index: int) -> str:
-        """Where shard ``index`` is (or should be)."""
-        for s in self.shards:
-            if s.index == index and not s.shadowed:
-                return s.location
-        return f"{self.location}/{shard_name(index)}"
-
-
 @dataclass
 class SplitContext:
     """Everything known about one split; built once by :func:`scan_split`, read by every rule."""
@@ -233,7 +108,9 @@ class SplitContext:
     path: Location
     root: Location
     location: str
-    format: str = "pt"
+    format: str  # the registry name of its format
+    #: The split's own files as its format lays them out (``None``: a store, checked through its reader).
+    inventory: Inventory | None = None
     metadata_raw: Any = None
     #: ``missing``, ``unreadable``, ``special``, ``unparseable`` or ``None`` (the file was read and decoded).
     metadata_state: str | None = None
@@ -246,7 +123,9 @@ class SplitContext:
     strays: list[tuple[str, bool]] = field(default_factory=list)
     list_error: OSError | None = None
     deep: bool = False
-    layer_digests: dict[int, str] = field(default_factory=dict)
+    #: Per layer index, ``(kind, digest)`` of its data from the deep pass (an inventory's pieces: their xxh3
+    #: digests; a store: the checksum of its rows); digests of different kinds are never compared.
+    layer_digests: dict[int, tuple[str, str]] = field(default_factory=dict)
     #: A converted store's reader (opened once by the scan, closed by :meth:`close`) or why it failed.
     reader: Reader | None = None
     reader_error: BaseException | None = None
@@ -259,8 +138,8 @@ class SplitContext:
 
     @property
     def metadata_location(self) -> str:
-        """Where the metadata lives: ``metadata.json`` in a ``.pt`` split, the store itself otherwise."""
-        return self.loc(METADATA_FILE) if self.format == "pt" else self.loc()
+        """Where the metadata lives: the inventory's metadata file, else the store itself."""
+        return self.loc(self.inventory.metadata_file) if self.inventory is not None else self.loc()
 
     def has(self, *keys: str) -> bool:
         return all(k in self.good for k in keys)
@@ -296,19 +175,18 @@ class SplitContext:
 
 
 # -- scanning ------------------------------------------------------------------------------------------------
-def _read_metadata(ctx: SplitContext, entries: dict[str, Entry]) -> None:
-    e = entries.get(METADATA_FILE)
+def _read_metadata(ctx: SplitContext, e: Entry | None) -> None:
     if e is None:
         ctx.metadata_state = "missing"
         return
     if e.kind == Kind.SPECIAL:
-        ctx.metadata_state, ctx.metadata_detail = "special", _kind_detail(e)
+        ctx.metadata_state, ctx.metadata_detail = "special", kind_detail(e)
         return
     if e.kind == Kind.OUTSIDE:
-        ctx.metadata_state, ctx.metadata_detail = "outside", _kind_detail(e)
+        ctx.metadata_state, ctx.metadata_detail = "outside", kind_detail(e)
         return
     if e.kind != "file":
-        ctx.metadata_state, ctx.metadata_detail = "unreadable", _kind_detail(e)
+        ctx.metadata_state, ctx.metadata_detail = "unreadable", kind_detail(e)
         return
     try:
         raw = e.location.read_range(0, JSON_MAX_BYTES + 1)  # a huge file is refused, not read whole
@@ -345,69 +223,6 @@ def _set_metadata(ctx: SplitContext, data: Any) -> None:
     ctx.good = {k: data[k] for k in KNOWN_KEYS if k in data and k not in bad}
 
 
-def _scan_layer(layer: LayerEntry) -> None:
-    try:
-        entries = layer.path.list_dir()
-    except OSError as exc:
-        layer.list_error = exc
-        return
-    exact_indices = {shard_index(e.name) for e in entries} - {None}
-    for e in entries:
-        loc = f"{layer.location}/{e.name}"
-        i = shard_index(e.name)
-        if i is not None:
-            layer.shards.append(ShardEntry(i, e.location, loc, exact=True, kind=e.kind))
-            continue
-        m = LOOSE_SHARD_RE.match(e.name)
-        if m is not None:
-            j = int(m.group(1))
-            layer.shards.append(
-                ShardEntry(j, e.location, loc, exact=False, shadowed=j in exact_indices, kind=e.kind)
-            )
-            continue
-        layer.strays.append((loc, e.kind == Kind.DIR))
-    for s in layer.shards:
-        if s.kind != "file":
-            e = next(x for x in entries if x.location == s.path)
-            s.error = _outside_error(e) if e.kind == Kind.OUTSIDE else OSError(_kind_detail(e))
-
-
-def _scan_pt(ctx: SplitContext) -> None:
-    try:
-        entries = ctx.path.list_dir()
-    except OSError as exc:
-        ctx.list_error = exc
-        ctx.metadata_state, ctx.metadata_detail = "unreadable", exc.strerror or str(exc)
-        return
-    _read_metadata(ctx, {e.name: e for e in entries})
-    exact_indices = {layer_index(e.name) for e in entries if e.is_dir()} - {None}
-    for e in entries:
-        if e.name in ALLOWED_SPLIT_FILES:
-            continue
-        loc = ctx.loc(e.name)
-        is_dir = e.is_dir()
-        i = layer_index(e.name)
-        if i is not None and e.kind == Kind.OUTSIDE:  # a layer directory out of the tree: never listed
-            layer = LayerEntry(i, e.location, loc, exact=True, is_dir=True)
-            layer.list_error = _outside_error(e)
-            ctx.layers.append(layer)
-            continue
-        if i is not None:
-            ctx.layers.append(LayerEntry(i, e.location, loc, exact=True, is_dir=is_dir))
-            continue
-        m = LOOSE_LAYER_RE.match(e.name)
-        if m is not None and is_dir:
-            j = int(m.group(1))
-            ctx.layers.append(
-                LayerEntry(j, e.location, loc, exact=False, is_dir=True, shadowed=j in exact_indices)
-            )
-            continue
-        ctx.strays.append((loc, is_dir))
-    for layer in ctx.layers:
-        if layer.is_dir and layer.list_error is None:
-            _scan_layer(layer)
-
-
 def _map(fn: Callable[[Any], None], items: list[Any], jobs: int) -> None:
     """Run ``fn`` on every item (results are stored on the items, so the order of completion is irrelevant)."""
     if jobs > 1 and len(items) > 1:
@@ -419,7 +234,7 @@ def _map(fn: Callable[[Any], None], items: list[Any], jobs: int) -> None:
 
 
 def _scan_store(ctx: SplitContext) -> None:
-    """Converted stores: the reader is opened once here; the store rules read what it says."""
+    """A store: the reader is opened once here; the store rules read what it says."""
     try:
         reader = get_format(ctx.format).open_reader(ctx.path)
     except Exception as exc:  # a damaged store is a finding, never a crash
@@ -443,54 +258,91 @@ def _scan_store(ctx: SplitContext) -> None:
 
 
 def scan_split(split: Split, root: Location, jobs: int = 1) -> SplitContext:
-    """Build the context of one split: list it, parse its metadata, probe every shard's header."""
+    """Build the context of one split: its format's inventory (listings, the pieces' headers) and metadata,
+    or its store opened once."""
     ctx = SplitContext(path=split.location, root=root, location=split.rel, format=split.format)
-    if split.format != "pt":
+    make = get_format(split.format).inventory
+    if make is None:
         _scan_store(ctx)
         return ctx
-    _scan_pt(ctx)
-    shards = [s for s in ctx.all_shards() if s.error is None]
-    heads = read_heads([s.path for s in shards])  # one batch of ranged reads for the split
-
-    def probe(entry: ShardEntry) -> None:
-        try:
-            # torch-free for the plain pattern; anything else (legacy, damaged, unsafe) is torch's to judge
-            entry.header = probe_shard(entry.path, heads.get(entry.path))
-        except Exception as exc:  # a broken file is a finding, never a crash (classified by the ACT0xx rules)
-            entry.error = exc
-
-    _map(probe, shards, jobs)
+    inv = ctx.inventory = make(split.location, ctx.loc, jobs)
+    ctx.layers, ctx.strays, ctx.list_error = inv.layers, inv.strays, inv.list_error
+    if inv.list_error is not None:
+        ctx.metadata_state = "unreadable"
+        ctx.metadata_detail = inv.list_error.strerror or str(inv.list_error)
+    else:
+        _read_metadata(ctx, inv.metadata_entry)
     return ctx
 
 
+def store_info(ctx: SplitContext) -> dict[str, Any]:
+    """Layers, missing chunks and the actfmt block of a store, gathered once (cached on the context)."""
+    cached = ctx.cache.get("store")
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    info: dict[str, Any] = {"layers": [], "missing": {}, "block": None, "error": None}
+    ctx.cache["store"] = info
+    reader = ctx.reader
+    if reader is None:
+        return info
+    try:
+        info["block"] = reader.actfmt
+        info["layers"] = list(reader.layers)
+        for pos, layer in enumerate(info["layers"]):
+            missing = reader.missing_chunks(pos)  # a MissingChunks keeps its total
+            if missing:
+                info["missing"][layer.name] = missing
+    except Exception as exc:  # a damaged store is a finding, never a crash
+        info["error"] = exc
+    return info
+
+
 # -- the deep pass -------------------------------------------------------------------------------------------
+# One pass over the values of every split, whatever its format: the pieces of an inventory one by one, a
+# store's layers through its reader; every block goes through the statistics kernel once (NaN / Inf counts,
+# all-zero rows, row norms, and the per-dimension sums where the store keeps statistics) and into a digest.
 
 
-def _blocks(entry: ShardEntry) -> Iterable[np.ndarray]:
-    """The shard's rows as stored-dtype arrays of bounded size (by offset when plain, else through torch)."""
-    import numpy as np
+@dataclass
+class _Measured:
+    """What one read of rows measured."""
 
-    from actfmt.formats.base import as_array
-
-    h = entry.header
-    assert h is not None
-    rows, width = h.shape[0], h.shape[1]
-    dtype = h.dtype
-    if h.data_offset is None:
-        yield as_array(load_shard(entry.path, mmap=True), dtype)
-        return
-    row_bytes = width * (4 if dtype == "float32" else 2)
-    step = max(1, DEEP_BLOCK_BYTES // max(1, row_bytes))
-    where = entry.path.pinned(h.identity)
-    for start in range(0, rows, step):
-        n = min(step, rows - start)
-        buf = np.empty((n, width), dtype=BITS[dtype][0])
-        read_into([(where, h.data_offset + start * row_bytes, buf.reshape(-1).view(np.uint8))])
-        yield buf
+    norms: RowNorms = field(default_factory=RowNorms)
+    nan: int = 0
+    inf: int = 0
+    zero_rows: list[int] = field(default_factory=list)
 
 
-def _deep_read(entry: ShardEntry) -> None:
-    """Read the values once: NaN / Inf counts, all-zero rows, and a digest of the bytes."""
+def _measure(
+    blocks: Iterable[np.ndarray],
+    dtype: str,
+    digest: Callable[[np.ndarray], None],
+    moments: Moments | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> _Measured:
+    import numpy as np  # heavy: not on the header-only path
+
+    out = _Measured()
+    row = 0
+    for block in blocks:
+        bits = block.view(BITS[dtype][0])
+        f = block_moments(bits, dtype, columns=moments is not None)
+        out.norms.add(f, row)
+        out.nan += f.nan
+        out.inf += f.inf
+        if f.zero_rows:
+            out.zero_rows += (np.flatnonzero(f.rownorm2 == 0) + row).tolist()
+        if moments is not None and bits.shape[0]:
+            moments.add(f, bits.shape[0])
+        digest(block)
+        row += bits.shape[0]
+        if on_bytes is not None:
+            on_bytes(block.nbytes)
+    return out
+
+
+def _deep_read(inv: Inventory, entry: ShardEntry) -> None:
+    """Read a piece's values once: NaN / Inf counts, all-zero rows, row norms, and a digest of its bytes."""
     import numpy as np
     import xxhash
 
@@ -498,53 +350,79 @@ def _deep_read(entry: ShardEntry) -> None:
     assert h is not None
     digest = xxhash.xxh3_64()
     digest.update(f"{tuple(h.shape)}|torch.{h.dtype}|".encode())
-    norms = RowNorms()
-    row = 0
     try:
-        for block in _blocks(entry):
-            bits = block.view(BITS[h.dtype][0])
-            # one pass of the statistics kernel: NaN / Inf counts, row norms (0 exactly for rows of zeros)
-            f = block_moments(bits, h.dtype, columns=False)
-            norms.add(f, row)
-            entry.nan += f.nan
-            entry.inf += f.inf
-            if f.zero_rows:
-                entry.zero_rows += (np.flatnonzero(f.rownorm2 == 0) + row).tolist()
-            digest.update(np.ascontiguousarray(bits).data.cast("B"))
-            row += bits.shape[0]
+        got = _measure(
+            inv.blocks(entry), h.dtype, lambda b: digest.update(np.ascontiguousarray(b).data.cast("B"))
+        )
     except Exception as exc:  # changed since the probe: report it like a probe failure
         entry.header, entry.error = None, exc
         return
+    entry.nan, entry.inf, entry.zero_rows, entry.norms = got.nan, got.inf, got.zero_rows, got.norms
     entry.nonfinite = entry.nan + entry.inf
     entry.digest = digest.hexdigest()
-    entry.norms = norms
+
+
+def _store_layer(ctx: SplitContext, pos: int, on_bytes: Callable[[int], None]) -> None:
+    """Read a store layer once through its reader: its checksum as ``actfmt convert`` recorded it
+    (``ctx.cache["checksums"]``), its row norms (``"norms"``) and, when the store keeps statistics, the
+    statistics again (``"moments"``)."""
+    reader, info = ctx.reader, store_info(ctx)
+    assert reader is not None
+    layer = info["layers"][pos]
+    kept = isinstance((info["block"] or {}).get("stats"), dict)
+    h = Hasher()
+    m = Moments(layer.hidden_dim) if kept else None
+    blocks = (reader.read_array(pos, start, stop) for start, stop in scan_blocks(layer))
+    try:
+        got = _measure(blocks, layer.dtype, h.update, m, on_bytes)
+    except Exception as exc:
+        ctx.cache["checksums"][layer.name] = exc
+        return
+    ctx.cache["checksums"][layer.name] = h.digest()
+    ctx.cache["norms"][layer.name] = got.norms
+    if m is not None:
+        ctx.cache["moments"][layer.name] = m
 
 
 def deep_read(contexts: list[SplitContext], jobs: int, on_bytes: Callable[[int], None]) -> None:
-    """Read every usable shard's values once (ACT406, ACT407, ACT501) and digest each layer."""
+    """Read every split's values once (ACT406, ACT407, ACT408, ACT501, ACT604, ACT602) and digest each layer."""
     import xxhash
 
-    todo = [s for ctx in contexts if ctx.format == "pt" for s in ctx.all_shards() if s.usable]
-
-    def read_one(s: ShardEntry) -> None:
-        n = s.header.tensor_nbytes if s.header is not None else 0
-        _deep_read(s)
-        on_bytes(n)
-
-    _map(read_one, todo, jobs)
+    work: list[Callable[[], None]] = []
     for ctx in contexts:
         ctx.deep = True
+        inv = ctx.inventory
+        if inv is not None:
+            for s in inv.all_shards():
+                if s.usable:
+                    work.append(lambda inv=inv, s=s: (_deep_read(inv, s), on_bytes(s.header.tensor_nbytes)))
+            continue
+        ctx.cache.update(checksums={}, norms={}, moments={})
+        info = store_info(ctx)
+        if ctx.reader is None or info["error"] is not None:
+            continue
+        for pos, layer in enumerate(info["layers"]):
+            if layer.name not in info["missing"]:
+                work.append(lambda ctx=ctx, pos=pos: _store_layer(ctx, pos, on_bytes))
+    _map(lambda job: job(), work, jobs)
+    for ctx in contexts:
+        if ctx.inventory is None:
+            for layer in ctx.layers:
+                got = ctx.cache.get("checksums", {}).get(layer.name)
+                if isinstance(got, str):
+                    ctx.layer_digests[layer.index] = ("rows", got)
+            continue
         for layer in ctx.layers:
             live = layer.live_shards()
             if live and all(s.digest is not None for s in live):
                 h = xxhash.xxh3_64()
                 for s in live:
                     h.update(f"{s.index}:{s.digest};".encode())
-                ctx.layer_digests[layer.index] = h.hexdigest()
+                ctx.layer_digests[layer.index] = ("pieces", h.hexdigest())
 
 
 def deep_bytes(contexts: list[SplitContext]) -> int:
-    """What the deep pass reads: every usable shard's tensor bytes and every store layer's bytes."""
+    """What the deep pass reads: every usable piece's tensor bytes and every store layer's bytes."""
     total = sum(s.header.tensor_nbytes for ctx in contexts for s in ctx.all_shards() if s.usable and s.header)
     for ctx in contexts:
         if ctx.reader is not None:

@@ -102,20 +102,6 @@ class SplitMismatch(TreeRule):
                 )
 
 
-def _layer_digests(ctx: SplitContext) -> dict[int, tuple[str, str]]:
-    """Per layer index, ``(kind, digest)`` of its data from the deep pass (pt: the shards' xxh3 digests; a
-    store: the checksum of its rows); digests of different kinds are never compared."""
-    if ctx.format == "pt":
-        return {i: ("pt", d) for i, d in ctx.layer_digests.items()}
-    sums = ctx.cache.get("checksums", {})
-    out = {}
-    for layer in ctx.layers:
-        got = sums.get(layer.name)
-        if isinstance(got, str):
-            out[layer.index] = ("rows", got)
-    return out
-
-
 class IdenticalSplits(TreeRule):
     """Sibling splits of one dataset hold identical data at some layer (`--deep`).
 
@@ -140,7 +126,7 @@ class IdenticalSplits(TreeRule):
                 families[str(ctx.path.parent)].append(ctx)
         for family in families.values():
             family = sorted(family, key=lambda c: c.path.name)
-            digests = [_layer_digests(c) for c in family]
+            digests = [c.layer_digests for c in family]
             for j, later in enumerate(family):
                 for i in range(j):
                     same = sorted(k for k, d in digests[j].items() if k in digests[i] and digests[i][k] == d)

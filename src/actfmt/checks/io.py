@@ -60,12 +60,12 @@ class UnreadableFile(SplitRule, WalkRule):
 
     code = "ACT001"
     name = "unreadable-file"
-    pt_only = False
+    needs_inventory = False
     walk_kinds = ("unreadable", "dangling", "too-deep")
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
-        if ctx.format != "pt":
+        if ctx.inventory is None:
             if ctx.reader_error is not None and not isinstance(
                 ctx.reader_error, (OutsideTreeError, *REFUSED)
             ):
@@ -177,7 +177,7 @@ class UnfollowedLink(SplitRule, WalkRule):
     code = "ACT005"
     name = "unfollowed-link"
     severity = ERROR  # a cycle: a warning
-    pt_only = False
+    needs_inventory = False
     walk_kinds = ("outside", "cycle")
 
     @classmethod
@@ -215,7 +215,7 @@ class SpecialFile(SplitRule, WalkRule):
 
     code = "ACT006"
     name = "special-file"
-    pt_only = False
+    needs_inventory = False
     walk_kinds = ("special",)
 
     @classmethod
@@ -245,11 +245,11 @@ class ExternalData(SplitRule):
 
     code = "ACT007"
     name = "external-data"
-    pt_only = False
+    needs_inventory = False
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
-        if ctx.format == "pt":
+        if ctx.inventory is not None:
             return
         exc = refusal(ctx, (ExternalDataError,))
         if exc is not None:

@@ -46,7 +46,7 @@ class _LayerCountRule(SplitRule):
     """Rules about the layer directories against ``num_layers`` (stores included)."""
 
     needs = ("num_layers",)
-    pt_only = False
+    needs_inventory = False
 
     @classmethod
     def applies(cls, ctx: SplitContext) -> bool:

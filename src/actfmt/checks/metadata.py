@@ -35,7 +35,7 @@ class MetadataUnparseable(SplitRule):
 
     code = "ACT201"
     name = "metadata-unparseable"
-    pt_only = False
+    needs_inventory = False
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
@@ -76,7 +76,7 @@ class MetadataMissingKey(SplitRule):
 
     code = "ACT202"
     name = "metadata-missing-key"
-    pt_only = False
+    needs_inventory = False
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
@@ -98,7 +98,7 @@ class MetadataMissingProducerKey(SplitRule):
     code = "ACT205"
     name = "metadata-missing-producer-key"
     severity = WARNING
-    pt_only = False
+    needs_inventory = False
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
@@ -121,7 +121,7 @@ class MetadataBadValue(SplitRule):
 
     code = "ACT203"
     name = "metadata-bad-value"
-    pt_only = False
+    needs_inventory = False
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
@@ -164,7 +164,7 @@ class MetadataPathMismatch(SplitRule):
     name = "metadata-path-mismatch"
     severity = WARNING
     needs = ("split", "dataset_name", "model_name")
-    pt_only = False
+    needs_inventory = False
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:

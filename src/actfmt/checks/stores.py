@@ -2,7 +2,7 @@
 (with ``deep``) the data still matching the checksums recorded at conversion.
 
 The scan opens each store's Reader once (:func:`actfmt.checks.context.scan_split`); the deep pass
-(:func:`store_deep`) reads each layer once: it hashes it the way ``actfmt convert`` did, measures its row norms
+(:func:`actfmt.checks.context.deep_read`) reads each layer once: it hashes it the way ``actfmt convert`` did, measures its row norms
 and recomputes the statistics the store keeps.  The metadata and layer-layout
 rules (ACT2xx, ACT102, ACT103, ACT502) also apply to stores; shard rules do not.
 """
@@ -13,12 +13,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from actfmt.checks.base import Finding
-from actfmt.checks.context import SplitContext, SplitRule
-from actfmt.checksum import Hasher, scan_blocks
+from actfmt.checks.context import SplitContext, SplitRule, store_info
 from actfmt.errors import BadHeaderError, ExternalDataError
 from actfmt.formats import get_format
-from actfmt.kernel import block_moments
-from actfmt.moments import LAYER_FIELDS, Moments, RowNorms
+from actfmt.moments import LAYER_FIELDS, Moments
 
 __all__ = [
     "BadStoreHeader",
@@ -28,32 +26,9 @@ __all__ = [
     "StatsMismatch",
     "StoreShapeMismatch",
     "refusal",
-    "store_deep",
     "store_info",
     "store_units",
 ]
-
-
-def store_info(ctx: SplitContext) -> dict[str, Any]:
-    """Layers, missing chunks and the actfmt block of a store, gathered once (cached on the context)."""
-    cached = ctx.cache.get("store")
-    if cached is not None:
-        return cached  # type: ignore[no-any-return]
-    info: dict[str, Any] = {"layers": [], "missing": {}, "block": None, "error": None}
-    ctx.cache["store"] = info
-    reader = ctx.reader
-    if reader is None:
-        return info
-    try:
-        info["block"] = reader.actfmt
-        info["layers"] = list(reader.layers)
-        for pos, layer in enumerate(info["layers"]):
-            missing = reader.missing_chunks(pos)  # a MissingChunks keeps its total
-            if missing:
-                info["missing"][layer.name] = missing
-    except Exception as exc:  # a damaged store is a finding, never a crash
-        info["error"] = exc
-    return info
 
 
 def refusal(ctx: SplitContext, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
@@ -106,50 +81,12 @@ def store_units(ctx: SplitContext) -> tuple[int, int]:
     return chunks, files
 
 
-def store_deep(ctx: SplitContext, on_bytes: Any = None) -> None:
-    """The deep pass over a store: read every layer with no missing chunk once, hashing it as ``actfmt convert``
-    did (``ctx.cache["checksums"]``), measuring its row norms (``ctx.cache["norms"]``, ACT408) and, when the
-    store keeps statistics, computing them again (``ctx.cache["moments"]``, ACT604)."""
-    info = store_info(ctx)
-    reader = ctx.reader
-    sums: dict[str, str | BaseException] = {}
-    norms: dict[str, RowNorms] = {}
-    moments: dict[str, Moments] = {}
-    ctx.cache.update(checksums=sums, norms=norms, moments=moments)
-    if reader is None or info["error"] is not None:
-        return
-    kept = isinstance((info["block"] or {}).get("stats"), dict)
-    for pos, layer in enumerate(info["layers"]):
-        if layer.name in info["missing"]:
-            continue
-        h = Hasher()
-        n = RowNorms()
-        m = Moments(layer.hidden_dim) if kept else None
-        try:
-            for start, stop in scan_blocks(layer):
-                block = reader.read_array(pos, start, stop)
-                h.update(block)
-                f = block_moments(block, layer.dtype, columns=m is not None)  # one pass for both
-                n.add(f, start)
-                if m is not None and block.shape[0]:
-                    m.add(f, block.shape[0])
-                if on_bytes:
-                    on_bytes(block.nbytes)
-        except Exception as exc:
-            sums[layer.name] = exc
-            continue
-        sums[layer.name] = h.digest()
-        norms[layer.name] = n
-        if m is not None:
-            moments[layer.name] = m
-
-
 class _StoreRule(SplitRule):
-    pt_only = False
+    needs_inventory = False
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
-        if ctx.format == "pt":
+        if ctx.inventory is not None:
             return ()
         return cls.check_store(ctx, store_info(ctx))
 

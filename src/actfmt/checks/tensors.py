@@ -283,7 +283,7 @@ NORM_OUTLIER_RATIO = 100.0
 def layer_norms(ctx: SplitContext) -> dict[str, tuple[str, RowNorms, str]]:
     """Per layer (its location): ``(name, row norms, where the largest is)`` measured by the deep pass."""
     out: dict[str, tuple[str, RowNorms, str]] = {}
-    if ctx.format == "pt":
+    if ctx.inventory is not None:
         for layer in ctx.layers:
             shards = [s for s in layer.live_shards() if s.norms is not None]
             if not shards or layer.shadowed:
@@ -320,7 +320,7 @@ class NormOutlier(SplitRule):
     name = "norm-outlier"
     severity = WARNING
     deep = True
-    pt_only = False
+    needs_inventory = False
 
     @classmethod
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:

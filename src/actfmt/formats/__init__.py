@@ -7,6 +7,7 @@ scattered places.  :func:`walk_splits` is the one split walker.
 
 from __future__ import annotations
 
+from actfmt.formats.inventory import Inventory, LayerEntry, ShardEntry, kind_detail, outside_error
 from actfmt.formats.registry import (
     ALIASES,
     FORMATS,
@@ -21,6 +22,9 @@ from actfmt.formats.walk import Split, Walk, WalkProblem, find_splits, walk_spli
 __all__ = [
     "ALIASES",
     "FORMATS",
+    "Inventory",
+    "LayerEntry",
+    "ShardEntry",
     "Split",
     "Walk",
     "WalkProblem",
@@ -28,7 +32,9 @@ __all__ = [
     "find_splits",
     "get_format",
     "guess_format",
+    "kind_detail",
     "open_reader",
+    "outside_error",
     "shared_reader",
     "walk_splits",
 ]

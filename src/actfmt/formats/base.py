@@ -832,6 +832,10 @@ class Format(abc.ABC):
     parallel_layers: ClassVar[bool] = True
     #: Is a split one file (``True``) or a directory?
     single_file: ClassVar[bool] = False
+    #: ``inventory(location, loc, jobs) -> Inventory``: a format whose split is a directory of separately
+    #: written pieces lists them for validation (:mod:`actfmt.formats.inventory`); ``None``: validation reads
+    #: the split through its Reader alone.
+    inventory: ClassVar[Any] = None
 
     @classmethod
     def writes_in_parallel(cls, options: WriteOptions) -> bool:

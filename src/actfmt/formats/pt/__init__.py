@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from actfmt.formats.base import Format
 from actfmt.formats.pt.header import ShardHeader, fast_probe, load_shard, probe_shard
+from actfmt.formats.pt.inventory import inventory
 from actfmt.formats.pt.reader import SIDECAR, PtReader, list_layers, list_shards
 from actfmt.formats.pt.writer import PtWriter
 from actfmt.layout import LOOSE_LAYER_RE, METADATA_FILE
@@ -35,6 +36,7 @@ class PtFormat(Format):
     name = "pt"
     reader = PtReader
     writer = PtWriter
+    inventory = staticmethod(inventory)
 
     @classmethod
     def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
