@@ -199,3 +199,34 @@ def test_verification_catches_a_bad_write_and_publishes_nothing(
         convert(tmp_path / "ds" / "EM", tmp_path / "out", to="pt", force=True, jobs=jobs)
     assert not (tmp_path / "out" / "EM").exists()
     assert find_splits(tmp_path / "out") == []
+
+
+def test_the_source_is_walked_once_and_each_shard_probed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """convert validates the tree it has walked (one walk), and its reader reuses the headers the validation
+    probed (one probe per shard)."""
+    import actfmt.checks
+    import actfmt.conversion
+    import actfmt.formats.pt.header as header
+
+    make_tree(tmp_path / "src", total=50, hidden=8, layers=2, shard_size=20, batch_size=10)
+    shards = len(list((tmp_path / "src").rglob("shard_*.pt")))
+    walks: list[Any] = []
+    probes: list[Any] = []
+    real_walk, real_probe = actfmt.conversion.walk_splits, header.probe_zip
+
+    def counting_walk(*a: Any, **k: Any) -> Any:
+        walks.append(a)
+        return real_walk(*a, **k)
+
+    def counting_probe(fh: Any, size: int) -> Any:
+        probes.append(fh._loc)
+        return real_probe(fh, size)
+
+    monkeypatch.setattr(actfmt.conversion, "walk_splits", counting_walk)
+    monkeypatch.setattr(actfmt.checks, "walk_splits", counting_walk)
+    monkeypatch.setattr(header, "probe_zip", counting_probe)
+    convert(tmp_path / "src", tmp_path / "dst", to="zarr")
+    assert len(walks) == 1
+    assert len(probes) == len(set(map(str, probes))) == shards  # parsed once each (then the cache)

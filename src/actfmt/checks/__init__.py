@@ -26,7 +26,7 @@ from actfmt.checks.context import (
 )
 from actfmt.checks.stores import store_units
 from actfmt.errors import FormatError, NotASplitError
-from actfmt.formats import walk_splits
+from actfmt.formats import Walk, walk_splits
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
 from actfmt.report import Report, SkippedChecks
 from actfmt.storage import PathLike, resolve
@@ -146,6 +146,7 @@ def validate(
     jobs: int = 1,
     progress: ProgressCallback | None = None,
     storage_options: dict[str, Any] | None = None,
+    walk: Walk | None = None,
 ) -> Report:
     """Validate every split at or below ``path``; return a :class:`~actfmt.report.Report`.
 
@@ -157,14 +158,15 @@ def validate(
 
     ``path`` may be an fsspec URL (``s3://bucket/Activations``, ``gs://...``, ``memory://...``), with
     ``storage_options`` for its filesystem: the tree is listed once and each shard's header is read with two
-    small ranged reads.
+    small ranged reads.  ``walk``: the tree's :class:`~actfmt.formats.walk.Walk` when the caller has it
+    (``convert`` validates the tree it has just walked: one walk).
     """
     start = time.perf_counter()
     selected = resolve_selection(select, ignore)
     root = resolve(path, storage_options)
     jobs = max(1, int(jobs))
     report = Report(root=str(path), deep=deep)
-    walk = walk_splits(root)
+    walk = walk if walk is not None else walk_splits(root)
     if not walk.splits and not walk.problems:
         raise NotASplitError(
             f"{root}: no split found (a split is a directory with metadata.json and layer_XX/ directories, "

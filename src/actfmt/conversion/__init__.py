@@ -15,6 +15,7 @@ import os
 import time
 from typing import Any
 
+from actfmt.checks import validate
 from actfmt.checksum import ALGORITHM as CHECKSUM_ALGORITHM
 from actfmt.checksum import layer_checksum
 from actfmt.conversion.executors import dask_layer_runner, local_runner
@@ -31,7 +32,7 @@ from actfmt.conversion.tasks import (
 )
 from actfmt.conversion.verify import VerifyResult, verify
 from actfmt.errors import ConversionError, ValidationFailedError
-from actfmt.formats import get_format, walk_splits
+from actfmt.formats import Walk, get_format, walk_splits
 from actfmt.formats.base import Reader
 from actfmt.layout import SUPPORTED_DTYPES
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
@@ -63,10 +64,8 @@ __all__ = [
 EXECUTORS = ("local", "dask")
 
 
-def _validate_source(src: Location) -> None:
-    from actfmt.checks import validate
-
-    report = validate(src)
+def _validate_source(src: Location, walk: Walk) -> None:
+    report = validate(src, walk=walk)
     if report.errors:
         worst = report.sorted_findings()[:5]
         lines = [
@@ -152,7 +151,7 @@ def convert(
     check_safe(src_loc, dst_loc, jobs_list)
     if not force:
         t_validate = time.perf_counter()
-        _validate_source(src_loc)
+        _validate_source(src_loc, walk)
     result = ConvertResult()
     if not force:
         result.add_time("validate", time.perf_counter() - t_validate)
