@@ -388,23 +388,29 @@ def deep_read(contexts: list[SplitContext], jobs: int, on_bytes: Callable[[int],
     """Read every split's values once (ACT406, ACT407, ACT408, ACT501, ACT604, ACT602) and digest each layer."""
     import xxhash
 
-    work: list[Callable[[], None]] = []
+    pieces: list[tuple[Inventory, ShardEntry]] = []
+    layers: list[tuple[SplitContext, int]] = []
     for ctx in contexts:
         ctx.deep = True
         inv = ctx.inventory
         if inv is not None:
-            for s in inv.all_shards():
-                if s.usable:
-                    work.append(lambda inv=inv, s=s: (_deep_read(inv, s), on_bytes(s.header.tensor_nbytes)))
+            pieces += [(inv, s) for s in inv.all_shards() if s.usable]
             continue
         ctx.cache.update(checksums={}, norms={}, moments={})
         info = store_info(ctx)
-        if ctx.reader is None or info["error"] is not None:
-            continue
-        for pos, layer in enumerate(info["layers"]):
-            if layer.name not in info["missing"]:
-                work.append(lambda ctx=ctx, pos=pos: _store_layer(ctx, pos, on_bytes))
-    _map(lambda job: job(), work, jobs)
+        if ctx.reader is not None and info["error"] is None:
+            layers += [(ctx, pos) for pos, li in enumerate(info["layers"]) if li.name not in info["missing"]]
+
+    def run(item: tuple[Any, Any]) -> None:
+        if isinstance(item[0], SplitContext):
+            _store_layer(item[0], item[1], on_bytes)
+        else:
+            inv, piece = item
+            n = piece.header.tensor_nbytes  # counted even when the read fails (the bar still ends full)
+            _deep_read(inv, piece)
+            on_bytes(n)
+
+    _map(run, [*pieces, *layers], jobs)
     for ctx in contexts:
         if ctx.inventory is None:
             for layer in ctx.layers:

@@ -35,9 +35,10 @@ class DuplicateLayer(SplitRule):
     def check(cls, ctx: SplitContext) -> Iterable[Finding]:
         first: dict[str, str] = {}
         for layer in sorted(ctx.layers, key=lambda layer: (layer.index, not layer.exact)):
-            digest = ctx.layer_digests.get(layer.index)
-            if digest is None or layer.shadowed:
+            got = ctx.layer_digests.get(layer.index)
+            if got is None or layer.shadowed:
                 continue
+            digest = got[1]
             if digest in first:
                 yield cls.finding(
                     layer.location,

@@ -37,7 +37,7 @@ from actfmt.errors import (
     os_error_message,
 )
 from actfmt.formats import get_format, open_reader
-from actfmt.formats.base import LayerInfo, Reader, SplitSpec, StoredVectors, WriteOptions
+from actfmt.formats.base import LayerInfo, Reader, SplitSpec, StoredVectors, WriteOptions, Writer
 from actfmt.moments import SCHEMA_VERSION as STATS_SCHEMA
 from actfmt.moments import Moments, layer_moments
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
@@ -331,6 +331,165 @@ def _vectors(spec: SplitSpec, moments: dict[str, Moments]) -> StoredVectors:
     return StoredVectors(names, {"mean": mean.astype(np.float32), "std": std, "mean_f64": mean})
 
 
+class _SourceChanged(ChangedError):
+    """The source's files changed between the start and the end of the conversion (worded for the user)."""
+
+
+@dataclass
+class _Started:
+    """A split's conversion once its partial store is ready: what the layer tasks and the publication need."""
+
+    spec: SplitSpec
+    options: WriteOptions
+    writer_cls: type[Writer]
+    done: dict[str, LayerResult]
+    cast_from: dict[str, str]
+    fingerprints: dict[str, str | None]
+    dtype: str | None
+
+
+def _complete_already(commit: Commit, job: SplitJob, to: str, *, resume: bool, overwrite: bool) -> bool:
+    """``True`` when the destination is complete and ``--resume`` skips it; raises when what is there may not
+    be replaced (no ``--overwrite``, or not a complete actfmt store of the target format)."""
+    final = job.destination
+    if not commit.final_exists():
+        return False
+    complete = is_complete(final, to)
+    if resume and complete:
+        return True
+    if not overwrite and not (resume and commit.has_partial()):
+        raise DestinationExistsError(
+            f"{final}: already exists; pass --overwrite to replace it"
+            + (" (it is not a complete conversion, so --resume cannot continue it)." if resume else ".")
+        )
+    if not complete and not (commit.work == final and commit.has_partial()):
+        raise DestinationExistsError(replace_refusal(final, to))
+    return False
+
+
+def _start(
+    commit: Commit,
+    job: SplitJob,
+    reader: Reader,
+    requested: dict[str, Any],
+    *,
+    resume: bool,
+    overwrite: bool,
+    result: ConvertResult,
+) -> _Started:
+    """Continue the partial store (``--resume``, when its journal and options allow) or create a new one."""
+    final = job.destination
+    fingerprints = _fingerprints(reader, list(reader.layers))
+    done: dict[str, LayerResult] = {}
+    recorded = None
+    if resume and commit.has_partial():
+        done, notes, recorded = _resume_state(commit, job, requested, fingerprints)
+        result.warnings += notes
+    elif commit.has_partial():
+        result.warnings.append(
+            f"{final}: an interrupted conversion was left here; it is discarded and the split converted "
+            f"again (next time, --resume continues it layer by layer)."
+        )
+    chosen = recorded or requested
+    dtype, options = chosen.get("dtype"), write_options(chosen)
+    spec = spec_for(reader, job.source_format, dtype)
+    cast_from = {a.name: a.dtype for a in reader.layers if dtype is not None and a.dtype != dtype}
+    if cast_from:
+        casts = sorted({f"{a} -> {dtype}" for a in cast_from.values()})
+        exact = dtype == "float32"  # every float16 and bfloat16 value is a float32
+        result.warnings.append(
+            f"{job.location}: values cast {', '.join(casts)} (--dtype); "
+            + ("every value exact, in more bytes." if exact else "not bit-exact.")
+        )
+    writer_cls = get_format(requested["to"]).writer_class()
+    writer = None
+    if recorded is not None:
+        try:
+            writer = writer_cls.open(commit.work, spec, options)
+        except ConversionError as exc:  # the source changed shape or dtype since: start again
+            result.warnings.append(
+                f"{final}: the partial conversion no longer fits the source ({exc}); converting the split again "
+                f"from the start."
+            )
+            recorded = None
+    if writer is None:
+        done = {}
+        commit.prepare(overwrite)
+        commit.start_journal({"journal": JOURNAL_VERSION, "options": requested, "source": str(job.source)})
+        writer = writer_cls.create(commit.work, spec, options)
+    writer.close()  # the tasks open the store themselves
+    return _Started(spec, options, writer_cls, done, cast_from, fingerprints, dtype)
+
+
+def _run_layers(
+    st: _Started,
+    commit: Commit,
+    job: SplitJob,
+    to: str,
+    reader: Reader,
+    *,
+    verify: bool,
+    stats: bool,
+    progress: ProgressCallback | None,
+    result: ConvertResult,
+    runner_for: Callable[[Reader], LayerRunner],
+    per_layer_progress: bool,
+) -> None:
+    """Run the layer tasks still to do; each finished layer is a journal line."""
+    todo = [pos for pos, li in enumerate(st.spec.layers) if li.name not in st.done]
+    total = sum(st.spec.layers[p].nbytes for p in todo)
+    emit(progress, ProgressEvent("start", "convert", total=total, description=job.label))
+    tasks = layer_tasks(
+        job.source,
+        job.source_format,
+        commit.work,
+        to,
+        st.spec,
+        st.options,
+        todo,
+        job.location,
+        verify,
+        st.dtype,
+        str(job.destination),
+        stats,
+    )
+    for results in runner_for(reader)(tasks):
+        for res in results:
+            st.done[res.name] = res
+            commit.append_journal(
+                {
+                    "layer": res.name,
+                    "checksum": res.checksum,
+                    "nbytes": res.nbytes,
+                    "source": st.fingerprints.get(res.name),
+                    "extra": {k: v for k, v in res.extra.items() if k != "seconds"},
+                }
+            )
+            result.layers += 1
+            result.bytes += res.nbytes
+            for phase, seconds in (res.extra.get("seconds") or {}).items():
+                result.add_time(phase, seconds)
+            if per_layer_progress:
+                emit(progress, ProgressEvent("advance", "convert", advance=res.nbytes, nbytes=res.nbytes))
+    emit(progress, ProgressEvent("end", "convert", description=job.label))
+
+
+def _publish(st: _Started, commit: Commit, to: str, *, stats: bool, result: ConvertResult) -> None:
+    """Keep the statistics, write the actfmt block (the completeness mark) last, and publish."""
+    moments = _layer_moments(commit.work, to, st.spec, st.done, result) if stats else None
+    t0 = time.perf_counter()
+    commit.check_owner()  # still ours: only then write the completeness mark
+    writer = st.writer_cls.open(commit.work, st.spec, st.options)
+    try:
+        if moments is not None:
+            writer.write_stats(_vectors(st.spec, moments))
+        writer.finalize(actfmt_block(st.spec, st.done, st.options, st.cast_from, moments))
+    finally:
+        writer.close()
+    commit.publish()
+    result.add_time("publish", time.perf_counter() - t0)
+
+
 def convert_split(
     job: SplitJob,
     requested: dict[str, Any],
@@ -347,135 +506,43 @@ def convert_split(
     """Convert one split (see the module docstring).  ``requested``: ``to``, ``chunk_rows``, ``compression``,
     ``level``, ``zarr_format``, ``dtype`` (``None``: not given)."""
     to = requested["to"]
-    fmt = get_format(to)
-    final = job.destination
-    commit = commit_for(final, in_place=fmt.remote_write)
+    commit = commit_for(job.destination, in_place=get_format(to).remote_write)
     with commit:
         try:
             result.warnings += commit.notes
-            if commit.final_exists():
-                complete = is_complete(final, to)
-                if resume and complete:
-                    result.skipped.append(job)
-                    return
-                if not overwrite and not (resume and commit.has_partial()):
-                    raise DestinationExistsError(
-                        f"{final}: already exists; pass --overwrite to replace it"
-                        + (
-                            " (it is not a complete conversion, so --resume cannot continue it)."
-                            if resume
-                            else "."
-                        )
-                    )
-                if not complete and not (commit.work == final and commit.has_partial()):
-                    raise DestinationExistsError(replace_refusal(final, to))
+            if _complete_already(commit, job, to, resume=resume, overwrite=overwrite):
+                result.skipped.append(job)
+                return
             with open_reader(job.source, job.source_format) as reader:
-                fingerprints = _fingerprints(reader, list(reader.layers))
-                done: dict[str, LayerResult] = {}
-                recorded = None
-                if resume and commit.has_partial():
-                    done, notes, recorded = _resume_state(commit, job, requested, fingerprints)
-                    result.warnings += notes
-                elif commit.has_partial():
-                    result.warnings.append(
-                        f"{final}: an interrupted conversion was left here; it is discarded and the split converted "
-                        f"again (next time, --resume continues it layer by layer)."
-                    )
-                chosen = recorded or requested
-                dtype, options = chosen.get("dtype"), write_options(chosen)
-                spec = spec_for(reader, job.source_format, dtype)
-                cast_from = {a.name: a.dtype for a in reader.layers if dtype is not None and a.dtype != dtype}
-                if cast_from:
-                    casts = sorted({f"{a} -> {dtype}" for a in cast_from.values()})
-                    exact = dtype == "float32"  # every float16 and bfloat16 value is a float32
-                    result.warnings.append(
-                        f"{job.location}: values cast {', '.join(casts)} (--dtype); "
-                        + ("every value exact, in more bytes." if exact else "not bit-exact.")
-                    )
-                writer_cls = fmt.writer_class()
-                writer = None
-                if recorded is not None:
-                    try:
-                        writer = writer_cls.open(commit.work, spec, options)
-                    except ConversionError as exc:  # the source changed shape or dtype since: start again
-                        result.warnings.append(
-                            f"{final}: the partial conversion no longer fits the source ({exc}); converting the "
-                            f"split again from the start."
-                        )
-                        recorded = None
-                if writer is None:
-                    done = {}
-                    commit.prepare(overwrite)
-                    commit.start_journal(
-                        {"journal": JOURNAL_VERSION, "options": requested, "source": str(job.source)}
-                    )
-                    writer = writer_cls.create(commit.work, spec, options)
-                writer.close()  # the tasks open the store themselves
-                todo = [pos for pos, li in enumerate(spec.layers) if li.name not in done]
-                total = sum(spec.layers[p].nbytes for p in todo)
-                emit(progress, ProgressEvent("start", "convert", total=total, description=job.label))
-                tasks = layer_tasks(
-                    job.source,
-                    job.source_format,
-                    commit.work,
+                st = _start(commit, job, reader, requested, resume=resume, overwrite=overwrite, result=result)
+                _run_layers(
+                    st,
+                    commit,
+                    job,
                     to,
-                    spec,
-                    options,
-                    todo,
-                    job.location,
-                    verify,
-                    dtype,
-                    str(final),
-                    stats,
+                    reader,
+                    verify=verify,
+                    stats=stats,
+                    progress=progress,
+                    result=result,
+                    runner_for=runner_for,
+                    per_layer_progress=per_layer_progress,
                 )
-                for results in runner_for(reader)(tasks):
-                    for res in results:
-                        done[res.name] = res
-                        commit.append_journal(
-                            {
-                                "layer": res.name,
-                                "checksum": res.checksum,
-                                "nbytes": res.nbytes,
-                                "source": fingerprints.get(res.name),
-                                "extra": {k: v for k, v in res.extra.items() if k != "seconds"},
-                            }
-                        )
-                        result.layers += 1
-                        result.bytes += res.nbytes
-                        for phase, seconds in (res.extra.get("seconds") or {}).items():
-                            result.add_time(phase, seconds)
-                        if per_layer_progress:
-                            emit(
-                                progress,
-                                ProgressEvent("advance", "convert", advance=res.nbytes, nbytes=res.nbytes),
-                            )
-                emit(progress, ProgressEvent("end", "convert", description=job.label))
-                now = _fingerprints(reader, spec.layers)
-            if now != fingerprints:
-                changed = sorted(k for k in fingerprints if now.get(k) != fingerprints[k])
-                raise ChangedError(
+                now = _fingerprints(reader, st.spec.layers)
+            if now != st.fingerprints:
+                changed = sorted(k for k in st.fingerprints if now.get(k) != st.fingerprints[k])
+                raise _SourceChanged(
                     f"{job.source}: source changed during conversion ({', '.join(changed)}); nothing was published. "
                     f"Rerun when the source no longer changes (--resume redoes only what changed)."
                 )
-            moments = _layer_moments(commit.work, to, spec, done, result) if stats else None
-            t0 = time.perf_counter()
-            commit.check_owner()  # still ours: only then write the completeness mark
-            writer = writer_cls.open(commit.work, spec, options)
-            try:
-                if moments is not None:
-                    writer.write_stats(_vectors(spec, moments))
-                writer.finalize(actfmt_block(spec, done, options, cast_from, moments))
-            finally:
-                writer.close()
-            commit.publish()
-            result.add_time("publish", time.perf_counter() - t0)
+            _publish(st, commit, to, stats=stats, result=result)
         except Interrupted as exc:  # SIGINT / SIGTERM: the lock is released on the way out, the partial kept
             if commit.has_partial():
                 exc.partials.append(str(commit.work))
             raise
-        except ChangedError as exc:
-            if "source changed during conversion" in str(exc):
-                raise
+        except _SourceChanged:
+            raise
+        except ChangedError as exc:  # a file replaced while it was read: the same outcome, worded the same
             raise ChangedError(
                 f"{job.source}: source changed during conversion ({exc}); nothing was published. Rerun when the "
                 f"source no longer changes (--resume redoes only what changed)."
@@ -488,4 +555,4 @@ def convert_split(
                 f"--resume to continue it."
             ) from exc
     result.splits.append(job)
-    result.checksums[job.location] = {name: r.checksum for name, r in done.items()}
+    result.checksums[job.location] = {name: r.checksum for name, r in st.done.items()}
