@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import ActfmtError, NotASplitError, StatsError
-from actfmt.formats import Split, open_reader, shared_reader, walk_splits
+from actfmt.formats import FoundSplit, open_reader, shared_reader, walk_splits
 from actfmt.formats.base import Reader, StoredVectors
 from actfmt.moments import (
     LAYER_FIELDS,
@@ -298,7 +298,7 @@ def _run(
 
 @dataclass
 class _Found:
-    split: Split
+    split: FoundSplit
     root: Location
     reader: Reader
     positions: list[int]
@@ -307,8 +307,10 @@ class _Found:
     moments: dict[int, Moments] = field(default_factory=dict)
 
 
-def _find(paths: Sequence[PathLike], storage_options: dict[str, Any] | None) -> list[tuple[Location, Split]]:
-    found: list[tuple[Location, Split]] = []
+def _find(
+    paths: Sequence[PathLike], storage_options: dict[str, Any] | None
+) -> list[tuple[Location, FoundSplit]]:
+    found: list[tuple[Location, FoundSplit]] = []
     for p in paths:
         root = resolve(p, storage_options)
         walk = walk_splits(root)

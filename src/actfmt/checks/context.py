@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from actfmt.checks.base import Finding, Rule
 from actfmt.checksum import Hasher, scan_blocks
 from actfmt.errors import OutsideTreeError
-from actfmt.formats import Inventory, LayerEntry, ShardEntry, Split, WalkProblem, get_format, kind_detail
+from actfmt.formats import FoundSplit, Inventory, LayerEntry, ShardEntry, WalkProblem, get_format, kind_detail
 from actfmt.kernel import BITS, block_moments
 from actfmt.layout import (
     JSON_MAX_BYTES,
@@ -257,7 +257,7 @@ def _scan_store(ctx: SplitContext) -> None:
         ctx.cache["layers_error"] = exc
 
 
-def scan_split(split: Split, root: Location, jobs: int = 1) -> SplitContext:
+def scan_split(split: FoundSplit, root: Location, jobs: int = 1) -> SplitContext:
     """Build the context of one split: its format's inventory (listings, the pieces' headers) and metadata,
     or its store opened once."""
     ctx = SplitContext(path=split.location, root=root, location=split.rel, format=split.format)

@@ -9,7 +9,7 @@ from actfmt.checksum import scan_blocks
 from actfmt.errors import NotASplitError
 from actfmt.formats import open_reader, walk_splits
 from actfmt.formats.base import ACTFMT_KEY, Reader
-from actfmt.formats.walk import Split
+from actfmt.formats.walk import FoundSplit
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
 from actfmt.storage import PathLike, resolve
 
@@ -50,8 +50,8 @@ def _key(rel: str) -> str:
     return f"{head}/{name}" if head else name
 
 
-def _by_key(splits: list[Split]) -> dict[str, list[Split]]:
-    out: dict[str, list[Split]] = {}
+def _by_key(splits: list[FoundSplit]) -> dict[str, list[FoundSplit]]:
+    out: dict[str, list[FoundSplit]] = {}
     for s in splits:
         out.setdefault(_key(s.rel), []).append(s)
     return out

@@ -17,15 +17,15 @@ from actfmt.formats.registry import (
     open_reader,
     shared_reader,
 )
-from actfmt.formats.walk import Split, Walk, WalkProblem, find_splits, walk_splits
+from actfmt.formats.walk import FoundSplit, Walk, WalkProblem, find_splits, walk_splits
 
 __all__ = [
     "ALIASES",
     "FORMATS",
+    "FoundSplit",
     "Inventory",
     "LayerEntry",
     "ShardEntry",
-    "Split",
     "Walk",
     "WalkProblem",
     "all_compressions",

@@ -30,15 +30,16 @@ from actfmt.errors import NotASplitError
 from actfmt.formats.registry import guess_format
 from actfmt.storage import Kind, LocalLocation, Location, PathLike, resolve
 
-__all__ = ["Split", "WalkProblem", "find_splits", "walk_splits"]
+__all__ = ["FoundSplit", "WalkProblem", "find_splits", "walk_splits"]
 
 #: Beyond this depth a tree is not walked further (an Activations tree is four levels deep).
 MAX_DEPTH = 32
 
 
 @dataclass(frozen=True)
-class Split:
-    """One split found by a walk."""
+class FoundSplit:
+    """One split found by a walk: where, in which format, relative to the root (the read API's
+    :class:`actfmt.Split` is an opened one)."""
 
     location: Location
     format: str
@@ -56,7 +57,7 @@ class WalkProblem:
 
 @dataclass
 class Walk:
-    splits: list[Split] = field(default_factory=list)
+    splits: list[FoundSplit] = field(default_factory=list)
     problems: list[WalkProblem] = field(default_factory=list)
 
 
@@ -141,7 +142,7 @@ def walk_splits(root: Location) -> Walk:
                 add_split(e.location, fmt, child)
 
     def add_split(loc: Location, fmt: str, rel: str) -> None:
-        out.splits.append(Split(loc, fmt, rel))
+        out.splits.append(FoundSplit(loc, fmt, rel))
         if top is None:
             return
         # inside a split: every link that leaves the tree is a finding (storage refuses to read through it)
