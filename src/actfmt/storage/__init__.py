@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from actfmt.errors import ActfmtError
+from actfmt.storage._local_io import read_pool
 from actfmt.storage.base import (
     Entry,
     Kind,
@@ -25,7 +26,7 @@ from actfmt.storage.base import (
     scan_runs,
     short_read,
 )
-from actfmt.storage.local import LocalLocation, read_pool
+from actfmt.storage.local import LocalLocation
 
 __all__ = [
     "Entry",
