@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import ActfmtError, NotASplitError
 from actfmt.formats import find_splits, open_reader
-from actfmt.formats.base import LayerInfo, Reader, StoredVectors, to_torch, torch_dtype
+from actfmt.formats.base import LayerInfo, Reader, StoredVectors
+from actfmt.formats.dtypes import to_torch, torch_dtype
 from actfmt.moments import LayerStats, Moments, layer_moments
 from actfmt.statistics import stored_layer_stats
 from actfmt.storage import Location, PathLike, resolve

@@ -470,7 +470,7 @@ def _blocks(entry: ShardEntry) -> Iterable[np.ndarray]:
     """The shard's rows as stored-dtype arrays of bounded size (by offset when plain, else through torch)."""
     import numpy as np
 
-    from actfmt.formats.base import as_array
+    from actfmt.formats.dtypes import as_array
 
     h = entry.header
     assert h is not None

@@ -13,7 +13,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from actfmt.dataset import Split, as_locations
 from actfmt.dataset import open as open_split
-from actfmt.formats.base import stored_dtype
+from actfmt.formats.dtypes import stored_dtype
 from actfmt.storage import PathLike
 from actfmt.streaming.plan import (
     BLOCK_BYTES,

@@ -16,7 +16,7 @@ import torch
 
 from actfmt.dataset import Split
 from actfmt.errors import ActfmtError
-from actfmt.formats.base import stored_dtype
+from actfmt.formats.dtypes import stored_dtype
 from actfmt.storage import Location
 from actfmt.streaming.plan import LOAD_THREADS, Geometry, Plan, StreamError
 

@@ -39,7 +39,7 @@ Writing (local files only: ``convert`` writes HDF5 into a local staging director
 
 Reading, locally (``h5py.File(path)``) or from object storage (h5py over a file object of the storage): an
 uncompressed layer whose chunks are all stored raw (the writer lays them back to back, in a few runs between
-HDF5's own metadata blocks) is read by byte offset through :class:`~actfmt.formats.base.RowStore` -- ``preadv``
+HDF5's own metadata blocks) is read by byte offset through :class:`~actfmt.formats.rowstore.RowStore` -- ``preadv``
 locally, concurrent ranged GETs remotely, and byte runs a writer may copy as is; other layers with
 ``read_direct`` (compressed ones through a 64 MiB chunk cache each, a few datasets open at a time).
 """

@@ -16,16 +16,12 @@ from actfmt.formats.base import (
     LayerInfo,
     MissingChunks,
     Reader,
-    RowStore,
-    Segment,
     StoredVectors,
     check_chunk_grid,
     check_shard_rows,
-    row_across,
-    scratch,
-    stored_dtype,
     stored_vectors_of,
 )
+from actfmt.formats.dtypes import scratch, stored_dtype
 from actfmt.formats.hdf5.codecs import (
     H5Z_DEFLATE,
     H5Z_SHUFFLE,
@@ -47,6 +43,7 @@ from actfmt.formats.hdf5.layout import (
     from_attr,
     json_attr,
 )
+from actfmt.formats.rowstore import RowStore, Segment, row_across
 from actfmt.formats.vectors import STATS_GROUP
 from actfmt.layout import SUPPORTED_DTYPES, layer_index
 from actfmt.storage import Kind, Location, read_pool

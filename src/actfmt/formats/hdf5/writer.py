@@ -16,10 +16,9 @@ from actfmt.formats.base import (
     StoredVectors,
     WriteOptions,
     Writer,
-    as_array,
     check_write_chunks,
-    stored_dtype,
 )
+from actfmt.formats.dtypes import as_array, stored_dtype
 from actfmt.formats.hdf5.codecs import Codec, deflate, import_hdf5plugin, shuffled
 from actfmt.formats.hdf5.layout import (
     BF16_ENCODING,

@@ -30,10 +30,9 @@ from actfmt.formats.base import (
     StoredVectors,
     WriteOptions,
     Writer,
-    as_array,
     check_write_chunks,
-    stored_dtype,
 )
+from actfmt.formats.dtypes import as_array, stored_dtype
 from actfmt.formats.vectors import STATS_GROUP
 from actfmt.formats.zarr.codecs import resolve_compression
 from actfmt.formats.zarr.meta import (
