@@ -143,7 +143,7 @@ def validate_command(
 
     Exit status: 0 no errors, 1 errors (or warnings with --strict), 2 usage error or no split found.
     """
-    from actfmt.checks import resolve_selection, validate
+    from actfmt.checks import RULES, resolve_selection, validate
 
     check_selection(resolve_selection, select, ignore)
 
@@ -166,7 +166,7 @@ def validate_command(
             reports.append(report)
 
     with output_stream(output_file) as out:
-        render(output_format, reports, out, strict=strict, quiet=quiet)
+        render(output_format, reports, out, strict=strict, quiet=quiet, rules=RULES.values())
 
     failed = any(r.exit_code(strict=strict) for r in reports)
     click.get_current_context().exit(0 if exit_zero or not failed else 1)

@@ -64,6 +64,7 @@ EXECUTORS = ("local", "dask")
 
 
 def _validate_source(src: Location) -> None:
+    # not at module level: `actfmt info` and `verify` import this package and never validate (+40 ms)
     from actfmt.checks import validate
 
     report = validate(src)

@@ -15,12 +15,15 @@ This module imports neither torch nor numpy at import time.
 from __future__ import annotations
 
 import abc
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from actfmt.errors import BadHeaderError, ConversionError
 from actfmt.formats.dtypes import ITEMSIZE, stored_dtype, to_torch
+from actfmt.formats.vectors import STATS_FILE, read_tensors, write_tensors
 from actfmt.layout import loads_json
 from actfmt.storage import Entry, Location
 
@@ -78,8 +81,6 @@ def check_chunk_grid(
     """A :class:`~actfmt.errors.BadHeaderError` unless a layer's declared ``shape`` (2-D, non-negative, a
     positive width) and ``chunks`` (positive) stay within :data:`MAX_CHUNKS` chunks of at most
     :data:`MAX_CHUNK_BYTES` bytes.  ``data_bytes``: the bytes the store holds, when a raw layer must fit."""
-    from actfmt.errors import BadHeaderError
-
     if len(shape) != 2 or len(chunks) != 2:
         raise BadHeaderError(
             f"{where}: declares shape {list(shape)} with chunks {list(chunks)}; a layer is 2-D "
@@ -116,8 +117,6 @@ def check_chunk_grid(
 def check_write_chunks(where: object, chunk_rows: int, info: LayerInfo) -> None:
     """A :class:`~actfmt.errors.ConversionError` when a writer's chunks would exceed :data:`MAX_CHUNK_BYTES` or
     :data:`MAX_CHUNKS` (what every reader refuses), naming the ``--chunk-rows`` that would fit."""
-    from actfmt.errors import ConversionError
-
     nbytes = chunk_rows * info.row_bytes
     if nbytes > MAX_CHUNK_BYTES:
         raise ConversionError(
@@ -136,8 +135,6 @@ def check_shard_rows(where: object, shard_rows: Any, rows: int) -> tuple[int, ..
     """The shard-row list a store records for a layer of ``rows`` rows (``actfmt_shard_rows``), checked before
     anything loops over it: ``None`` when absent; a :class:`~actfmt.errors.BadHeaderError` unless it is a list
     of at most ``rows`` (or 1) and :data:`MAX_SHARDS` non-negative integers summing to ``rows``."""
-    from actfmt.errors import BadHeaderError
-
     if shard_rows is None:
         return None
     if hasattr(shard_rows, "tolist"):  # an HDF5 attribute (numpy array)
@@ -163,8 +160,6 @@ def check_shard_rows(where: object, shard_rows: Any, rows: int) -> tuple[int, ..
 
 def fingerprint_of(locations: Sequence[Location]) -> str:
     """A digest of the current identities of ``locations`` (a missing one counts as missing)."""
-    import hashlib
-
     h = hashlib.sha256()
     for loc in locations:
         try:
@@ -314,8 +309,6 @@ class Reader(abc.ABC):
     def stored_vectors(self) -> StoredVectors | None:
         """The per-layer vectors ``actfmt convert`` kept with the store (:data:`VECTOR_NAMES`), or ``None``.
         Directory stores: the safetensors file :data:`~actfmt.formats.vectors.STATS_FILE`."""
-        from actfmt.formats.vectors import STATS_FILE, read_tensors
-
         found = read_tensors(self.location / STATS_FILE)
         return None if found is None else stored_vectors_of(found[0], found[1].get("layers"))
 
@@ -444,8 +437,6 @@ class Writer(abc.ABC):
     def write_stats(self, vectors: StoredVectors) -> None:
         """Keep every layer's vectors (:data:`VECTOR_NAMES`) with the store; called before :meth:`finalize`.
         Directory stores: a safetensors file (:data:`~actfmt.formats.vectors.STATS_FILE`)."""
-        from actfmt.formats.vectors import STATS_FILE, write_tensors
-
         write_tensors(self.location / STATS_FILE, vectors.arrays, {"layers": json.dumps(vectors.layers)})
 
     @abc.abstractmethod

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import ChangedError, CorruptShardError, MetadataError, NotASplitError, ShardNotFoundError
 from actfmt.formats.base import ACTFMT_KEY, LayerInfo, fingerprint_of
-from actfmt.formats.dtypes import stored_dtype
+from actfmt.formats.dtypes import stored_dtype, torch_dtype
 from actfmt.formats.pt.header import ShardHeader, load_shard, probe_shard, read_heads
 from actfmt.formats.rowstore import RowStore, RowStoreReader, Segment
 from actfmt.layout import (
@@ -211,8 +211,6 @@ def _loaded(location: Location, dtype: str) -> np.ndarray:
     """A shard torch had to load, as a stored-dtype array (cast to the layer's dtype when it differs)."""
     import numpy as np
     import torch
-
-    from actfmt.formats.dtypes import torch_dtype
 
     t = load_shard(location).to(torch_dtype(dtype)).contiguous()
     if t.dtype == torch.bfloat16:

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -312,8 +313,6 @@ class ZarrReader(Reader):
     def _threads(self) -> Any:
         with self._lock:
             if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
                 self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="actfmt-zarr-r")
             return self._pool
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import ConversionError
@@ -363,8 +364,6 @@ class ZarrWriter(Writer):
     def _threads(self) -> Any:
         with self._lock:
             if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
                 threads = int(self.options.extra.get("threads") or WRITE_THREADS)
                 self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="actfmt-zarr-w")
             return self._pool
