@@ -98,7 +98,7 @@ def test_a_block_still_being_read_is_not_given_away(
 ) -> None:
     """Rank 2 of 3 never needs block 0, so block 0 is free at once; while one loader is still reading it, the
     other must not read the next block into the same ring slot (the slow read used to land on top of it)."""
-    import actfmt.streaming as module
+    import actfmt.streaming.ring as module
 
     real = module._Run._read_block
     lock, reading, clashes = threading.Lock(), set(), []

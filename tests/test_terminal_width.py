@@ -94,7 +94,7 @@ def test_convert_progress_is_one_line_per_task(
     """The bar drawn at once (the usual 1 s delay set to 0), every redraw one line per task, each whole, though
     the tasks are named by long paths (Activations/model/dataset/split)."""
     code = (
-        "import sys, actfmt.cli as c; c.PROGRESS_DELAY = 0.0; "
+        "import sys, actfmt.cli as c, actfmt.reporters.progress as p; p.PROGRESS_DELAY = 0.0; "
         f"sys.argv = ['actfmt', 'convert', {str(clean.parent.parent)!r}, 'out', '--to', 'zarr', '-j', '1']; c.main()"
     )
     out = in_pty([sys.executable, "-c", code], columns, colour=colour, cwd=tmp_path)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from actfmt._version import __version__
@@ -34,7 +35,6 @@ def __getattr__(name: str) -> Any:
     target = _LAZY.get(name)
     if target is None:
         raise AttributeError(f"module 'actfmt' has no attribute {name!r}")
-    import importlib
 
     module, _, attr = target.partition(":")
     value = getattr(importlib.import_module(module), attr)

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import ActfmtError
 from actfmt.formats import shared_reader
-from actfmt.formats.base import Reader, stored_dtype
+from actfmt.formats.base import Reader
+from actfmt.formats.dtypes import stored_dtype
 from actfmt.storage import Location
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -12,7 +12,6 @@ found, the tool's own failure.  An unexpected exception prints ``actfmt: interna
 
 from __future__ import annotations
 
-import difflib
 import os
 import signal
 import time
@@ -24,9 +23,13 @@ from actfmt._escape import escape, escape_lines
 from actfmt._version import __version__
 from actfmt.cli_base import (
     SINGLE_THREADED_BLAS,
+    TARGETS,
     ActfmtGroup,
     CliError,
+    FormatChoice,
     PathOrURL,
+    check_selection,
+    compression_help,
     escape_library_messages,
     executor_options,
     jobs_option,
@@ -34,43 +37,30 @@ from actfmt.cli_base import (
     output_file_option,
     output_format_option,
     output_stream,
+    parse_layers,
     progress_options,
     split_csv,
     storage_options_option,
 )
 from actfmt.errors import ActfmtError
-from actfmt.formats import ALIASES, FORMATS, all_compressions, get_format
+from actfmt.formats import all_compressions
 from actfmt.layout import SUPPORTED_DTYPES
 from actfmt.reporters import FORMATS as OUTPUT_FORMATS
 from actfmt.reporters import (
     STATS_FORMATS,
-    ProgressRenderer,
     check_plot,
     convert_summary,
-    json_document,
-    plan_lines,
     plot_stats,
+    progress_renderer,
     render,
     render_stats,
-    rule_dict,
-    rule_lines,
-    rules_table,
-    stream_lines,
-    verify_lines,
+    write_convert,
     write_info,
+    write_rule,
+    write_rules,
+    write_stream,
+    write_verify,
 )
-
-#: Without ``--deep``, a progress bar appears only once a run has lasted this long (seconds).
-PROGRESS_DELAY = 1.0
-
-
-def progress_renderer(*, quiet: bool = False, no_progress: bool = False, immediate: bool = False) -> Any:
-    """A :class:`~actfmt.reporters.ProgressRenderer` on stderr (a no-op when quiet or not a terminal).
-
-    ``immediate`` draws at once (long jobs such as ``--deep``); otherwise the bar waits ``PROGRESS_DELAY``.
-    """
-    return ProgressRenderer(enabled=not (quiet or no_progress), delay=0.0 if immediate else PROGRESS_DELAY)
-
 
 # --------------------------------------------------------------------------------------------- the group
 
@@ -153,13 +143,9 @@ def validate_command(
 
     Exit status: 0 no errors, 1 errors (or warnings with --strict), 2 usage error or no split found.
     """
-    from actfmt.checks import resolve_selection, validate
+    from actfmt.checks import RULES, resolve_selection, validate
 
-    try:
-        resolve_selection(select or None, ignore or None)
-    except (ActfmtError, KeyError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        raise click.BadParameter(str(message), param_hint="'--select' / '--ignore'") from None
+    check_selection(resolve_selection, select, ignore)
 
     workers = jobs or (os.cpu_count() or 1)
     reports = []
@@ -180,7 +166,7 @@ def validate_command(
             reports.append(report)
 
     with output_stream(output_file) as out:
-        render(output_format, reports, out, strict=strict, quiet=quiet)
+        render(output_format, reports, out, strict=strict, quiet=quiet, rules=RULES.values())
 
     failed = any(r.exit_code(strict=strict) for r in reports)
     click.get_current_context().exit(0 if exit_zero or not failed else 1)
@@ -207,12 +193,8 @@ def rules_command(output_format: str, output_file: str | None) -> None:
     """
     from actfmt.checks import RULES
 
-    rules = [RULES[code] for code in sorted(RULES)]
     with output_stream(output_file) as out:
-        if output_format == "json":
-            out.write(json_document([rule_dict(r) for r in rules], key="rules") + "\n")
-            return
-        out.write(rules_table(rules))
+        write_rules([RULES[code] for code in sorted(RULES)], out, as_json=output_format == "json")
 
 
 @cli.command("rule")
@@ -232,47 +214,10 @@ def rule_command(rule_id: str, output_format: str) -> None:
         rule = get_rule(rule_id)
     except (KeyError, ActfmtError):
         raise CliError(f"unknown rule {rule_id!r}; `actfmt rules` lists every code and name") from None
-    if output_format == "json":
-        click.echo(json_document(rule_dict(rule)))
-        return
-    for line in rule_lines(rule):
-        click.echo(line)
+    write_rule(rule, as_json=output_format == "json")
 
 
 # --------------------------------------------------------------------------------------------- convert
-
-TARGETS = tuple(FORMATS)
-
-
-class FormatChoice(click.Choice):
-    """A format name, or one of its aliases (``h5``, ``st``, ``torch``); a near miss gets a did-you-mean."""
-
-    def __init__(self) -> None:
-        super().__init__(TARGETS, case_sensitive=False)
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        key = str(value).lower()
-        if key in ALIASES:
-            return ALIASES[key]
-        if key in TARGETS:
-            return key
-        close = difflib.get_close_matches(key, [*TARGETS, *ALIASES], n=1, cutoff=0.5)
-        hint = f" Did you mean {ALIASES.get(close[0], close[0])!r}?" if close else ""
-        aliases = ", ".join(f"{a} = {t}" for a, t in ALIASES.items())
-        self.fail(
-            f"{value!r} is not a format; choose one of: {', '.join(TARGETS)} (aliases: {aliases}).{hint}",
-            param,
-            ctx,
-        )
-
-
-def _compression_help() -> str:
-    parts = [
-        f"{name}: {' '.join(get_format(name).compressions)}"
-        for name in FORMATS
-        if get_format(name).compressions != ("none",)
-    ]
-    return f"Codec ({'; '.join(parts)}). Default: each format's first, its measured default."
 
 
 @cli.command("convert")
@@ -288,7 +233,7 @@ def _compression_help() -> str:
     help=f"The destination format: {', '.join(TARGETS)} (or h5, st, torch).",
 )
 @click.option("--chunk-rows", type=click.IntRange(min=1), metavar="N", help="Rows per chunk (zarr, hdf5).")
-@click.option("--compression", type=click.Choice(all_compressions()), help=_compression_help())
+@click.option("--compression", type=click.Choice(all_compressions()), help=compression_help())
 @click.option("--level", type=int, metavar="N", help="Compression level (the codec's own scale).")
 @jobs_option(
     0,
@@ -397,13 +342,9 @@ def convert_command(
         )
     for w in result.warnings:
         click.echo(f"actfmt: warning: {escape_lines(w)}", err=True)
-    if output_format == "json":
+    if output_format == "json" or dry_run:
         with output_stream(output_file) as out:
-            out.write(json_document(result.to_dict()) + "\n")
-    elif dry_run:
-        with output_stream(output_file) as out:
-            for line in plan_lines(result, dst):
-                out.write(line + "\n")
+            write_convert(result, dst, out, as_json=output_format == "json")
     elif not quiet:
         click.echo(convert_summary(result, dst))
 
@@ -443,11 +384,7 @@ def verify_command(
     with progress_renderer(quiet=quiet, no_progress=no_progress) as progress:
         res = verify(a, b, progress=progress, storage_options=storage_options)
     with output_stream(output_file) as out:
-        if as_json or output_format == "json":
-            out.write(json_document(res.to_dict()) + "\n")
-        else:
-            for line in verify_lines(res, a, b, quiet=quiet):
-                click.echo(line, file=out)
+        write_verify(res, a, b, out, as_json=as_json or output_format == "json", quiet=quiet)
     click.get_current_context().exit(0 if res.equal else 1)
 
 
@@ -585,10 +522,7 @@ def info_command(
 
     found = [(path, info(path, storage_options=storage_options)) for path in paths]
     with output_stream(output_file) as out:
-        if as_json or output_format == "json":
-            out.write(json_document([r.to_dict() for _, rows in found for r in rows], key="splits") + "\n")
-            return
-        write_info(found, out)
+        write_info(found, out, as_json=as_json or output_format == "json")
 
 
 # --------------------------------------------------------------------------------------------- stream
@@ -632,17 +566,9 @@ def stream_command(
     of x delivered, rows/s) and how well the order is mixed, to measure a disk or choose a buffer size."""
     from actfmt.streaming import measure
 
-    try:
-        parts = [int(v) for v in layers.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(
-            f"{layers!r}: give layer indices, e.g. 3 or 0,6,12", param_hint="--layers"
-        ) from None
-    if not parts:
-        raise click.BadParameter("give at least one layer index", param_hint="--layers")
     rep = measure(
         list(paths),
-        parts[0] if len(parts) == 1 and "," not in layers else parts,
+        parse_layers(layers),
         epochs=epochs,
         batch_size=batch_size,
         shuffle=not no_shuffle,
@@ -652,11 +578,7 @@ def stream_command(
         paired=paired,
     )
     with output_stream(output_file) as out:
-        if as_json or output_format == "json":
-            out.write(json_document(rep.to_dict()) + "\n")
-        else:
-            for line in stream_lines(rep):
-                click.echo(line, file=out)
+        write_stream(rep, out, as_json=as_json or output_format == "json")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ and the parameter types and options the commands share.  The commands are :mod:`
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 import signal
@@ -24,14 +25,19 @@ from actfmt.errors import (
     os_error_from_text,
     os_error_message,
 )
+from actfmt.formats import ALIASES, FORMATS, get_format
 from actfmt.storage import is_url, parse_storage_options
 
 __all__ = [
     "SINGLE_THREADED_BLAS",
+    "TARGETS",
     "ActfmtGroup",
     "CliError",
+    "FormatChoice",
     "InternalError",
     "PathOrURL",
+    "check_selection",
+    "compression_help",
     "escape_library_messages",
     "executor_options",
     "jobs_option",
@@ -39,6 +45,7 @@ __all__ = [
     "output_file_option",
     "output_format_option",
     "output_stream",
+    "parse_layers",
     "progress_options",
     "split_csv",
     "storage_options_option",
@@ -305,3 +312,64 @@ def escape_library_messages() -> None:
 
     warnings.formatwarning = formatwarning
     logging.lastResort = EscapedStderr(logging.WARNING)
+
+
+# --------------------------------------------------------------------------------------------- formats
+
+#: What ``actfmt convert --to`` takes (aliases aside).
+TARGETS = tuple(FORMATS)
+
+
+class FormatChoice(click.Choice):
+    """A format name, or one of its aliases (``h5``, ``st``, ``torch``); a near miss gets a did-you-mean."""
+
+    def __init__(self) -> None:
+        super().__init__(TARGETS, case_sensitive=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        key = str(value).lower()
+        if key in ALIASES:
+            return ALIASES[key]
+        if key in TARGETS:
+            return key
+        close = difflib.get_close_matches(key, [*TARGETS, *ALIASES], n=1, cutoff=0.5)
+        hint = f" Did you mean {ALIASES.get(close[0], close[0])!r}?" if close else ""
+        aliases = ", ".join(f"{a} = {t}" for a, t in ALIASES.items())
+        self.fail(
+            f"{value!r} is not a format; choose one of: {', '.join(TARGETS)} (aliases: {aliases}).{hint}",
+            param,
+            ctx,
+        )
+
+
+def compression_help() -> str:
+    """The help of ``--compression``: every format's codecs, its default first."""
+    parts = [
+        f"{name}: {' '.join(get_format(name).compressions)}"
+        for name in FORMATS
+        if get_format(name).compressions != ("none",)
+    ]
+    return f"Codec ({'; '.join(parts)}). Default: each format's first, its measured default."
+
+
+def parse_layers(text: str) -> int | list[int]:
+    """``--layers`` of ``actfmt stream``: ``3`` -> 3 (``x`` is ``[batch, d]``), ``0,6,12`` or ``3,`` -> a list."""
+    try:
+        parts = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: give layer indices, e.g. 3 or 0,6,12", param_hint="--layers"
+        ) from None
+    if not parts:
+        raise click.BadParameter("give at least one layer index", param_hint="--layers")
+    return parts[0] if len(parts) == 1 and "," not in text else parts
+
+
+def check_selection(resolve: Callable[..., Any], select: Sequence[str], ignore: Sequence[str]) -> None:
+    """``--select`` / ``--ignore`` resolved (by ``resolve``, the rule table's) before anything is read: an unknown
+    code or name is a usage error naming the options."""
+    try:
+        resolve(select or None, ignore or None)
+    except (ActfmtError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise click.BadParameter(str(message), param_hint="'--select' / '--ignore'") from None

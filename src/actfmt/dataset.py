@@ -17,9 +17,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from actfmt._dask import layer_to_dask
 from actfmt.errors import ActfmtError, NotASplitError
 from actfmt.formats import find_splits, open_reader
-from actfmt.formats.base import LayerInfo, Reader, StoredVectors, to_torch, torch_dtype
+from actfmt.formats.base import LayerInfo, Reader, StoredVectors
+from actfmt.formats.dtypes import to_torch, torch_dtype
 from actfmt.moments import LayerStats, Moments, layer_moments
 from actfmt.statistics import stored_layer_stats
 from actfmt.storage import Location, PathLike, resolve
@@ -177,8 +179,6 @@ class LayerView:
         ``dtype=None``: the stored numpy dtype (bfloat16 comes as its uint16 bits: numpy has no bfloat16);
         ``dtype="float32"``: upcast lazily and exactly.  See :func:`actfmt._dask.layer_to_dask`.
         """
-        from actfmt._dask import layer_to_dask
-
         return layer_to_dask(self._reader, self._pos, chunk_rows, dtype)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -361,8 +362,6 @@ def write_json(path: str | Path, data: Any, fsync: bool = True) -> None:
     """Write JSON atomically (temporary file, fsync, rename), as the producer formats ``metadata.json``:
     ``json.dump(indent=2)``, no trailing newline.  ``fsync=False`` when only a killed process matters (the
     page cache survives it), not a power loss."""
-    import os
-
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:

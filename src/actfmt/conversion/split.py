@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from actfmt._version import __version__
 from actfmt.checksum import ALGORITHM
 from actfmt.conversion.plan import SplitJob
 from actfmt.conversion.tasks import LayerResult, LayerRunner, layer_tasks
@@ -269,8 +270,6 @@ def actfmt_block(
     moments: dict[str, Moments] | None = None,
 ) -> dict[str, Any]:
     """The completeness mark and what a store keeps about its conversion."""
-    from actfmt._version import __version__
-
     block: dict[str, Any] = {
         "version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

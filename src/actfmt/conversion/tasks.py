@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 from actfmt.checksum import ALGORITHM, Hasher, layer_checksum
 from actfmt.errors import ConversionError
 from actfmt.formats import get_format, open_reader
-from actfmt.formats.base import Reader, Runs, SplitSpec, WriteOptions, Writer
+from actfmt.formats.base import Reader, SplitSpec, WriteOptions, Writer
 from actfmt.formats.crc import crc32
+from actfmt.formats.dtypes import as_array, to_torch, torch_dtype
+from actfmt.formats.rowstore import Runs
 from actfmt.moments import Moments, RowBatcher
 from actfmt.storage import Location, scan_runs
 
@@ -77,8 +79,6 @@ LayerRunner = Callable[[list[LayerTask]], Iterator[list[LayerResult]]]
 
 def _cast(arr: np.ndarray, src: str, dst: str) -> np.ndarray:
     """An explicit ``--dtype`` cast (torch's rounding: round to nearest even)."""
-    from actfmt.formats.base import as_array, to_torch, torch_dtype
-
     return as_array(to_torch(arr, src).to(torch_dtype(dst)), dst)
 
 

@@ -1,15 +1,13 @@
 """The Format protocol: every storage format is one module with a Reader and a Writer over :mod:`actfmt.storage`.
 
 A *split* is ``num_layers`` 2-D arrays ``[total_examples, hidden_dim]`` plus the producer's metadata.  Readers
-return rows as numpy arrays of the *stored* dtype (:func:`stored_dtype`: bfloat16 as its ``uint16`` bits, since
+return rows as numpy arrays of the *stored* dtype (:func:`~actfmt.formats.dtypes.stored_dtype`: bfloat16 as its ``uint16`` bits, since
 numpy has none) and, for the public API, as torch tensors with bfloat16 restored; writers receive numpy row
 blocks.  Nothing on the conversion path needs torch.  Shared logic (planning, checksums, commit, resume,
 verification) lives in :mod:`actfmt.conversion`, never here.
 
-Rows stored raw (a ``.pt`` shard's tensor, a safetensors file, an uncompressed zarr chunk) are all read by one
-piece of code, :class:`RowStore`: segments of whole rows at known byte offsets, read with batched
-:func:`~actfmt.storage.read_into` calls (``preadv`` locally, concurrent ranged GETs remotely).  Its
-:meth:`RowStore.runs` gives the byte runs a writer may copy in the kernel.
+The dtypes and row blocks are :mod:`actfmt.formats.dtypes`; rows stored raw are read by
+:class:`~actfmt.formats.rowstore.RowStore` (:mod:`actfmt.formats.rowstore`).
 
 This module imports neither torch nor numpy at import time.
 """
@@ -17,14 +15,17 @@ This module imports neither torch nor numpy at import time.
 from __future__ import annotations
 
 import abc
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from actfmt.errors import BadHeaderError, ConversionError
+from actfmt.formats.dtypes import ITEMSIZE, stored_dtype, to_torch
+from actfmt.formats.vectors import STATS_FILE, read_tensors, write_tensors
 from actfmt.layout import loads_json
-from actfmt.storage import Entry, Location, read_into, short_read
+from actfmt.storage import Entry, Location
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -42,35 +43,19 @@ __all__ = [
     "LayerInfo",
     "MissingChunks",
     "Reader",
-    "RowStore",
-    "RowStoreReader",
-    "Runs",
-    "Segment",
     "SplitSpec",
     "StoredVectors",
     "WriteOptions",
     "Writer",
-    "as_array",
     "check_chunk_grid",
     "check_shard_rows",
     "check_write_chunks",
-    "dtype_name",
     "fingerprint_of",
-    "scratch",
-    "stored_dtype",
     "stored_vectors_of",
-    "to_torch",
-    "torch_dtype",
 ]
 
-#: Takes of at most this many rows skip the sorting and grouping of larger ones.
-SMALL_TAKE = 8
 #: Name of the actfmt block in a store's attributes / metadata.
 ACTFMT_KEY = "actfmt"
-#: Stored numpy dtype of each supported dtype (little-endian; bfloat16 as its bits).
-_STORED = {"bfloat16": "<u2", "float16": "<f2", "float32": "<f4"}
-_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
-
 # -- what a header may declare (untrusted input: checked before it drives an allocation, a loop or a read) ----
 #: Chunks per layer a store may declare (actfmt writes chunks of 1-2 MiB: 2**20 of them is a 1-2 TiB layer).
 MAX_CHUNKS = 1 << 20
@@ -96,8 +81,6 @@ def check_chunk_grid(
     """A :class:`~actfmt.errors.BadHeaderError` unless a layer's declared ``shape`` (2-D, non-negative, a
     positive width) and ``chunks`` (positive) stay within :data:`MAX_CHUNKS` chunks of at most
     :data:`MAX_CHUNK_BYTES` bytes.  ``data_bytes``: the bytes the store holds, when a raw layer must fit."""
-    from actfmt.errors import BadHeaderError
-
     if len(shape) != 2 or len(chunks) != 2:
         raise BadHeaderError(
             f"{where}: declares shape {list(shape)} with chunks {list(chunks)}; a layer is 2-D "
@@ -134,8 +117,6 @@ def check_chunk_grid(
 def check_write_chunks(where: object, chunk_rows: int, info: LayerInfo) -> None:
     """A :class:`~actfmt.errors.ConversionError` when a writer's chunks would exceed :data:`MAX_CHUNK_BYTES` or
     :data:`MAX_CHUNKS` (what every reader refuses), naming the ``--chunk-rows`` that would fit."""
-    from actfmt.errors import ConversionError
-
     nbytes = chunk_rows * info.row_bytes
     if nbytes > MAX_CHUNK_BYTES:
         raise ConversionError(
@@ -154,8 +135,6 @@ def check_shard_rows(where: object, shard_rows: Any, rows: int) -> tuple[int, ..
     """The shard-row list a store records for a layer of ``rows`` rows (``actfmt_shard_rows``), checked before
     anything loops over it: ``None`` when absent; a :class:`~actfmt.errors.BadHeaderError` unless it is a list
     of at most ``rows`` (or 1) and :data:`MAX_SHARDS` non-negative integers summing to ``rows``."""
-    from actfmt.errors import BadHeaderError
-
     if shard_rows is None:
         return None
     if hasattr(shard_rows, "tolist"):  # an HDF5 attribute (numpy array)
@@ -179,80 +158,8 @@ def check_shard_rows(where: object, shard_rows: Any, rows: int) -> tuple[int, ..
     return tuple(int(n) for n in shard_rows)
 
 
-def stored_dtype(name: str) -> np.dtype:
-    """The numpy dtype a layer of dtype ``name`` is stored and handed around as (bfloat16: ``<u2``)."""
-    import numpy as np
-
-    try:
-        return np.dtype(_STORED[name])
-    except KeyError:
-        raise ValueError(f"unsupported dtype {name!r}; actfmt stores {', '.join(_STORED)}") from None
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16``."""
-    import torch
-
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dt
-
-
-def dtype_name(dtype: Any) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).removeprefix("torch.")
-
-
-def to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
-    """A stored array as a torch tensor of its real dtype, sharing memory (bfloat16 bits viewed back)."""
-    import torch
-
-    t = torch.from_numpy(arr)
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
-
-
-def scratch(out: np.ndarray | None, rows: int, hidden: int, dtype: np.dtype) -> np.ndarray:
-    """A ``[rows, hidden]`` array of ``dtype``: a view of the caller's buffer ``out`` (any C-contiguous array of
-    enough bytes: conversions reuse two buffers instead of faulting in fresh pages for every block), else new."""
-    import numpy as np
-
-    if out is not None:
-        flat = out.reshape(-1).view(np.uint8)
-        n = rows * hidden * dtype.itemsize
-        if flat.size >= n:
-            return flat[:n].view(dtype).reshape(rows, hidden)
-    return np.empty((rows, hidden), dtype=dtype)
-
-
-def as_array(data: Any, dtype: str) -> np.ndarray:
-    """A row block as a C-contiguous array of the stored dtype: a numpy array as is (bits reinterpreted when
-    needed), a torch tensor without a copy when it is contiguous."""
-    import numpy as np
-
-    want = stored_dtype(dtype)
-    if type(data).__module__.startswith("torch"):
-        import torch
-
-        t = data.detach()
-        if dtype_name(t.dtype) != dtype:
-            raise ValueError(f"a {dtype_name(t.dtype)} block for a {dtype} layer")
-        t = t.contiguous()
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        return np.ascontiguousarray(t.numpy()).view(want)
-    arr = np.ascontiguousarray(data)
-    if arr.dtype != want:
-        if arr.dtype.itemsize != want.itemsize or arr.dtype.kind not in "fiu":
-            raise ValueError(f"a {arr.dtype} block for a {dtype} layer (stored as {want})")
-        arr = arr.view(want)
-    return arr
-
-
 def fingerprint_of(locations: Sequence[Location]) -> str:
     """A digest of the current identities of ``locations`` (a missing one counts as missing)."""
-    import hashlib
-
     h = hashlib.sha256()
     for loc in locations:
         try:
@@ -276,7 +183,7 @@ class LayerInfo:
 
     @property
     def itemsize(self) -> int:
-        return _ITEMSIZE.get(self.dtype, 2)
+        return ITEMSIZE.get(self.dtype, 2)
 
     @property
     def row_bytes(self) -> int:
@@ -307,227 +214,8 @@ class WriteOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# raw rows
-
-
-def _truncated(loc: Location, got: int, want: int) -> Exception:
-    from actfmt.errors import TruncatedError
-
-    return TruncatedError(
-        f"{loc}: truncated (the file has {got} bytes, {want} expected); re-run the conversion."
-    )
-
-
-@dataclass(frozen=True)
-class Segment:
-    """``rows`` whole rows stored raw in ``location`` from byte ``offset`` -- or, when ``array`` is given,
-    rows that had to be loaded another way (a legacy ``.pt`` shard), held in memory."""
-
-    location: Location
-    offset: int
-    rows: int
-    array: Any = field(default=None, compare=False, repr=False)
-
-
 #: ``(location, byte offset, byte count)``: a run of raw bytes a writer may copy as is.
 ByteRun = tuple[Location, int, int]
-
-
-class Runs(list[ByteRun]):
-    """The byte runs of a block of rows handed to a writer without the rows in memory, with the CRC-32 of
-    their bytes when the writer asked for it (:attr:`Writer.wants_crc32`)."""
-
-    def __init__(self, runs: Sequence[ByteRun] = (), crc32: int | None = None) -> None:
-        super().__init__(runs)
-        self.crc32 = crc32
-
-    @property
-    def nbytes(self) -> int:
-        return sum(n for _, _, n in self)
-
-
-class RowStore:
-    """A layer whose rows are stored raw, in segments of whole rows (shards, files or chunks).
-
-    ``missing_ok``: a missing file reads as zeros (a zarr chunk that was never written reads as the fill value).
-    """
-
-    def __init__(
-        self, segments: Sequence[Segment], hidden_dim: int, dtype: str, missing_ok: bool = False
-    ) -> None:
-        import numpy as np
-
-        self.segments = list(segments)
-        self.hidden_dim = hidden_dim
-        self.dtype = stored_dtype(dtype)
-        self.row_bytes = hidden_dim * self.dtype.itemsize
-        self.missing_ok = missing_ok
-        #: ``(location, file size)`` of a single-segment store whose file ends before its declared rows (a
-        #: truncated or crafted file): a read past that end fails before anything is allocated for it.
-        self.short_file: tuple[Location, int] | None = None
-        self.offsets = np.zeros(len(self.segments) + 1, dtype=np.int64)
-        np.cumsum([s.rows for s in self.segments], out=self.offsets[1:])
-
-    @property
-    def rows(self) -> int:
-        return int(self.offsets[-1])
-
-    def _pieces(self, start: int, stop: int) -> list[tuple[int, int, int]]:
-        """``(segment index, first row in it, last row + 1 in it)`` covering rows ``[start, stop)``."""
-        import numpy as np
-
-        out = []
-        k = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        while start < stop and k < len(self.segments):
-            lo, hi = int(self.offsets[k]), int(self.offsets[k + 1])
-            a, b = max(start, lo), min(stop, hi)
-            if a < b:
-                out.append((k, a - lo, b - lo))
-            start = max(start, hi)
-            k += 1
-        return out
-
-    def runs(self, start: int, stop: int) -> list[ByteRun] | None:
-        """The byte runs holding rows ``[start, stop)``, in order (``None`` if some rows are not stored raw)."""
-        rb = self.row_bytes
-        pieces = self._pieces(start, stop)
-        if any(self.segments[k].array is not None for k, _, _ in pieces):
-            return None
-        return [
-            (self.segments[k].location, self.segments[k].offset + a * rb, (b - a) * rb) for k, a, b in pieces
-        ]
-
-    def mapped(self) -> Iterator[memoryview]:
-        """The layer's raw bytes, segment by segment, as views of memory maps (no copy), in row order.
-
-        Only for stores whose every segment is a local file actfmt itself owns (the partial store it has just
-        written, under its lock): a file truncated by someone else while it is mapped would kill the process
-        (SIGBUS).  ``None`` segments (in memory) are yielded as they are."""
-        for seg in self.segments:
-            n = seg.rows * self.row_bytes
-            if seg.array is not None:
-                yield seg.array.data.cast("B")
-                continue
-            mm = seg.location.mmap() if n else None
-            if mm is None:
-                yield self.read(0, 0).data.cast("B")  # an empty segment
-                continue
-            try:
-                if len(mm) < seg.offset + n:
-                    raise _truncated(seg.location, len(mm), seg.offset + n)
-                view = memoryview(mm)[seg.offset : seg.offset + n]
-                try:
-                    yield view
-                finally:
-                    view.release()
-            finally:
-                mm.close()
-
-    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        import numpy as np
-
-        start, stop = max(0, start), min(max(start, stop), self.rows)
-        if self.short_file is not None and stop > start:
-            loc, size = self.short_file
-            want = self.segments[0].offset + stop * self.row_bytes
-            if want > size:
-                raise short_read(loc, size, want)
-        out = scratch(out, max(0, stop - start), self.hidden_dim, self.dtype)
-        reqs, pos = [], 0
-        for k, a, b in self._pieces(start, stop):
-            seg, dst = self.segments[k], out[pos : pos + b - a]
-            if seg.array is not None:
-                dst[...] = seg.array[a:b]
-            else:
-                reqs.append((seg.location, seg.offset + a * self.row_bytes, dst.reshape(-1).view(np.uint8)))
-            pos += b - a
-        for ok, (_, _, buf) in zip(read_into(reqs, self.missing_ok), reqs, strict=True):
-            if not ok:
-                buf[:] = 0
-        return out
-
-    def _take_few(self, rows: list[int]) -> np.ndarray:
-        """A few rows (an example across layers, a probe's query): one request per row, no sorting."""
-        import bisect
-
-        import numpy as np
-
-        got = np.empty((len(rows), self.hidden_dim), dtype=self.dtype)
-        starts = self._starts
-        reqs: list[tuple[Location, int, Any]] = []
-        for j, r in enumerate(rows):
-            k = bisect.bisect_right(starts, r) - 1
-            seg, local = self.segments[k], r - starts[k]
-            if seg.array is not None:
-                got[j] = seg.array[local]
-            else:
-                reqs.append((seg.location, seg.offset + local * self.row_bytes, got[j].view(np.uint8)))
-        for ok, (_, _, buf) in zip(read_into(reqs, self.missing_ok), reqs, strict=True):
-            if not ok:
-                buf[:] = 0
-        return got
-
-    def row_request(self, row: int, dst: np.ndarray) -> tuple[Location, int, Any] | None:
-        """The read request that fills ``dst`` with row ``row`` (``None``: copied from memory already)."""
-        import bisect
-
-        starts = self._starts
-        k = bisect.bisect_right(starts, row) - 1
-        seg, local = self.segments[k], row - starts[k]
-        if seg.array is not None:
-            dst[...] = seg.array[local]
-            return None
-        return (seg.location, seg.offset + local * self.row_bytes, dst.reshape(-1).view("u1"))
-
-    @cached_property
-    def _starts(self) -> list[int]:
-        return [int(x) for x in self.offsets[:-1]] if len(self.offsets) > 1 else [0]
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """Rows at sorted-or-not, repeated-or-not indices; runs of nearby rows are one request each."""
-        import numpy as np
-
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.rows):
-            raise IndexError(f"row index out of range for {self.rows} rows")
-        if rows.size <= SMALL_TAKE:
-            return self._take_few(rows.tolist())
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        got = np.empty((uniq.size, self.hidden_dim), dtype=self.dtype)
-        if uniq.size == 0:
-            return got[inverse.reshape(-1)]
-        which = np.searchsorted(self.offsets, uniq, side="right") - 1
-        reqs: list[tuple[Location, int, Any]] = []
-        scatter: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for k in np.unique(which).tolist():
-            seg = self.segments[k]
-            sel = np.flatnonzero(which == k)
-            local = uniq[sel] - int(self.offsets[k])
-            if seg.array is not None:
-                got[sel] = seg.array[local]
-                continue
-            gap = max(1, seg.location.merge_gap // max(1, self.row_bytes))
-            cuts = np.flatnonzero(np.diff(local) > gap) + 1
-            for part in np.split(np.arange(sel.size), cuts):
-                a, b = int(local[part[0]]), int(local[part[-1]]) + 1
-                off = seg.offset + a * self.row_bytes
-                if b - a == part.size:  # consecutive rows: straight into the output
-                    lo = int(sel[part[0]])
-                    reqs.append((seg.location, off, got[lo : lo + part.size].reshape(-1).view(np.uint8)))
-                else:
-                    buf = np.empty((b - a, self.hidden_dim), dtype=self.dtype)
-                    reqs.append((seg.location, off, buf.reshape(-1).view(np.uint8)))
-                    scatter.append((buf, sel[part], local[part] - a))
-        oks = read_into(reqs, self.missing_ok)
-        for ok, (_, _, buf) in zip(oks, reqs, strict=True):
-            if not ok:
-                buf[:] = 0
-        for buf, dst, src in scatter:
-            got[dst] = buf[src]
-        if uniq.size == rows.size and np.array_equal(uniq, rows):
-            return got
-        return got[inverse.reshape(-1)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -621,8 +309,6 @@ class Reader(abc.ABC):
     def stored_vectors(self) -> StoredVectors | None:
         """The per-layer vectors ``actfmt convert`` kept with the store (:data:`VECTOR_NAMES`), or ``None``.
         Directory stores: the safetensors file :data:`~actfmt.formats.vectors.STATS_FILE`."""
-        from actfmt.formats.vectors import STATS_FILE, read_tensors
-
         found = read_tensors(self.location / STATS_FILE)
         return None if found is None else stored_vectors_of(found[0], found[1].get("layers"))
 
@@ -699,59 +385,6 @@ class Reader(abc.ABC):
         self.close()
 
 
-def row_across(stores: Sequence[RowStore], row: int) -> list[np.ndarray]:
-    """Row ``row`` of every store (one per layer), each ``[1, hidden_dim]``, in one batch of reads."""
-    import numpy as np
-
-    outs, reqs, owners = [], [], []
-    for store in stores:
-        if not 0 <= row < store.rows:
-            raise IndexError(f"row {row} out of range for {store.rows} rows")
-        got = np.empty((1, store.hidden_dim), dtype=store.dtype)
-        req = store.row_request(row, got[0])
-        if req is not None:
-            reqs.append(req)
-            owners.append(store)
-        outs.append(got)
-    oks = read_into(reqs, missing_ok=any(s.missing_ok for s in owners))
-    for ok, req, store in zip(oks, reqs, owners, strict=True):
-        if not ok:
-            if not store.missing_ok:
-                raise FileNotFoundError(f"{req[0]}: missing")
-            req[2][:] = 0
-    return outs
-
-
-class RowStoreReader(Reader):
-    """A reader whose layers are :class:`RowStore` s (every row stored raw): reads, takes and byte runs all go
-    through the layer's store."""
-
-    @abc.abstractmethod
-    def row_store(self, layer: int) -> RowStore:
-        """The :class:`RowStore` of layer position ``layer`` (built on first use)."""
-
-    def read_array(
-        self, layer: int, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        store = self.row_store(layer)
-        return store.read(start, store.rows if stop is None else stop, out)
-
-    def take_array(self, layer: int, rows: Any) -> np.ndarray:
-        return self.row_store(layer).take(rows)
-
-    def example_arrays(self, row: int) -> list[np.ndarray]:
-        return row_across([self.row_store(pos) for pos in range(len(self.layers))], row)
-
-    def runs(self, layer: int, start: int, stop: int) -> list[ByteRun] | None:
-        return self.row_store(layer).runs(start, stop)
-
-    def own_bytes(self, layer: int) -> Iterator[memoryview] | None:
-        store = self.row_store(layer)
-        if not all(s.location.supports_mmap or s.array is not None for s in store.segments):
-            return None
-        return store.mapped()
-
-
 class Writer(abc.ABC):
     """Writes one split into a (temporary) location.  ``convert`` handles the commit, checksums and resume.
 
@@ -804,8 +437,6 @@ class Writer(abc.ABC):
     def write_stats(self, vectors: StoredVectors) -> None:
         """Keep every layer's vectors (:data:`VECTOR_NAMES`) with the store; called before :meth:`finalize`.
         Directory stores: a safetensors file (:data:`~actfmt.formats.vectors.STATS_FILE`)."""
-        from actfmt.formats.vectors import STATS_FILE, write_tensors
-
         write_tensors(self.location / STATS_FILE, vectors.arrays, {"layers": json.dumps(vectors.layers)})
 
     @abc.abstractmethod

@@ -26,7 +26,7 @@ file is one streamed upload.  A file shorter than its header promises is reporte
 :meth:`SafetensorsReader.missing_chunks` (rule ACT601).
 
 Reading parses the header in Python (no library import) with one ranged read per file, and reads rows through
-:class:`~actfmt.formats.base.RowStore` (``preadv`` straight into the output locally, ranged GETs remotely).
+:class:`~actfmt.formats.rowstore.RowStore` (``preadv`` straight into the output locally, ranged GETs remotely).
 
 ``__metadata__`` embeds the producer's metadata when its JSON is at most :data:`EMBED_LIMIT` bytes; a larger
 ``metadata.json`` (extra keys such as long prompt lists) is embedded as its required keys only, with
@@ -47,15 +47,13 @@ from actfmt.formats.base import (
     ByteRun,
     Format,
     LayerInfo,
-    RowStore,
-    RowStoreReader,
-    Segment,
     SplitSpec,
     WriteOptions,
     Writer,
-    as_array,
     fingerprint_of,
 )
+from actfmt.formats.dtypes import ITEMSIZE, as_array
+from actfmt.formats.rowstore import RowStore, RowStoreReader, Segment
 from actfmt.layout import METADATA_FILE, REQUIRED_KEYS, layer_index, loads_json, read_json_object
 from actfmt.storage import Entry, Location, OutputFile
 
@@ -76,7 +74,6 @@ SUFFIX = ".safetensors"
 #: torch dtype name <-> safetensors dtype string.
 ST_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _FROM_ST = {v: k for k, v in ST_DTYPES.items()}
-_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 #: The safetensors library refuses headers larger than this.
 MAX_HEADER = 100_000_000
 #: The producer's metadata is embedded in each layer file up to this many bytes of JSON.
@@ -137,7 +134,7 @@ class SafetensorsHeader:
 
     @property
     def row_nbytes(self) -> int:
-        return self.shape[1] * _ITEMSIZE[self.dtype]
+        return self.shape[1] * ITEMSIZE[self.dtype]
 
     @property
     def data_nbytes(self) -> int:
@@ -257,7 +254,7 @@ def parse_header(
         raise HeaderError(
             f"{location}: tensor {name!r} has shape {list(shape)}; a layer is 2-D [rows, hidden]."
         )
-    nbytes = shape[0] * shape[1] * _ITEMSIZE[dtype]
+    nbytes = shape[0] * shape[1] * ITEMSIZE[dtype]
     if nbytes >= 1 << 64:
         raise HeaderError(
             f"{location}: tensor {name!r} declares shape {list(shape)}, more bytes than a file can hold; {_FIX}."

@@ -28,11 +28,18 @@ from actfmt.reporters.common import (
     json_document,
     shorten_left,
 )
-from actfmt.reporters.convert import convert_summary, pair_lines, plan_lines, verify_lines
+from actfmt.reporters.convert import (
+    convert_summary,
+    pair_lines,
+    plan_lines,
+    verify_lines,
+    write_convert,
+    write_verify,
+)
 from actfmt.reporters.info import INFO_COLUMNS, info_fields, render_info, write_info
 from actfmt.reporters.plot import DEFAULT_DPI, PlotError, check_plot, plot_stats
-from actfmt.reporters.progress import ProgressRenderer
-from actfmt.reporters.rules import rule_dict, rule_lines, rules_table
+from actfmt.reporters.progress import PROGRESS_DELAY, ProgressRenderer, progress_renderer
+from actfmt.reporters.rules import rule_dict, rule_lines, rules_table, write_rule, write_rules
 from actfmt.reporters.stats import (
     PAIR_COLUMNS,
     SPLIT_COLUMNS,
@@ -42,7 +49,7 @@ from actfmt.reporters.stats import (
     render_stats_text,
     sparkline,
 )
-from actfmt.reporters.stream import stream_lines
+from actfmt.reporters.stream import stream_lines, write_stream
 from actfmt.reporters.validation import (
     FORMATS,
     MAX_PER_RULE,
@@ -65,6 +72,7 @@ __all__ = [
     "JSON_SCHEMA_VERSION",
     "MAX_PER_RULE",
     "PAIR_COLUMNS",
+    "PROGRESS_DELAY",
     "SARIF_SCHEMA",
     "SPLIT_COLUMNS",
     "STATS_FORMATS",
@@ -84,6 +92,7 @@ __all__ = [
     "pair_lines",
     "plan_lines",
     "plot_stats",
+    "progress_renderer",
     "render",
     "render_github",
     "render_info",
@@ -101,5 +110,10 @@ __all__ = [
     "stream_lines",
     "summary_line",
     "verify_lines",
+    "write_convert",
     "write_info",
+    "write_rule",
+    "write_rules",
+    "write_stream",
+    "write_verify",
 ]

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
+
+import click
 
 from actfmt._escape import escape, escape_line
-from actfmt.reporters.common import display_path, format_rate, format_size, plural
+from actfmt.reporters.common import display_path, format_rate, format_size, json_document, plural
 
-__all__ = ["convert_summary", "pair_lines", "plan_lines", "verify_lines"]
+__all__ = ["convert_summary", "pair_lines", "plan_lines", "verify_lines", "write_convert", "write_verify"]
 
 
 def convert_summary(result: Any, dst: str) -> str:
@@ -100,3 +102,23 @@ def verify_lines(res: Any, a: str, b: str, *, quiet: bool = False) -> list[str]:
             else f"✗ Different: {plural(len(res.differences), 'difference')}."
         )
     return lines
+
+
+def write_verify(
+    res: Any, a: str, b: str, out: IO[str], *, as_json: bool = False, quiet: bool = False
+) -> None:
+    """``actfmt verify``'s output: :func:`verify_lines`, or the result's ``to_dict()`` as JSON."""
+    if as_json:
+        out.write(json_document(res.to_dict()) + "\n")
+        return
+    for line in verify_lines(res, a, b, quiet=quiet):
+        click.echo(line, file=out)
+
+
+def write_convert(result: Any, dst: str, out: IO[str], *, as_json: bool = False) -> None:
+    """``actfmt convert``'s output to ``-o``: the result's ``to_dict()`` as JSON, or the ``--dry-run`` plan."""
+    if as_json:
+        out.write(json_document(result.to_dict()) + "\n")
+        return
+    for line in plan_lines(result, dst):
+        out.write(line + "\n")

@@ -11,7 +11,7 @@ from typing import IO, Any
 import click
 
 from actfmt._escape import escape, escape_line
-from actfmt.reporters.common import format_size, is_fancy, shorten_left
+from actfmt.reporters.common import format_size, is_fancy, json_document, shorten_left
 
 __all__ = ["INFO_COLUMNS", "MIN_SPLIT_WIDTH", "info_fields", "render_info", "write_info"]
 
@@ -176,10 +176,14 @@ def _info_lines(rows: Sequence[Any], root: str, width: int, fancy: bool) -> list
     return out
 
 
-def write_info(found: Sequence[tuple[str, Sequence[Any]]], out: IO[str]) -> None:
-    """``actfmt info``'s text for each ``(PATH, rows)`` to ``out``, a blank line between PATHs: as wide as the
+def write_info(found: Sequence[tuple[str, Sequence[Any]]], out: IO[str], *, as_json: bool = False) -> None:
+    """``actfmt info``'s output for each ``(PATH, rows)`` to ``out``: with ``as_json``, every split's ``to_dict()``
+    in one document; else text, a blank line between PATHs: as wide as the
     terminal (``COLUMNS`` first; 80 when stdout is a pipe or a file), ``·`` and ``…`` when ``out`` encodes UTF-8,
     headings bold on a terminal unless ``NO_COLOR`` is set."""
+    if as_json:
+        out.write(json_document([r.to_dict() for _, rows in found for r in rows], key="splits") + "\n")
+        return
     width = shutil.get_terminal_size((80, 24)).columns
     fancy = is_fancy(out)
     styled = out.isatty() and not os.environ.get("NO_COLOR")

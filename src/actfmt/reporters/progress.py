@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
-__all__ = ["FIXED_COLUMNS_WIDTH", "ProgressRenderer"]
+__all__ = ["FIXED_COLUMNS_WIDTH", "PROGRESS_DELAY", "ProgressRenderer", "progress_renderer"]
 
 
 def _count_column() -> Any:
@@ -213,3 +213,17 @@ class ProgressRenderer:
     def live(self) -> bool:
         """Is the display drawing now?"""
         return self._live
+
+
+#: Without ``--deep``, a progress bar appears only once a run has lasted this long (seconds).
+PROGRESS_DELAY = 1.0
+
+
+def progress_renderer(
+    *, quiet: bool = False, no_progress: bool = False, immediate: bool = False
+) -> ProgressRenderer:
+    """A :class:`ProgressRenderer` on stderr (a no-op when quiet or not a terminal).
+
+    ``immediate`` draws at once (long jobs such as ``--deep``); otherwise the bar waits ``PROGRESS_DELAY``.
+    """
+    return ProgressRenderer(enabled=not (quiet or no_progress), delay=0.0 if immediate else PROGRESS_DELAY)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import IO, Any
 
+import click
+
+from actfmt.reporters.common import json_document
 from actfmt.reporters.validation import RuleInfo
 
-__all__ = ["rule_dict", "rule_lines", "rules_table"]
+__all__ = ["rule_dict", "rule_lines", "rules_table", "write_rule", "write_rules"]
 
 
 def rule_dict(rule: RuleInfo) -> dict[str, Any]:
@@ -41,3 +44,20 @@ def rule_lines(rule: RuleInfo) -> list[str]:
         "",
         rule.documentation(),
     ]
+
+
+def write_rules(rules: Sequence[RuleInfo], out: IO[str], *, as_json: bool = False) -> None:
+    """``actfmt rules``: :func:`rules_table`, or every rule's :func:`rule_dict` in one JSON document."""
+    if as_json:
+        out.write(json_document([rule_dict(r) for r in rules], key="rules") + "\n")
+        return
+    out.write(rules_table(rules))
+
+
+def write_rule(rule: RuleInfo, out: IO[str] | None = None, *, as_json: bool = False) -> None:
+    """``actfmt rule CODE``: :func:`rule_lines`, or :func:`rule_dict` as JSON (to stdout by default)."""
+    if as_json:
+        click.echo(json_document(rule_dict(rule)), file=out)
+        return
+    for line in rule_lines(rule):
+        click.echo(line, file=out)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import IO, Any
 
-from actfmt.reporters.common import plural
+import click
 
-__all__ = ["stream_lines"]
+from actfmt.reporters.common import json_document, plural
+
+__all__ = ["stream_lines", "write_stream"]
 
 
 def stream_lines(rep: Any) -> list[str]:
@@ -21,3 +23,12 @@ def stream_lines(rep: Any) -> list[str]:
         f"{mix['corr']:.3f} (0 = no trace of storage order), same-block pairs per batch "
         f"{mix['same_block']:.2f}x a full shuffle's",
     ]
+
+
+def write_stream(rep: Any, out: IO[str], *, as_json: bool = False) -> None:
+    """``actfmt stream``'s output: :func:`stream_lines`, or the report's ``to_dict()`` as JSON."""
+    if as_json:
+        out.write(json_document(rep.to_dict()) + "\n")
+        return
+    for line in stream_lines(rep):
+        click.echo(line, file=out)

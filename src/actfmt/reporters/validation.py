@@ -408,14 +408,9 @@ def _sarif_level(severity: str) -> str:
     return "error" if severity == ERROR else "warning" if severity == WARNING else "note"
 
 
-def render_sarif(reports: Sequence[Report], rules: Iterable[RuleInfo] | None = None) -> str:
-    """SARIF 2.1.0: the rule catalogue as ``tool.driver.rules``; one result per finding."""
-    if (
-        rules is None
-    ):  # every rule: actfmt.checks imports every format, not needed before a SARIF report is made
-        from actfmt.checks import RULES
-
-        rules = RULES.values()
+def render_sarif(reports: Sequence[Report], rules: Iterable[RuleInfo]) -> str:
+    """SARIF 2.1.0: the rule catalogue ``rules`` (every rule: ``actfmt.checks.RULES.values()``) as
+    ``tool.driver.rules``; one result per finding."""
     rule_list = sorted(rules, key=lambda r: r.code)
     index = {r.code: i for i, r in enumerate(rule_list)}
     driver_rules = [
@@ -489,8 +484,10 @@ def render(
     strict: bool = False,
     quiet: bool = False,
     color: bool | None = None,
+    rules: Iterable[RuleInfo] | None = None,
 ) -> None:
-    """Write ``reports`` to ``out`` in format ``fmt`` (one of :data:`FORMATS`)."""
+    """Write ``reports`` to ``out`` in format ``fmt`` (one of :data:`FORMATS`); ``sarif`` lists the catalogue
+    ``rules`` (the caller's: this package never imports the rules, which import every format)."""
     if fmt == "text":
         from rich.console import Console
 
@@ -503,6 +500,8 @@ def render(
     elif fmt == "junit":
         out.write(render_junit(reports, strict=strict))
     elif fmt == "sarif":
-        out.write(render_sarif(reports))
+        if rules is None:
+            raise ValueError("the sarif output needs the rule catalogue (rules=actfmt.checks.RULES.values())")
+        out.write(render_sarif(reports, rules))
     else:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar
 
+from actfmt.errors import OutsideTreeError, TruncatedError
+
 __all__ = [
     "Entry",
     "Kind",
@@ -78,8 +80,6 @@ class Entry:
         """This entry, or :class:`~actfmt.errors.OutsideTreeError` when it is a link out of the tree (a reader
         that needs it refuses it, never skips it silently)."""
         if self.kind == Kind.OUTSIDE:
-            from actfmt.errors import OutsideTreeError
-
             raise OutsideTreeError(
                 f"{self.location}: a link outside the tree; refused, not read (replace the link by what it "
                 f"stands for).",
@@ -473,8 +473,6 @@ def read_objects(locations: Sequence[Location], missing_ok: bool = True) -> list
 
 
 def short_read(loc: Location, got: int, want: int) -> Exception:
-    from actfmt.errors import TruncatedError
-
     return TruncatedError(
         f"{loc}: truncated (the file ends at byte {got}, before byte {want}: an interrupted copy or a full "
         f"disk?); re-copy it, or re-run what wrote it (actfmt convert ... --resume or --overwrite)."

@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -200,7 +201,6 @@ class LocalCommit(Commit):
     def __enter__(self) -> LocalCommit:
         self.final.parent.mkdir()
         fd = self._open_lock()
-        import fcntl
 
         previous: int | None = None
         with contextlib.suppress(OSError):

@@ -22,140 +22,35 @@ import os
 import shutil
 import stat as stat_mod
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
 from actfmt.errors import OutsideTreeError
+from actfmt.storage._local_io import (
+    PARALLEL_READ_BYTES,
+    Files,
+    contained,
+    create_temporary,
+    identity_of,
+    kind_of,
+    open_nofollow,
+    open_regular,
+    outside_error,
+    pin_path,
+    pread_all,
+    read_pool,
+    write_all,
+)
 from actfmt.storage.base import SCAN_PIECE, Entry, Kind, Location, OutputFile, ReadRequest, Stat, short_read
 
 __all__ = ["LocalLocation", "contained", "open_regular"]
-
-#: Reads of at least this many bytes are split over two threads (one core copies ~5 GB/s from the cache).
-PARALLEL_READ_BYTES = 16 << 20
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
 
 
 def _restore_local(path: str, expected: tuple[Any, ...] | None, root: str | None = None) -> LocalLocation:
     loc = LocalLocation(path, root=root)
     loc.expected = expected
     return loc
-
-
-def contained(real: str, root: str) -> bool:
-    """Is the resolved path ``real`` the resolved ``root`` or below it?"""
-    return real == root or real.startswith(root.rstrip("/") + "/")
-
-
-def _outside(path: str, real: str, root: str) -> OutsideTreeError:
-    return OutsideTreeError(
-        f"{path}: a link to {real}, outside the tree {root}; refused, not read (actfmt never follows a "
-        f"link out of the tree it is given). Replace the link by the file it stands for, or point actfmt "
-        f"at its target itself.",
-        path,
-        real,
-    )
-
-
-def _kind(mode: int) -> str:
-    if stat_mod.S_ISREG(mode):
-        return Kind.FILE
-    if stat_mod.S_ISDIR(mode):
-        return Kind.DIR
-    return Kind.SPECIAL
-
-
-def _special_name(mode: int) -> str:
-    if stat_mod.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat_mod.S_ISSOCK(mode):
-        return "a socket"
-    if stat_mod.S_ISCHR(mode) or stat_mod.S_ISBLK(mode):
-        return "a device"
-    return "not a regular file"
-
-
-#: Where the kernel says what an open descriptor is (Linux): a containment check of the very file opened, in
-#: one ``readlink`` (``os.path.realpath`` costs an ``lstat`` per component, in Python).
-_PROC_FD = "/proc/self/fd"
-_HAVE_O_PATH = hasattr(os, "O_PATH") and os.path.isdir(_PROC_FD)
-
-
-def _pin_path(path: str, root: str) -> tuple[int | None, str]:
-    """``(O_PATH descriptor or None, resolved path)`` of ``path``, refused when it leads outside ``root``.
-
-    The descriptor (Linux) names the object itself: nothing is opened for reading yet (a device is never
-    opened), and reopening it through ``/proc/self/fd`` reads exactly what was checked, with no window for a
-    link swapped in between."""
-    if _HAVE_O_PATH:
-        try:
-            opath = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        except FileNotFoundError:
-            real = os.path.realpath(path)  # a dangling link: out of the tree, or missing
-            if not contained(real, root):
-                raise _outside(path, real, root) from None
-            raise
-        try:
-            real = os.readlink(f"{_PROC_FD}/{opath}")
-        except OSError:
-            real = os.path.realpath(path)
-        if not contained(real, root):
-            os.close(opath)
-            raise _outside(path, real, root)
-        return opath, real
-    real = os.path.realpath(path)
-    if not contained(real, root):
-        raise _outside(path, real, root)
-    return None, real
-
-
-def open_regular(path: str, root: str | None = None) -> int:
-    """``os.open`` for reading that never blocks (``O_NONBLOCK``) and refuses anything but a regular file.
-
-    With a confinement ``root`` (a resolved path): a path that leads outside ``root`` is refused
-    (:class:`~actfmt.errors.OutsideTreeError`), never opened; what is opened is the object checked."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
-    if root is None:
-        fd = os.open(path, flags)
-    else:
-        opath, real = _pin_path(path, root)
-        try:
-            if opath is not None:
-                st = os.fstat(opath)
-                if not stat_mod.S_ISREG(st.st_mode) and not stat_mod.S_ISDIR(st.st_mode):
-                    raise OSError(errno.EINVAL, f"{_special_name(st.st_mode)}, not a regular file", path)
-                try:
-                    fd = os.open(f"{_PROC_FD}/{opath}", flags)
-                except PermissionError as exc:
-                    raise PermissionError(exc.errno, exc.strerror, path) from None
-            else:
-                fd = os.open(real, flags | os.O_NOFOLLOW)
-        finally:
-            if opath is not None:
-                os.close(opath)
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat_mod.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, "Is a directory (a file was expected)", path)
-        if not stat_mod.S_ISREG(mode):
-            raise OSError(errno.EINVAL, f"{_special_name(mode)}, not a regular file", path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def read_pool() -> ThreadPoolExecutor:
-    """Two threads (the target machine has two cores) shared by every reader: the second half of a large local
-    read, and formats' chunk decoding.  A job on it must never wait for another job on it."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="actfmt-read")
-        return _pool
 
 
 class LocalLocation(Location):
@@ -209,7 +104,7 @@ class LocalLocation(Location):
         without a root."""
         if self.root is None:
             return self._path
-        opath, real = _pin_path(self._path, self.root)
+        opath, real = pin_path(self._path, self.root)
         if opath is not None:
             os.close(opath)
         return real
@@ -302,7 +197,7 @@ class LocalLocation(Location):
     def stat(self) -> Stat:
         try:
             if self.root is not None:  # a link out of the tree: refused (never followed, not even by stat)
-                opath, real = _pin_path(self._path, self.root)
+                opath, real = pin_path(self._path, self.root)
                 if opath is None:
                     st = os.stat(real)
                 else:
@@ -317,7 +212,7 @@ class LocalLocation(Location):
                 return Stat(Kind.MISSING, 0, link=True)
             raise
         link = os.path.islink(self._path)
-        return Stat(_kind(st.st_mode), st.st_size, st.st_mtime_ns, identity_of(st), link)
+        return Stat(kind_of(st.st_mode), st.st_size, st.st_mtime_ns, identity_of(st), link)
 
     def list_dir(self) -> list[Entry]:
         out = []
@@ -335,7 +230,7 @@ class LocalLocation(Location):
                 except OSError:  # dangling, a loop, or not permitted to look
                     out.append(Entry(e.name, self._with_path(e.path), Kind.MISSING, 0, link))
                     continue
-                out.append(Entry(e.name, self._with_path(e.path), _kind(st.st_mode), st.st_size, link))
+                out.append(Entry(e.name, self._with_path(e.path), kind_of(st.st_mode), st.st_size, link))
         out.sort(key=lambda e: e.name)
         return out
 
@@ -355,7 +250,7 @@ class LocalLocation(Location):
                 if confine is not None and os.path.islink(full):
                     real = os.path.realpath(full)
                     if not contained(real, confine):
-                        raise _outside(full, real, confine)
+                        raise outside_error(full, real, confine)
                 with contextlib.suppress(OSError):
                     st = os.stat(full)
                     if stat_mod.S_ISREG(st.st_mode):
@@ -381,7 +276,7 @@ class LocalLocation(Location):
     def _read_ranges(
         cls, requests: Sequence[tuple[Location, int, int]], missing_ok: bool
     ) -> list[bytes | None]:
-        with _Files(missing_ok) as files:
+        with Files(missing_ok) as files:
             out: list[bytes | None] = []
             for loc, start, stop in requests:
                 fd = files.fd(loc)
@@ -409,16 +304,16 @@ class LocalLocation(Location):
                 else:
                     pieces[0 if acc < half else 1].append((loc, off, v))
                 acc += len(v)
-            second = read_pool().submit(_pread_all, pieces[1], False)
-            _pread_all(pieces[0], False)
+            second = read_pool().submit(pread_all, pieces[1], False)
+            pread_all(pieces[0], False)
             second.result()
             return [True] * len(views)
-        return _pread_all(views, missing_ok)
+        return pread_all(views, missing_ok)
 
     @classmethod
     def _scan(cls, runs: Sequence[tuple[Location, int, int]], visit: Callable[[memoryview], None]) -> None:
         buf = memoryview(bytearray(SCAN_PIECE))
-        with _Files(False) as files:
+        with Files(False) as files:
             for loc, off, length in runs:
                 fd = files.fd(loc)
                 assert fd is not None
@@ -451,12 +346,12 @@ class LocalLocation(Location):
         written through) and a rename."""
         target = self._path
         if atomic:
-            fd, path = _create_temporary(target)
+            fd, path = create_temporary(target)
         else:
             path = target
-            fd = _open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
+            fd = open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC)
         try:
-            _write_all(fd, memoryview(data).cast("B"), path)
+            write_all(fd, memoryview(data).cast("B"), path)
         except BaseException:
             os.close(fd)
             if atomic:
@@ -476,9 +371,9 @@ class LocalLocation(Location):
 
     def append_line(self, text: str) -> None:
         """Append one line with a single ``write`` (``O_APPEND``: a concurrent reader sees whole lines)."""
-        fd = _open_nofollow(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC)
+        fd = open_nofollow(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC)
         try:
-            _write_all(fd, memoryview(text.encode("utf-8") + b"\n"), self._path)
+            write_all(fd, memoryview(text.encode("utf-8") + b"\n"), self._path)
         finally:
             os.close(fd)
 
@@ -490,7 +385,7 @@ class LocalLocation(Location):
         except FileExistsError:
             return False
         try:
-            _write_all(fd, memoryview(data), self._path)
+            write_all(fd, memoryview(data), self._path)
         finally:
             os.close(fd)
         return True
@@ -525,199 +420,13 @@ class LocalLocation(Location):
                 os.close(fd)
 
 
-class _PinnedFds:
-    """Descriptors of pinned files (a location with the identity a reader expects), kept open across reads: a
-    reader asking for a few rows at a time pays one ``fstat`` per read, not an ``open`` + ``fstat`` + ``close``.
-    Keyed by path and identity, so a file replaced since is opened again (and then fails its identity check);
-    a descriptor in use is never closed; the least recently used beyond :attr:`size` are."""
-
-    size = 64
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._fds: OrderedDict[tuple[str, tuple[Any, ...]], list[int]] = OrderedDict()  # key -> [fd, users]
-
-    def acquire(self, loc: Location) -> int:
-        key = (loc.path, tuple(loc.expected or ()))
-        with self._lock:
-            entry = self._fds.get(key)
-            if entry is not None:
-                entry[1] += 1
-                self._fds.move_to_end(key)
-        if entry is not None:
-            try:
-                _check_identity(loc, entry[0])  # rewritten in place since: an error, as on a fresh open
-            except BaseException:
-                self.release(loc, entry[0])
-                raise
-            return entry[0]
-        fd = open_regular(loc.path, _root_of(loc))
-        try:
-            _check_identity(loc, fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        with self._lock:
-            if key in self._fds:  # another thread opened it meanwhile: use theirs
-                os.close(fd)
-                entry = self._fds[key]
-                entry[1] += 1
-                return entry[0]
-            self._fds[key] = [fd, 1]
-            self._evict()
-        return fd
-
-    def release(self, loc: Location, fd: int) -> None:
-        key = (loc.path, tuple(loc.expected or ()))
-        with self._lock:
-            entry = self._fds.get(key)
-            if entry is not None and entry[0] == fd:
-                entry[1] -= 1
-            self._evict()
-
-    def _evict(self) -> None:
-        for key in list(self._fds):
-            if len(self._fds) <= self.size:
-                return
-            fd, users = self._fds[key]
-            if users <= 0:
-                del self._fds[key]
-                os.close(fd)
-
-
-_PINNED = _PinnedFds()
-
-
-class _Files:
-    """The files of one batch of reads, each opened once (never blocking, regular files only, pins checked;
-    pinned files through :data:`_PINNED`, kept open for the next batch)."""
-
-    def __init__(self, missing_ok: bool) -> None:
-        self.missing_ok = missing_ok
-        self.fds: dict[str, int | None] = {}
-        self.pinned: list[tuple[Location, int]] = []
-
-    def fd(self, loc: Location) -> int | None:
-        """The open descriptor of ``loc``, or ``None`` when it is missing (with ``missing_ok``)."""
-        path = loc.path
-        if path not in self.fds:
-            if loc.expected is not None:
-                fd = _PINNED.acquire(loc)  # FileNotFoundError of a pinned file: it was there, it is gone
-                self.pinned.append((loc, fd))
-                self.fds[path] = fd
-                return fd
-            try:
-                self.fds[path] = open_regular(path, _root_of(loc))
-            except FileNotFoundError:
-                if not self.missing_ok:
-                    raise
-                self.fds[path] = None
-        return self.fds[path]
-
-    def __enter__(self) -> _Files:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        kept = {fd for _, fd in self.pinned}
-        for fd in self.fds.values():
-            if fd is not None and fd not in kept:
-                os.close(fd)
-        for loc, fd in self.pinned:
-            _PINNED.release(loc, fd)
-
-
-def _pread_all(views: Sequence[tuple[Location, int, memoryview]], missing_ok: bool) -> list[bool]:
-    out: list[bool] = []
-    with _Files(missing_ok) as files:
-        for loc, off, view in views:
-            fd = files.fd(loc)
-            if fd is None:
-                out.append(False)
-                continue
-            done = 0
-            while done < len(view):
-                n = os.preadv(fd, [view[done:]], off + done)
-                if n <= 0:
-                    raise short_read(loc, off + done, off + len(view))
-                done += n
-            out.append(True)
-    return out
-
-
-def _root_of(loc: Location) -> str | None:
-    return loc.root if isinstance(loc, LocalLocation) else None
-
-
-def identity_of(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
-
-
-def _check_identity(loc: Location, fd: int | None) -> None:
-    if fd is None:
-        return
-    if identity_of(os.fstat(fd)) != loc.expected:
-        from actfmt.errors import ChangedError
-
-        raise ChangedError(
-            f"{loc}: the file changed (rewritten or replaced) after it was opened; reopen it and read again."
-        )
-
-
-def _open_nofollow(path: str, flags: int, mode: int = 0o644) -> int:
-    """``os.open`` for writing that never writes through a symbolic link at ``path`` (``O_NOFOLLOW``)."""
-    try:
-        return os.open(path, flags | os.O_NOFOLLOW, mode)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise OSError(
-                errno.ELOOP,
-                "a symbolic link is in the way (actfmt never writes through a link: planted?); remove it, or "
-                "choose another destination",
-                path,
-            ) from None
-        raise
-
-
-def _create_temporary(target: str) -> tuple[int, str]:
-    """A new temporary sibling of ``target`` (``{target}.actfmt-tmp``), created with ``O_EXCL | O_NOFOLLOW``;
-    one left there (a killed run, or planted: a file or a link) is removed first -- the link itself, never
-    its target -- and where it cannot be (another user's, in a sticky directory) a unique name is used."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    path = f"{target}.actfmt-tmp"
-    for attempt in range(3):
-        try:
-            return os.open(path, flags, 0o644), path
-        except FileExistsError:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError:  # not ours to remove: another name, just as exclusive
-                path = f"{target}.actfmt-tmp-{os.getpid()}-{os.urandom(4).hex()}"
-            if attempt == 2:
-                raise
-    raise FileExistsError(errno.EEXIST, "cannot create a temporary file", path)  # pragma: no cover
-
-
-def _write_all(fd: int, view: memoryview, path: str, offset: int | None = None) -> None:
-    done = 0
-    while done < len(view):
-        try:
-            n = os.write(fd, view[done:]) if offset is None else os.pwrite(fd, view[done:], offset + done)
-        except OSError as exc:  # a write names no file: say which (a full disk, a quota...)
-            raise OSError(exc.errno, exc.strerror, path) from None
-        if n <= 0:  # pragma: no cover - write never returns 0 for a regular file
-            raise OSError(errno.EIO, "short write", path)
-        done += n
-
-
 class LocalOutput(OutputFile):
     """A local file written sequentially (``write``), at offsets (``pwrite``), or by ``copy_file_range``."""
 
     def __init__(self, location: LocalLocation, truncate: bool = True) -> None:
         self.location = location
         flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if truncate else 0)
-        self._fd: int | None = _open_nofollow(location.path, flags)
+        self._fd: int | None = open_nofollow(location.path, flags)
         self._pos = 0
 
     @property
@@ -727,11 +436,11 @@ class LocalOutput(OutputFile):
 
     def write(self, data: Any) -> None:
         view = memoryview(data).cast("B")
-        _write_all(self.fd, view, self.location.path)
+        write_all(self.fd, view, self.location.path)
         self._pos += len(view)
 
     def pwrite(self, data: Any, offset: int) -> None:
-        _write_all(self.fd, memoryview(data).cast("B"), self.location.path, offset)
+        write_all(self.fd, memoryview(data).cast("B"), self.location.path, offset)
 
     def copy_range(self, source: Location, offset: int, length: int, at: int | None = None) -> None:
         """Append ``length`` bytes of ``source`` from ``offset`` (or write them at offset ``at``), with
@@ -749,7 +458,7 @@ class LocalOutput(OutputFile):
                 except OSError as exc:
                     if exc.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
                         buf = bytearray(length - done)  # another file system, or no kernel support
-                        _pread_all([(source, offset + done, memoryview(buf))], False)
+                        pread_all([(source, offset + done, memoryview(buf))], False)
                         if at is None:
                             self.write(buf)
                         else:

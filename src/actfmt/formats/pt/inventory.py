@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from actfmt.formats.base import as_array
+from actfmt.formats.dtypes import as_array
 from actfmt.formats.inventory import Inventory, LayerEntry, ShardEntry, kind_detail, outside_error
 from actfmt.formats.pt.header import load_shard, probe_shard, read_heads
 from actfmt.formats.vectors import STATS_FILE

@@ -2,7 +2,7 @@
 
 Opening a layer reads the head and tail of each shard (one batch of ranged reads for the layer) and parses
 each small pickle without torch (:mod:`actfmt.formats.pt.header`).  A plain shard's rows are then byte ranges
-of its file -- row ``i`` is at ``data_offset + i * row_bytes`` -- read by :class:`~actfmt.formats.base.RowStore`
+of its file -- row ``i`` is at ``data_offset + i * row_bytes`` -- read by :class:`~actfmt.formats.rowstore.RowStore`
 straight into the output buffer (``preadv`` locally; a few random rows from object storage cost a few small
 GETs, never a whole shard).  Shards that cannot be read that way (the legacy format, saved views) are loaded by
 ``torch.load(weights_only=True)``, downloaded first when remote.
@@ -18,16 +18,10 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import ChangedError, CorruptShardError, NotASplitError, ShardNotFoundError
-from actfmt.formats.base import (
-    ACTFMT_KEY,
-    LayerInfo,
-    RowStore,
-    RowStoreReader,
-    Segment,
-    fingerprint_of,
-    stored_dtype,
-)
+from actfmt.formats.base import ACTFMT_KEY, LayerInfo, fingerprint_of
+from actfmt.formats.dtypes import stored_dtype, torch_dtype
 from actfmt.formats.pt.header import ShardHeader, load_shard, probe_shard, read_heads
+from actfmt.formats.rowstore import RowStore, RowStoreReader, Segment
 from actfmt.layout import (
     METADATA_FILE,
     layer_index,
@@ -202,8 +196,6 @@ def _loaded(location: Location, dtype: str) -> np.ndarray:
     """A shard torch had to load, as a stored-dtype array (cast to the layer's dtype when it differs)."""
     import numpy as np
     import torch
-
-    from actfmt.formats.base import torch_dtype
 
     t = load_shard(location).to(torch_dtype(dtype)).contiguous()
     if t.dtype == torch.bfloat16:

@@ -19,9 +19,11 @@ import struct
 from typing import Any
 
 from actfmt.errors import ConversionError
-from actfmt.formats.base import ACTFMT_KEY, ByteRun, Runs, SplitSpec, WriteOptions, Writer, as_array
+from actfmt.formats.base import ACTFMT_KEY, ByteRun, SplitSpec, WriteOptions, Writer
 from actfmt.formats.crc import crc32
+from actfmt.formats.dtypes import as_array
 from actfmt.formats.pt.reader import SIDECAR
+from actfmt.formats.rowstore import Runs
 from actfmt.layout import METADATA_FILE, expected_shard_rows, shard_name
 from actfmt.storage import Location
 

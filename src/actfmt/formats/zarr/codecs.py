@@ -19,6 +19,8 @@ import struct
 import threading
 from typing import Any
 
+from isal import isal_zlib
+
 from actfmt.errors import ConversionError
 from actfmt.storage import Location
 
@@ -232,8 +234,6 @@ def decode_into(codec: Any, raw: Any, out: Any) -> None:
             raise ValueError("an lz4 chunk shorter than its 4-byte header")
         declared = struct.unpack_from("<I", bytes(raw[:4]), 0)[0]
     elif cid in ("gzip", "zlib"):
-        from isal import isal_zlib
-
         d = isal_zlib.decompressobj(31 if cid == "gzip" else 15)
         data = d.decompress(bytes(raw), want + 1)
         if len(data) > want or d.unconsumed_tail:
@@ -270,8 +270,6 @@ def check_decoded_size(codec: Any, raw: Any, limit: int) -> None:
                 "the zstd frame declares no content size (refused: it could inflate unbounded)"
             )
     elif cid in ("gzip", "zlib"):
-        from isal import isal_zlib
-
         d = isal_zlib.decompressobj(31 if cid == "gzip" else 15)
         try:
             data = d.decompress(bytes(raw), limit + 1)

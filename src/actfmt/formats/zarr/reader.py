@@ -3,7 +3,7 @@
 The group's and arrays' JSON documents are parsed by :mod:`actfmt.formats.zarr.meta` (one listing of the
 group, one batch of reads for the arrays' documents).  Then, per array:
 
-* uncompressed, in the layout actfmt writes (``ArrayMeta.direct``): a :class:`~actfmt.formats.base.RowStore`
+* uncompressed, in the layout actfmt writes (``ArrayMeta.direct``): a :class:`~actfmt.formats.rowstore.RowStore`
   whose segments are the chunk objects, so any rows are read straight into the output (``preadv`` locally,
   ranged GETs of just those rows remotely) and :meth:`ZarrReader.runs` hands their byte runs to a writer;
 * compressed with a codec actfmt knows: whole chunk objects fetched in batches
@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -42,16 +43,13 @@ from actfmt.formats.base import (
     LayerInfo,
     MissingChunks,
     Reader,
-    RowStore,
-    Segment,
     StoredVectors,
     check_shard_rows,
     fingerprint_of,
-    row_across,
-    scratch,
-    stored_dtype,
     stored_vectors_of,
 )
+from actfmt.formats.dtypes import scratch, stored_dtype
+from actfmt.formats.rowstore import RowStore, Segment, row_across
 from actfmt.formats.vectors import STATS_GROUP
 from actfmt.formats.zarr.codecs import check_decoded_size, codec_name, decode_into
 from actfmt.formats.zarr.meta import (
@@ -315,8 +313,6 @@ class ZarrReader(Reader):
     def _threads(self) -> Any:
         with self._lock:
             if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
                 self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="actfmt-zarr-r")
             return self._pool
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from actfmt.errors import ConversionError
@@ -30,10 +31,9 @@ from actfmt.formats.base import (
     StoredVectors,
     WriteOptions,
     Writer,
-    as_array,
     check_write_chunks,
-    stored_dtype,
 )
+from actfmt.formats.dtypes import as_array, stored_dtype
 from actfmt.formats.vectors import STATS_GROUP
 from actfmt.formats.zarr.codecs import resolve_compression
 from actfmt.formats.zarr.meta import (
@@ -364,8 +364,6 @@ class ZarrWriter(Writer):
     def _threads(self) -> Any:
         with self._lock:
             if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
                 threads = int(self.options.extra.get("threads") or WRITE_THREADS)
                 self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="actfmt-zarr-w")
             return self._pool
