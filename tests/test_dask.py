@@ -164,7 +164,7 @@ def test_actfmts_local_cluster_leaves_mallocs_adaptive_threshold_on() -> None:
 
     code = (
         "import os\n"
-        "from actfmt.conversion.executors import dask_client, relax_malloc\n"
+        "from actfmt._dask import dask_client, relax_malloc\n"
         "with dask_client(None, 1) as client:\n"
         "    env = client.run(lambda: (os.environ.get('MALLOC_TRIM_THRESHOLD_'), os.environ.get('OMP_NUM_THREADS')))\n"
         "    relaxed = client.run(relax_malloc)\n"
@@ -298,7 +298,7 @@ def test_retries_exhausted_fail_cleanly_then_resume_finishes(
     local_outputs: dict[str, tuple[Path, Any]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from actfmt.conversion import executors as _dask
+    from actfmt import _dask
 
     writer_cls = get_format("zarr").writer_class()
     flaky = _Flaky(monkeypatch, writer_cls, fail_times=100, layers={"layer_01"})

@@ -260,7 +260,7 @@ def _run(
     """Run ``tasks`` (largest first) on threads sharing ``readers``, or on the dask ``client``."""
     tasks = sorted(tasks, key=lambda t: -t.nbytes)
     if client is not None:
-        from actfmt.conversion.executors import dask_map
+        from actfmt._dask import dask_map
 
         for task, fut in dask_map(client, _run_task, tasks, "stats"):
             try:
@@ -421,7 +421,7 @@ def stats(
 
 @contextlib.contextmanager
 def _dask_client(scheduler: Any, workers: int) -> Iterator[Any]:
-    from actfmt.conversion.executors import dask_client
+    from actfmt._dask import dask_client
 
     with dask_client(scheduler, workers) as client:
         yield client
