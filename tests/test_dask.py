@@ -229,6 +229,44 @@ def test_tasks_never_share_a_file_hdf5_runs_as_one_task(tree: Path, tmp_path: Pa
     pickle.loads(pickle.dumps(tasks))  # tasks travel to other processes
 
 
+@pytest.mark.parametrize("to", ["zarr", "safetensors"])
+def test_a_layer_task_on_dask_runs_on_its_own_thread(
+    tree: Path,
+    tmp_path: Path,
+    to: str,
+    local_outputs: dict[str, tuple[Path, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """dask schedules one task per worker thread: a task there has one codec thread and reads each block on
+    its own thread (no read-ahead pool), with the checksums of a local run."""
+    from actfmt.conversion import executors, run_layer_task, tasks
+    from actfmt.formats import open_reader
+    from actfmt.formats.base import WriteOptions
+    from actfmt.storage import resolve
+
+    job = plan(resolve(tree), resolve(tmp_path / "o"), to)[0]
+    with open_reader(job.source) as r:
+        spec = spec_for(r, job.source_format, None)
+    work = resolve(tmp_path / "p")
+    get_format(to).writer_class().create(work, spec, WriteOptions())
+    (task,) = layer_tasks(
+        job.source, job.source_format, work, to, spec, WriteOptions(compression=None), [1], "x", True, None
+    )
+    assert task.read_ahead and "threads" not in task.options.extra
+    worker_task = executors.on_dask(task)
+    assert not worker_task.read_ahead and worker_task.options.extra["threads"] == 1
+    pickle.loads(pickle.dumps(worker_task))
+
+    def no_pool(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a read-ahead thread on a dask worker")
+
+    monkeypatch.setattr(tasks, "ThreadPoolExecutor", no_pool)
+    (res,) = run_layer_task(worker_task)
+    assert res.name == "layer_01" and res.checksum == local_outputs[to][1].checksums[job.location]["layer_01"]
+    with pytest.raises(AssertionError, match="read-ahead"):
+        run_layer_task(task)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # failures and retries (in-process workers see the injected failure)
 
