@@ -9,7 +9,7 @@ throughput >= 0.9x local; 2 workers >= 1.8x one).
 Without SPLIT it makes the seed-sized synthetic split of ``benchmarks/run.py`` (7049 x 4096 x --layers, bf16, the
 producer's 512-row shards; ``make_seed_split``) under --work.  Every figure is a median with its spread (min-max)
 over --repeat rounds; within a round every run of every format runs once, one after the other (interleaved, so a
-busy moment of a shared machine hits them all alike), page cache warm.  Two modes:
+busy moment of a shared machine hits them all alike), page cache warm, ``sync`` before each run.  Two modes:
 
 * ``standing``: ``convert()`` in this process, on a ``LocalCluster`` of 1 and 2 single-threaded worker
   processes (``actfmt._dask.local_cluster``: the one ``--executor dask`` starts) started and warmed before the
@@ -183,6 +183,7 @@ def standing(src: Path, out: Path, formats: Sequence[str], repeat: int, size: in
 
             def run(to: str, n: int, dask: bool) -> tuple[float, float]:
                 shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # no run pays for another's writeback
                 client = clients[n] if dask else None
                 w0 = sum(client.run(_cpu).values()) if client else 0.0
                 c0, t0 = _cpu(), time.perf_counter()
@@ -218,6 +219,7 @@ def cli(src: Path, out: Path, formats: Sequence[str], repeat: int, size: int) ->
 
     def run(to: str, what: str) -> tuple[float, float]:
         shutil.rmtree(out, ignore_errors=True)
+        os.sync()  # no run pays for another's writeback
         return process(cmd(to, what))
 
     for to in formats:

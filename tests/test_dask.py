@@ -267,6 +267,32 @@ def test_a_layer_task_on_dask_runs_on_its_own_thread(
         run_layer_task(task)
 
 
+def test_small_layer_tasks_are_merged_on_dask_but_every_thread_keeps_several(tmp_path: Path) -> None:
+    """A dask task costs ~10 ms of CPU whatever it does: small layers go in tasks of several, in order, each
+    layer once, while every worker thread still gets TASKS_PER_THREAD tasks; big layers stay one per task."""
+    from actfmt.conversion import executors
+    from actfmt.formats.base import LayerInfo, SplitSpec, WriteOptions
+    from actfmt.storage import resolve
+
+    def tasks_of(layers: int, rows: int) -> list[Any]:
+        infos = [LayerInfo(f"layer_{i:02d}", i, rows, 4096, "bfloat16") for i in range(layers)]
+        spec = SplitSpec({}, infos)
+        loc = resolve(tmp_path)
+        return layer_tasks(
+            loc, "pt", loc, "zarr", spec, WriteOptions(), list(range(layers)), "a/EM", True, None
+        )
+
+    seed = tasks_of(28, 7049)  # the seed split: 58 MB layers
+    merged = executors.group_tasks(seed, threads=2)
+    assert len(merged) == executors.TASKS_PER_THREAD * 2
+    assert [p for t in merged for p in t.layers] == list(range(28))
+    assert merged[0].key == "a/EM/layer_00+layer_01+layer_02+layer_03"
+    assert executors.group_tasks(seed, threads=16) == seed  # 4 tasks per thread need every layer alone
+    big = tasks_of(6, 200_000)  # 1.6 GB layers: one task each
+    assert executors.group_tasks(big, threads=1) == big
+    assert executors.group_tasks(seed[:1], threads=1) == seed[:1]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # failures and retries (in-process workers see the injected failure)
 
