@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo-out
 
-.PHONY: install test lint demo bench bench-stream faults fixtures dist check-wheel clean
+.PHONY: install test lint demo bench bench-dask bench-stream faults fixtures dist check-wheel clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,12 @@ lint: install
 demo: install
 	@bash scripts/demo.sh "$(BIN)" "$(DEMO_OUT)"
 
+# BENCH_ARGS: e.g. "--splits seed,float32" (the float32 split too), "--only convert", "--repeat 3"
 bench: install
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+bench-dask: install
+	$(BIN)/python benchmarks/dask_scaling.py $(BENCH_ARGS)
 
 bench-stream: install
 	$(BIN)/python benchmarks/stream.py

@@ -26,8 +26,8 @@ LAYERS = [
     {"actfmt.storage"},
     {"actfmt.formats", "actfmt.checksum", "actfmt.moments"},
     {"actfmt.report"},  # the result of a validation (Finding, severities): below the rules that make it
-    {"actfmt.checks", "actfmt.conversion", "actfmt.statistics"},
-    {"actfmt.dataset", "actfmt.torch", "actfmt._dask", "actfmt.streaming"},
+    {"actfmt.checks", "actfmt.conversion", "actfmt.statistics", "actfmt._dask"},
+    {"actfmt.dataset", "actfmt.torch", "actfmt.streaming"},
     {"actfmt.reporters"},
     {"actfmt.cli", "actfmt.cli_base", "actfmt.__main__"},
 ]

@@ -164,7 +164,7 @@ def test_actfmts_local_cluster_leaves_mallocs_adaptive_threshold_on() -> None:
 
     code = (
         "import os\n"
-        "from actfmt.conversion.executors import dask_client, relax_malloc\n"
+        "from actfmt._dask import dask_client, relax_malloc\n"
         "with dask_client(None, 1) as client:\n"
         "    env = client.run(lambda: (os.environ.get('MALLOC_TRIM_THRESHOLD_'), os.environ.get('OMP_NUM_THREADS')))\n"
         "    relaxed = client.run(relax_malloc)\n"
@@ -227,6 +227,70 @@ def test_tasks_never_share_a_file_hdf5_runs_as_one_task(tree: Path, tmp_path: Pa
     else:  # one layer per task: layers never share a chunk, shard or file
         assert [t.layers for t in tasks] == [(0,), (2,)]
     pickle.loads(pickle.dumps(tasks))  # tasks travel to other processes
+
+
+@pytest.mark.parametrize("to", ["zarr", "safetensors"])
+def test_a_layer_task_on_dask_runs_on_its_own_thread(
+    tree: Path,
+    tmp_path: Path,
+    to: str,
+    local_outputs: dict[str, tuple[Path, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """dask schedules one task per worker thread: a task there has one codec thread and reads each block on
+    its own thread (no read-ahead pool), with the checksums of a local run."""
+    from actfmt.conversion import executors, run_layer_task, tasks
+    from actfmt.formats import open_reader
+    from actfmt.formats.base import WriteOptions
+    from actfmt.storage import resolve
+
+    job = plan(resolve(tree), resolve(tmp_path / "o"), to)[0]
+    with open_reader(job.source) as r:
+        spec = spec_for(r, job.source_format, None)
+    work = resolve(tmp_path / "p")
+    get_format(to).writer_class().create(work, spec, WriteOptions())
+    (task,) = layer_tasks(
+        job.source, job.source_format, work, to, spec, WriteOptions(compression=None), [1], "x", True, None
+    )
+    assert task.read_ahead and "threads" not in task.options.extra
+    worker_task = executors.on_dask(task)
+    assert not worker_task.read_ahead and worker_task.options.extra["threads"] == 1
+    pickle.loads(pickle.dumps(worker_task))
+
+    def no_pool(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a read-ahead thread on a dask worker")
+
+    monkeypatch.setattr(tasks, "ThreadPoolExecutor", no_pool)
+    (res,) = run_layer_task(worker_task)
+    assert res.name == "layer_01" and res.checksum == local_outputs[to][1].checksums[job.location]["layer_01"]
+    with pytest.raises(AssertionError, match="read-ahead"):
+        run_layer_task(task)
+
+
+def test_small_layer_tasks_are_merged_on_dask_but_every_thread_keeps_several(tmp_path: Path) -> None:
+    """A dask task costs ~10 ms of CPU whatever it does: small layers go in tasks of several, in order, each
+    layer once, while every worker thread still gets TASKS_PER_THREAD tasks; big layers stay one per task."""
+    from actfmt.conversion import executors
+    from actfmt.formats.base import LayerInfo, SplitSpec, WriteOptions
+    from actfmt.storage import resolve
+
+    def tasks_of(layers: int, rows: int) -> list[Any]:
+        infos = [LayerInfo(f"layer_{i:02d}", i, rows, 4096, "bfloat16") for i in range(layers)]
+        spec = SplitSpec({}, infos)
+        loc = resolve(tmp_path)
+        return layer_tasks(
+            loc, "pt", loc, "zarr", spec, WriteOptions(), list(range(layers)), "a/EM", True, None
+        )
+
+    seed = tasks_of(28, 7049)  # the seed split: 58 MB layers
+    merged = executors.group_tasks(seed, threads=2)
+    assert len(merged) == executors.TASKS_PER_THREAD * 2
+    assert [p for t in merged for p in t.layers] == list(range(28))
+    assert merged[0].key == "a/EM/layer_00+layer_01+layer_02+layer_03"
+    assert executors.group_tasks(seed, threads=16) == seed  # 4 tasks per thread need every layer alone
+    big = tasks_of(6, 200_000)  # 1.6 GB layers: one task each
+    assert executors.group_tasks(big, threads=1) == big
+    assert executors.group_tasks(seed[:1], threads=1) == seed[:1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,7 +362,7 @@ def test_retries_exhausted_fail_cleanly_then_resume_finishes(
     local_outputs: dict[str, tuple[Path, Any]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from actfmt.conversion import executors as _dask
+    from actfmt import _dask
 
     writer_cls = get_format("zarr").writer_class()
     flaky = _Flaky(monkeypatch, writer_cls, fail_times=100, layers={"layer_01"})

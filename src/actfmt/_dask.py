@@ -1,19 +1,26 @@
-"""Dask integration for reading: lazy dask arrays over layers (``LayerView.to_dask()``).
+"""Everything dask: the cluster the ``--executor dask`` commands run on, and lazy dask arrays over layers.
 
-Needs the ``dask`` extra (``pip install 'actfmt[dask]'``); imported only when used.  (Conversion on a dask
-cluster, ``--executor dask``, is :mod:`actfmt.conversion.executors`.)
+Needs the ``dask`` extra (``pip install 'actfmt[dask]'``); dask is imported only when used.
 
-:func:`layer_to_dask` gives a lazy ``[rows, hidden_dim]`` dask array whose blocks are read by picklable tasks
+* The cluster: :func:`dask_client` (an address, a ``distributed.Client``, or :func:`local_cluster`: worker
+  processes started for one command) and :func:`dask_map` (tasks retried :data:`TASK_RETRIES` times, results as
+  they finish).  ``convert`` (:func:`actfmt.conversion.executors.dask_layer_runner`: what a layer task is on a
+  worker) and ``stats`` map their tasks with it.
+* Reading: :func:`layer_to_dask` (``LayerView.to_dask()``) gives a lazy ``[rows, hidden_dim]`` dask array whose blocks are read by picklable tasks
 that open the split themselves (its location, local or remote, travels with its storage options; no handle is
 captured), so it computes on the threaded scheduler or on a distributed cluster alike.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from actfmt.errors import ActfmtError
+from actfmt.errors import ActfmtError, ConversionError
 from actfmt.formats import shared_reader
 from actfmt.formats.base import Reader
 from actfmt.formats.dtypes import stored_dtype
@@ -22,12 +29,140 @@ from actfmt.storage import Location
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-__all__ = ["TARGET_CHUNK_BYTES", "layer_to_dask"]
+__all__ = [
+    "CLUSTER_CONFIG",
+    "TARGET_CHUNK_BYTES",
+    "TASK_RETRIES",
+    "dask_client",
+    "dask_map",
+    "layer_to_dask",
+    "local_cluster",
+    "relax_malloc",
+]
+
+T = TypeVar("T")
+
+#: How many times a failed task is retried on dask before the command fails.
+TASK_RETRIES = 2
 
 #: Default size of a ``to_dask`` block (rounded to whole chunks or shards of the store).
 TARGET_CHUNK_BYTES = 64 * 1024 * 1024
 
 _INSTALL_HINT = "install the dask extra: pip install 'actfmt[dask]'"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the cluster
+
+
+def _import_distributed() -> Any:
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ConversionError(f"--executor dask needs dask.distributed ({exc}); {_INSTALL_HINT}.") from None
+    return distributed
+
+
+#: dask settings of the cluster :func:`local_cluster` starts (its scheduler and nannies in this process, its
+#: workers).  dask's defaults poll for a busy machine: the event-loop tick every 20 ms, the system monitor every
+#: 0.5 s, the worker's memory every 0.1 s, and a statistical profiler sampling every thread's stack every 10 ms
+#: (for the dashboard).  Measured on 2 cores: idle, a 2-worker cluster cost 0.065 CPU-s per second with them,
+#: 0.014 with these; a local conversion run inside a worker's task took 0.52 CPU-s with them, 0.48 with these (in
+#: a plain process 0.47-0.49).  Memory is still watched (each second): a layer task holds at most two blocks.
+CLUSTER_CONFIG: dict[str, Any] = {
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.worker.profile.enabled": False,
+}
+
+
+def local_cluster(workers: int) -> Any:
+    """A ``LocalCluster`` of ``workers`` single-threaded worker processes with :data:`CLUSTER_CONFIG`, and without
+    the ``MALLOC_TRIM_THRESHOLD_`` that dask sets in its workers' environment
+    (``distributed.nanny.pre-spawn-environ``): setting it turns off glibc's adaptive mmap threshold, so every
+    buffer above 128 KiB (a chunk compressed, a block read) is a fresh mapping, faulted in page by page and
+    unmapped again.  Measured: zarr layer tasks (blosc-zstd) took 1.46 CPU-s per 460 MB in a plain process and
+    2.2-2.6 with it, the whole difference between a dask worker core and a local one (0.52x).  dask's other
+    settings (one BLAS/OpenMP thread) stay.  (distributed also copies that environment into the process starting
+    the cluster, so a second cluster started there inherits it anyway: :func:`dask_client` then sets glibc's
+    thresholds in the workers, :func:`relax_malloc`.)"""
+    import dask
+
+    distributed = _import_distributed()
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    with dask.config.set({**CLUSTER_CONFIG, "distributed.nanny.pre-spawn-environ": environ}):
+        return distributed.LocalCluster(
+            n_workers=max(1, workers), threads_per_worker=1, processes=True, dashboard_address=":0"
+        )
+
+
+def relax_malloc() -> bool:
+    """In this process, give glibc's malloc the thresholds its adaptive mode would reach (buffers up to 32 MiB from
+    the heap, trimmed beyond 128 MiB) whatever ``MALLOC_TRIM_THRESHOLD_`` said at start; ``False`` where there is
+    no glibc.  Run in the workers of the cluster :func:`dask_client` starts."""
+    try:  # glibc's soname (mallopt is glibc's; ctypes.util.find_library would cost 17 ms of every start-up)
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        return bool(libc.mallopt(m_trim_threshold, 128 << 20) and libc.mallopt(m_mmap_threshold, 32 << 20))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: Any, workers: int) -> Iterator[Any]:
+    """A ``distributed.Client`` for the duration of one command.
+
+    ``scheduler``: a ``distributed.Client`` (used as is, not closed), an address (``tcp://host:8786``) or
+    ``None`` for a :func:`local_cluster` of ``workers`` single-threaded worker processes, closed at the end.
+    """
+    distributed = _import_distributed()
+    client: Any
+    cluster: Any = None
+    own = True
+    if isinstance(scheduler, distributed.Client):
+        client, own = scheduler, False
+    elif scheduler is None:
+        cluster = local_cluster(workers)
+        client = distributed.Client(cluster, set_as_default=False)
+        client.run(relax_malloc)
+    else:
+        address = str(scheduler)
+        try:
+            client = distributed.Client(address, set_as_default=False)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ConversionError(
+                f"--scheduler {address}: cannot connect to a dask scheduler ({exc}); start one with "
+                f"`dask scheduler` (and workers with `dask worker {address}`), or omit --scheduler for a "
+                f"local cluster."
+            ) from None
+    try:
+        yield client
+    finally:
+        if own:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+def dask_map(client: Any, fn: Callable[[T], Any], items: list[T], name: str) -> Iterator[tuple[T, Any]]:
+    """``fn`` over ``items`` as tasks on ``client`` (each retried :data:`TASK_RETRIES` times): ``(item, future)``
+    as they finish (``future.result()`` gives the result or raises the task's error); the remaining tasks are
+    cancelled when the caller stops early."""
+    distributed = _import_distributed()
+    token = uuid.uuid4().hex[:8]
+    futures = {
+        client.submit(fn, item, key=f"actfmt-{name}-{token}-{i}", retries=TASK_RETRIES, pure=False): item
+        for i, item in enumerate(items)
+    }
+    try:
+        for fut in distributed.as_completed(list(futures), loop=client.loop):
+            yield futures[fut], fut
+    finally:
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            client.cancel(pending)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,8 +272,9 @@ def _group_rows(units: list[int], target_rows: int) -> list[int]:
 def layer_to_dask(reader: Reader, pos: int, chunk_rows: int | None = None, dtype: Any = None) -> Any:
     """A lazy dask array ``[rows, hidden_dim]`` over layer position ``pos`` of an open split.
 
-    Blocks are ``chunk_rows`` rows (default: about 64 MiB), rounded to whole shards (pt, safetensors from pt)
-    or whole stored chunks (zarr, hdf5) when ``chunk_rows`` is not given.  ``dtype``: ``None`` gives the stored
+    Blocks are ``chunk_rows`` rows (default: about 64 MiB): whole shards where the layer is stored as shard
+    files (``Reader.shard_rows_of``: a ``.pt`` tree), else, when ``chunk_rows`` is not given, whole stored chunks
+    (zarr, chunked hdf5).  ``dtype``: ``None`` gives the stored
     numpy dtype: float16 and float32 as such, **bfloat16 as its uint16 bits** (numpy has no bfloat16;
     ``torch.from_numpy(x).view(torch.bfloat16)`` restores it exactly); ``"float32"`` upcasts lazily and exactly.
     """
@@ -160,8 +296,9 @@ def layer_to_dask(reader: Reader, pos: int, chunk_rows: int | None = None, dtype
         raise ValueError(f"to_dask(chunk_rows={chunk_rows}): must be at least 1.")
     target = int(chunk_rows) if chunk_rows else max(1, TARGET_CHUNK_BYTES // max(1, info.row_bytes))
     unit = reader.chunk_rows_of(pos)
-    if reader.format == "pt" and info.shard_rows:  # whole shards: a block reads the shards it covers
-        blocks = _group_rows(list(info.shard_rows), target)
+    shards = reader.shard_rows_of(pos)
+    if shards:  # whole shards: a block reads the shards it covers
+        blocks = _group_rows(list(shards), target)
     elif chunk_rows:
         blocks = [min(target, info.rows - s) for s in range(0, info.rows, target)] or [0]
     else:  # whole chunks

@@ -15,6 +15,7 @@ import os
 import time
 from typing import Any
 
+from actfmt.checks import validate
 from actfmt.checksum import ALGORITHM as CHECKSUM_ALGORITHM
 from actfmt.checksum import layer_checksum
 from actfmt.conversion.executors import dask_layer_runner, local_runner
@@ -64,9 +65,6 @@ EXECUTORS = ("local", "dask")
 
 
 def _validate_source(src: Location, walk: Walk) -> None:
-    # not at module level: `actfmt info` and `verify` import this package and never validate (+40 ms)
-    from actfmt.checks import validate
-
     report = validate(src, walk=walk)
     if report.errors:
         worst = report.sorted_findings()[:5]

@@ -3,11 +3,13 @@
 
 Both run the same :class:`~actfmt.conversion.tasks.LayerTask` s with :func:`~actfmt.conversion.tasks.run_layer_task`:
 planning, locking, the journal and publishing stay in the calling process (the *driver*).  On dask each task opens
-the source and the partial store itself; a failed task is retried (:data:`TASK_RETRIES` times, and dask
-reschedules the tasks of a worker that dies), rewriting its layers from row 0; nothing is published before every
-layer is done and verified, and when retries run out the partial store and its journal stay for ``--resume``.
-Workers must reach the source and destination (the same paths on a shared filesystem, or object storage:
-locations pickle with their storage options) and have actfmt installed.  Needs the ``dask`` extra.
+the source and the partial store itself; a failed task is retried (:data:`actfmt._dask.TASK_RETRIES` times, and
+dask reschedules the tasks of a worker that dies), rewriting its layers from row 0; nothing is published before
+every layer is done and verified, and when retries run out the partial store and its journal stay for
+``--resume``.  Workers must reach the source and destination (the same paths on a shared filesystem, or object
+storage: locations pickle with their storage options) and have actfmt installed.  The cluster itself (the local
+one, a client, mapping tasks) is :mod:`actfmt._dask`, dask's one home; this module only says what a conversion's
+task is on it.  Needs the ``dask`` extra.
 """
 
 from __future__ import annotations
@@ -16,23 +18,28 @@ import contextlib
 import dataclasses
 import queue
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
+from actfmt._dask import TASK_RETRIES, dask_client, dask_map
 from actfmt.conversion.tasks import Cancelled, LayerResult, LayerRunner, LayerTask, run_layer_task
 from actfmt.errors import ActfmtError, ConversionError
 from actfmt.formats.base import Reader
 
-__all__ = ["TASK_RETRIES", "dask_client", "dask_layer_runner", "dask_map", "local_cluster", "local_runner"]
+__all__ = [
+    "TASKS_PER_THREAD",
+    "TASK_TARGET_BYTES",
+    "dask_layer_runner",
+    "group_tasks",
+    "local_runner",
+    "on_dask",
+]
 
-T = TypeVar("T")
-
-#: How many times a failed layer task is retried on dask before the conversion fails.
-TASK_RETRIES = 2
-
-_INSTALL_HINT = "install the dask extra: pip install 'actfmt[dask]'"
+#: On dask, consecutive layer tasks of a split are merged into tasks of about this many bytes ...
+TASK_TARGET_BYTES = 256 << 20
+#: ... as long as every worker thread still gets this many tasks (load balance, and retries of a few layers).
+TASKS_PER_THREAD = 4
 
 
 def local_runner(
@@ -79,125 +86,51 @@ def local_runner(
     return run
 
 
-def _import_distributed() -> Any:
-    try:
-        import distributed
-    except ImportError as exc:
-        raise ConversionError(f"--executor dask needs dask.distributed ({exc}); {_INSTALL_HINT}.") from None
-    return distributed
+def on_dask(task: LayerTask) -> LayerTask:
+    """``task`` as it runs on a dask worker: one core.  dask's model is one task per worker thread, so a task's
+    own threads (zarr's and HDF5's codec threads, the read-ahead of the next block) would only oversubscribe
+    the cores the cluster already schedules; there they run one after the other on the task's thread
+    (measured on 2 cores: 2 workers x 2 encode threads scaled 1.12x over one worker; one thread: 1.9x)."""
+    options = dataclasses.replace(task.options, extra={**task.options.extra, "threads": 1})
+    return dataclasses.replace(task, options=options, read_ahead=False)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# conversion
-
-
-def local_cluster(workers: int) -> Any:
-    """A ``LocalCluster`` of ``workers`` single-threaded worker processes, without the ``MALLOC_TRIM_THRESHOLD_``
-    that dask sets in its workers' environment (``distributed.nanny.pre-spawn-environ``): setting it turns off
-    glibc's adaptive mmap threshold, so every buffer above 128 KiB (a chunk compressed, a block read) is a fresh
-    mapping, faulted in page by page and unmapped again.  Measured: zarr layer tasks (blosc-zstd) took 1.46 CPU-s
-    per 460 MB in a plain process and 2.2-2.6 with it, the whole difference between a dask worker core and a
-    local one (0.52x).  dask's other settings (one BLAS/OpenMP thread) stay.  (distributed also copies that
-    environment into the process starting the cluster, so a second cluster started there inherits it anyway:
-    :func:`dask_client` then sets glibc's thresholds in the workers, :func:`relax_malloc`.)"""
-    import dask
-
-    distributed = _import_distributed()
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
-    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        return distributed.LocalCluster(
-            n_workers=max(1, workers), threads_per_worker=1, processes=True, dashboard_address=":0"
-        )
-
-
-def relax_malloc() -> bool:
-    """In this process, give glibc's malloc the thresholds its adaptive mode would reach (buffers up to 32 MiB from
-    the heap, trimmed beyond 128 MiB) whatever ``MALLOC_TRIM_THRESHOLD_`` said at start; ``False`` where there is
-    no glibc.  Run in the workers of the cluster :func:`dask_client` starts."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-        return bool(libc.mallopt(m_trim_threshold, 128 << 20) and libc.mallopt(m_mmap_threshold, 32 << 20))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
-@contextlib.contextmanager
-def dask_client(scheduler: Any, workers: int) -> Iterator[Any]:
-    """A ``distributed.Client`` for the duration of one command.
-
-    ``scheduler``: a ``distributed.Client`` (used as is, not closed), an address (``tcp://host:8786``) or
-    ``None`` for a :func:`local_cluster` of ``workers`` single-threaded worker processes, closed at the end.
-    """
-    distributed = _import_distributed()
-    client: Any
-    cluster: Any = None
-    own = True
-    if isinstance(scheduler, distributed.Client):
-        client, own = scheduler, False
-    elif scheduler is None:
-        cluster = local_cluster(workers)
-        client = distributed.Client(cluster, set_as_default=False)
-        client.run(relax_malloc)
-    else:
-        address = str(scheduler)
-        try:
-            client = distributed.Client(address, set_as_default=False)
-        except (OSError, TimeoutError, ValueError) as exc:
-            raise ConversionError(
-                f"--scheduler {address}: cannot connect to a dask scheduler ({exc}); start one with "
-                f"`dask scheduler` (and workers with `dask worker {address}`), or omit --scheduler for a "
-                f"local cluster."
-            ) from None
-    try:
-        yield client
-    finally:
-        if own:
-            client.close()
-            if cluster is not None:
-                cluster.close()
-
-
-def dask_map(client: Any, fn: Callable[[T], Any], items: list[T], name: str) -> Iterator[tuple[T, Any]]:
-    """``fn`` over ``items`` as tasks on ``client`` (each retried :data:`TASK_RETRIES` times): ``(item, future)``
-    as they finish (``future.result()`` gives the result or raises the task's error); the remaining tasks are
-    cancelled when the caller stops early."""
-    distributed = _import_distributed()
-    token = uuid.uuid4().hex[:8]
-    futures = {
-        client.submit(fn, item, key=f"actfmt-{name}-{token}-{i}", retries=TASK_RETRIES, pure=False): item
-        for i, item in enumerate(items)
-    }
-    try:
-        for fut in distributed.as_completed(list(futures), loop=client.loop):
-            yield futures[fut], fut
-    finally:
-        pending = [f for f in futures if not f.done()]
-        if pending:
-            client.cancel(pending)
+def group_tasks(tasks: list[LayerTask], threads: int) -> list[LayerTask]:
+    """Consecutive one-layer ``tasks`` of a split merged into tasks of several layers where layers are small: a
+    dask task costs about 10 ms of CPU in the driver and the worker whatever it does (measured: 4 ms for an
+    empty one, 11-12 ms per seed-sized layer task above the same work done locally), 10-20 % of a 58 MB layer
+    written at 1 GB per CPU-second.  Tasks of about :data:`TASK_TARGET_BYTES`, but never fewer than
+    :data:`TASKS_PER_THREAD` per worker thread (``threads``) nor more than one per layer; a merged task copies
+    and verifies its layers one after the other and is retried as one (rewriting them from row 0)."""
+    if len(tasks) < 2 or any(len(t.layers) != 1 for t in tasks):
+        return tasks
+    nbytes = [t.spec.layers[t.layers[0]].nbytes for t in tasks]
+    want = max(TASKS_PER_THREAD * max(1, threads), -(-sum(nbytes) // TASK_TARGET_BYTES))
+    if want >= len(tasks):
+        return tasks
+    out, start = [], 0
+    for i in range(
+        want
+    ):  # ``want`` groups of consecutive layers, as equal as they come (a split's are alike)
+        group = tasks[start : start + len(tasks) // want + (1 if i < len(tasks) % want else 0)]
+        start += len(group)
+        layers = tuple(p for t in group for p in t.layers)
+        label = group[0].key.rsplit("/", 1)[0]
+        key = f"{label}/{'+'.join(group[0].spec.layers[p].name for p in layers)}"
+        out.append(dataclasses.replace(group[0], layers=layers, key=key))
+    return out
 
 
 @contextlib.contextmanager
 def dask_layer_runner(scheduler: Any, workers: int) -> Iterator[LayerRunner]:
     """A :data:`~actfmt.conversion.LayerRunner` on dask.distributed, for the duration of one ``convert``
-    (``scheduler`` and ``workers``: see :func:`dask_client`)."""
+    (``scheduler`` and ``workers``: see :func:`actfmt._dask.dask_client`)."""
 
     def run_on(client: Any) -> LayerRunner:
         def run(tasks: list[LayerTask]) -> Iterator[list[LayerResult]]:
-            # dask's model is one task per worker thread: a task's own codec threads would only oversubscribe
-            # the cores the cluster already schedules (2 workers x 2 encode threads on 2 cores scaled 1.12x;
-            # 1 thread: 1.9x)
-            tasks = [
-                dataclasses.replace(
-                    t, options=dataclasses.replace(t.options, extra={**t.options.extra, "threads": 1})
-                )
-                for t in tasks
-            ]
-            for task, fut in dask_map(client, run_layer_task, tasks, "convert"):
+            threads = sum(client.nthreads().values()) or 1
+            todo = [on_dask(t) for t in group_tasks(tasks, threads)]
+            for task, fut in dask_map(client, run_layer_task, todo, "convert"):
                 try:
                     yield fut.result()
                 except ActfmtError:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from actfmt.checksum import ALGORITHM, Hasher, layer_checksum
 from actfmt.errors import ConversionError
@@ -41,6 +41,8 @@ __all__ = [
     "run_layer_task",
 ]
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class LayerTask:
@@ -61,6 +63,10 @@ class LayerTask:
     final: str = ""
     #: Compute each layer's statistics from the bytes on their way (``convert --no-stats`` turns it off).
     stats: bool = True
+    #: Read block k+1 on a helper thread while block k is written (two cores' worth per task).  Off on dask,
+    #: whose model is one task per worker thread: there the read and the write of a block run one after the
+    #: other on the task's thread, and other tasks fill the other cores.
+    read_ahead: bool = True
 
 
 @dataclass
@@ -95,12 +101,14 @@ def copy_layer(
     cast: str | None = None,
     stop: threading.Event | None = None,
     stats: bool = False,
+    read_ahead: bool = True,
 ) -> LayerResult:
     """Copy layer ``pos`` from row 0 (a retried copy rewrites the whole layer).  With ``stats``, the layer's
     :class:`~actfmt.moments.Moments` are computed from the same bytes on their way (no extra read).
 
     Blocks are the writer's (``Writer.block_rows``).  A helper thread reads and hashes block k+1 while block k
     is written: reads, hashing and writes overlap (all release the GIL), and at most two blocks are in memory.
+    Without ``read_ahead`` the same steps run one after the other on the calling thread (one core per task).
     When the rows are stored raw in the source and no cast happens, the writer also gets their byte runs and
     may copy them in the kernel.  The checksum is of the converted rows in row order, whatever runs the copy.
     """
@@ -175,7 +183,8 @@ def copy_layer(
         spent["read"] += time.perf_counter() - t0 - (spent["stats"] - s0)
         return block, runs
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="actfmt-load") as pre:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actfmt-load") if read_ahead else _Inline()
+    with pool as pre:
         ahead = pre.submit(load, 0) if bounds else None
         for k, (a, b) in enumerate(bounds):
             assert ahead is not None
@@ -204,6 +213,24 @@ def copy_layer(
         spent["stats"] += time.perf_counter() - t0
         extra["moments"] = moments.state()
     return LayerResult(info.name, h.digest(), info.nbytes, extra)
+
+
+class _Inline:
+    """An executor that runs what it is given at once, on the calling thread (``copy_layer`` without read-ahead)."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        fut: Future[T] = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # delivered by .result(), as a pool's future would
+            fut.set_exception(exc)
+        return fut
 
 
 def _recorded_checksum(reader: Reader, name: str) -> str | None:
@@ -249,7 +276,9 @@ def run_layer_task(
     results = []
     try:
         for pos in task.layers:
-            res = copy_layer(src, writer, pos, task.spec, on_bytes, task.cast, stop, task.stats)
+            res = copy_layer(
+                src, writer, pos, task.spec, on_bytes, task.cast, stop, task.stats, task.read_ahead
+            )
             writer.close()  # the next layer's first write opens it again
             if task.verify:
                 t0 = time.perf_counter()

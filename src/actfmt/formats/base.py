@@ -346,6 +346,12 @@ class Reader(abc.ABC):
         ``None`` when the format has no chunks."""
         return None
 
+    def shard_rows_of(self, layer: int) -> tuple[int, ...] | None:
+        """Rows of each file layer position ``layer`` is stored in, when the format stores a layer as files of
+        their own (a ``.pt`` tree's shards: a dask block reads whole ones), else ``None``.  Not
+        ``LayerInfo.shard_rows``, which a store converted from shards also records (where its rows came from)."""
+        return None
+
     def own_bytes(self, layer: int) -> Iterator[memoryview] | None:
         """The raw bytes of layer position ``layer`` as memory-mapped views, in row order, for a store actfmt has
         just written and holds the lock of (its verification: nothing is copied); ``None`` where the format or

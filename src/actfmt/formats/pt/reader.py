@@ -168,6 +168,9 @@ class PtReader(RowStoreReader):
             shard_rows=tuple(s.rows for s in store.segments),
         )
 
+    def shard_rows_of(self, layer: int) -> tuple[int, ...] | None:
+        return self.layer_info(layer).shard_rows
+
     def position(self, name: str) -> int | None:
         i = layer_index(name)
         return next((pos for pos, (j, _) in enumerate(self._layer_dirs) if j == i), None)
