@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from actfmt.errors import ActfmtError, NotASplitError, StatsError
 from actfmt.formats import Split, open_reader, shared_reader, walk_splits
 from actfmt.formats.base import Reader, StoredVectors
+from actfmt.formats.registry import split_name as registry_split_name
 from actfmt.moments import (
     LAYER_FIELDS,
     PAIR_FIELDS,
@@ -59,8 +60,6 @@ __all__ = [
 ]
 
 EXECUTORS = ("local", "dask")
-#: Suffixes a split's name loses in the pair figures and the tables (``EM.zarr`` is split ``EM``).
-SPLIT_SUFFIXES = (".zarr", ".h5", ".hdf5")
 
 
 def parse_layers(text: str | Sequence[int] | None) -> list[int] | None:
@@ -93,11 +92,7 @@ def parse_layers(text: str | Sequence[int] | None) -> list[int] | None:
 
 def split_name(location: Location) -> str:
     """The split's name: its directory or file name without a store suffix (``EM.zarr`` -> ``EM``)."""
-    name = location.name
-    for suffix in SPLIT_SUFFIXES:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
+    return registry_split_name(location.name)
 
 
 # ----------------------------------------------------------------------------------------------------------

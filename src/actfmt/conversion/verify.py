@@ -9,13 +9,12 @@ from actfmt.checksum import scan_blocks
 from actfmt.errors import NotASplitError
 from actfmt.formats import open_reader, walk_splits
 from actfmt.formats.base import ACTFMT_KEY, Reader
+from actfmt.formats.registry import split_name
 from actfmt.formats.walk import Split
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
 from actfmt.storage import PathLike, resolve
 
 __all__ = ["VerifyResult", "verify"]
-
-_STORE_SUFFIXES = (".zarr", ".h5", ".hdf5")
 
 
 @dataclass
@@ -45,8 +44,7 @@ def _key(rel: str) -> str:
     if rel == ".":
         return "."
     head, _, name = rel.rpartition("/")
-    for suffix in _STORE_SUFFIXES:
-        name = name.removesuffix(suffix)
+    name = split_name(name)
     return f"{head}/{name}" if head else name
 
 

@@ -11,10 +11,13 @@ from actfmt.formats.registry import (
     ALIASES,
     FORMATS,
     all_compressions,
+    formats,
     get_format,
     guess_format,
     open_reader,
     shared_reader,
+    split_name,
+    store_suffixes,
 )
 from actfmt.formats.walk import Split, Walk, WalkProblem, find_splits, walk_splits
 
@@ -26,9 +29,12 @@ __all__ = [
     "WalkProblem",
     "all_compressions",
     "find_splits",
+    "formats",
     "get_format",
     "guess_format",
     "open_reader",
     "shared_reader",
+    "split_name",
+    "store_suffixes",
     "walk_splits",
 ]

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from actfmt.formats.catalog import split_name as registry_split_name
+from actfmt.formats.catalog import strip_suffix
 from actfmt.layout import loads_json
 from actfmt.storage import Entry, Location, read_into, short_read
 
@@ -820,8 +822,10 @@ class Format(abc.ABC):
     """A storage format: a name, how its splits are recognised, its Reader and Writer, what it supports."""
 
     name: ClassVar[str]
-    #: What a split's path ends with (``.zarr``, ``.h5``) or ``""`` for a plain directory.
-    suffix: ClassVar[str] = ""
+    #: What a split's name ends with (``(".zarr",)``, ``(".h5", ".hdf5")``); the first is the one written.  Empty
+    #: for a plain directory named like the split (``EM/``).  The registry unites them
+    #: (:func:`~actfmt.formats.catalog.store_suffixes`): nothing else lists suffixes.
+    suffixes: ClassVar[tuple[str, ...]] = ()
     #: Compression names this format accepts; the first is the default.
     compressions: ClassVar[tuple[str, ...]] = ("none",)
     #: Capabilities, consulted instead of refusing in scattered places.
@@ -867,9 +871,12 @@ class Format(abc.ABC):
         return cls.writer
 
     @classmethod
+    def split_name(cls, location: Location) -> str:
+        """The name of the split a store of this format holds (``EM.zarr`` -> ``EM``; a directory: its name)."""
+        return strip_suffix(location.name, cls.suffixes)
+
+    @classmethod
     def destination(cls, split: Location) -> Location:
-        """Where a split named like ``split`` goes in this format (``EM`` -> ``EM.zarr``)."""
-        name = split.name
-        for other in (".zarr", ".h5", ".hdf5"):
-            name = name.removesuffix(other)
-        return split.with_name(name + cls.suffix)
+        """Where a split named like ``split`` goes in this format (``EM`` -> ``EM.zarr``; any registered
+        format's suffix is replaced: ``EM.h5`` -> ``EM.zarr``)."""
+        return split.with_name(registry_split_name(split.name) + (cls.suffixes[0] if cls.suffixes else ""))

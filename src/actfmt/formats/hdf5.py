@@ -1297,7 +1297,7 @@ class HDF5Format(Format):
     reader = HDF5Reader
     writer = HDF5Writer
     name = "hdf5"
-    suffix = ".h5"
+    suffixes = REMOTE_SUFFIXES  # (".h5", ".hdf5"): .h5 written
     compressions = COMPRESSIONS
     remote_read = True
     remote_write = False  # convert writes into a local staging directory and uploads the file

@@ -1,14 +1,16 @@
-"""The format registry: name -> "module:Class", imported lazily so ``import actfmt`` stays light."""
+"""The format registry: the typed API over the table of formats (:mod:`~actfmt.formats.catalog`: name ->
+``"module:Class"``, imported lazily so ``import actfmt`` stays light) and what is built from the formats'
+declarations: detection, the store suffixes, split naming, the "no split found" message."""
 
 from __future__ import annotations
 
-import importlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from actfmt.errors import FormatError, NotASplitError
+from actfmt.formats.catalog import ALIASES, FORMATS, load, split_name, store_suffixes, strip_suffix
 from actfmt.storage import Entry, Location, PathLike, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -18,31 +20,25 @@ __all__ = [
     "ALIASES",
     "FORMATS",
     "all_compressions",
+    "formats",
     "get_format",
     "guess_format",
     "open_reader",
     "shared_reader",
+    "split_name",
+    "store_suffixes",
+    "strip_suffix",
 ]
-
-#: Registry, in detection order (the most specific signature first).
-FORMATS: dict[str, str] = {
-    "zarr": "actfmt.formats.zarr:ZarrFormat",
-    "hdf5": "actfmt.formats.hdf5:HDF5Format",
-    "safetensors": "actfmt.formats.safetensors:SafetensorsFormat",
-    "pt": "actfmt.formats.pt:PtFormat",
-}
-ALIASES = {"h5": "hdf5", "torch": "pt", "st": "safetensors"}
 
 
 def get_format(name: str) -> type[Format]:
-    """The Format class registered under ``name`` (``zarr``, ``hdf5``, ``safetensors``, ``pt``)."""
-    key = ALIASES.get(name.lower(), name.lower())
-    try:
-        target = FORMATS[key]
-    except KeyError:
-        raise FormatError(f"unknown format {name!r}; choose one of: {', '.join(FORMATS)}") from None
-    module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+    """The Format class registered under ``name`` (``zarr``, ``hdf5``, ``safetensors``, ``pt``) or an alias."""
+    return cast("type[Format]", load(name))
+
+
+def formats() -> list[type[Format]]:
+    """Every registered Format class, in detection order."""
+    return [get_format(name) for name in FORMATS]
 
 
 def all_compressions() -> tuple[str, ...]:

@@ -538,6 +538,7 @@ class SafetensorsFormat(Format):
     """A directory per split: ``metadata.json`` and one ``layer_XX.safetensors`` file per layer."""
 
     name = "safetensors"
+    suffixes = ()  # a directory named like the split (EM/)
     reader = SafetensorsReader
     writer = SafetensorsWriter
 

@@ -33,6 +33,7 @@ class PtFormat(Format):
     """The producer's own layout: a directory per split, ``metadata.json`` and ``layer_XX/shard_XXX.pt``."""
 
     name = "pt"
+    suffixes = ()  # a directory named like the split (EM/)
     reader = PtReader
     writer = PtWriter
 

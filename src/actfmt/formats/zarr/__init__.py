@@ -52,7 +52,7 @@ class ZarrFormat(Format):
     reader = ZarrReader
     writer = ZarrWriter
     name = "zarr"
-    suffix = ".zarr"
+    suffixes = (".zarr",)
     compressions = COMPRESSIONS
     remote_read = True
     remote_write = True
