@@ -24,9 +24,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from actfmt.errors import ActfmtError, NotASplitError, StatsError
+from actfmt.errors import ActfmtError, StatsError
 from actfmt.formats import Split, open_reader, shared_reader, walk_splits
 from actfmt.formats.base import Reader, StoredVectors
+from actfmt.formats.registry import no_split_found
 from actfmt.formats.registry import split_name as registry_split_name
 from actfmt.moments import (
     LAYER_FIELDS,
@@ -308,11 +309,7 @@ def _find(paths: Sequence[PathLike], storage_options: dict[str, Any] | None) -> 
         root = resolve(p, storage_options)
         walk = walk_splits(root)
         if not walk.splits:
-            problems = "; ".join(f"{w.rel}: {w.detail}" for w in walk.problems[:3])
-            raise NotASplitError(
-                f"{root}: no split found (a split is a directory with metadata.json and layer_XX/ directories, or "
-                f"a converted .zarr / .h5 / safetensors store)" + (f"; {problems}" if problems else "") + "."
-            )
+            raise no_split_found(root, [f"{w.rel}: {w.detail}" for w in walk.problems[:3]])
         found += [(root, s) for s in walk.splits]
     return found
 

@@ -6,10 +6,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from actfmt.checksum import scan_blocks
-from actfmt.errors import NotASplitError
 from actfmt.formats import open_reader, walk_splits
 from actfmt.formats.base import ACTFMT_KEY, Reader
-from actfmt.formats.registry import split_name
+from actfmt.formats.registry import no_split_found, split_name
 from actfmt.formats.walk import Split
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
 from actfmt.storage import PathLike, resolve
@@ -70,9 +69,9 @@ def verify(
     res = VerifyResult(str(a), str(b))
     sa, sb = walk_splits(la).splits, walk_splits(lb).splits
     if not sa:
-        raise NotASplitError(f"{la}: no split found; check the path.")
+        raise no_split_found(la)
     if not sb:
-        raise NotASplitError(f"{lb}: no split found; check the path.")
+        raise no_split_found(lb)
     ka, kb = _by_key(sa), _by_key(sb)
     if len(ka) == 1 and len(kb) == 1:  # two single splits (or one split in several formats): whatever names
         kb = {next(iter(ka)): next(iter(kb.values()))}

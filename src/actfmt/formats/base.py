@@ -842,11 +842,24 @@ class Format(abc.ABC):
         """May different threads or processes write different layers at once, with these options?"""
         return cls.parallel_layers
 
+    #: What a split of this format looks like, for the one "no split found" message
+    #: (:func:`~actfmt.formats.registry.no_split_found`): ``"a .zarr group"``.
+    looks_like: ClassVar[str]
+
+    @classmethod
+    def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
+        """Is ``location`` a split of this format?  ``entries``: its listing when the caller has it (a walk),
+        else it is listed here (:func:`~actfmt.formats.registry.guess_format` lists once for every format).  A
+        single-file format is never listed for."""
+        if cls.single_file:
+            return entries is None and cls.recognises(location, None)
+        return cls.recognises(location, cls.listing(location, entries))
+
     @classmethod
     @abc.abstractmethod
-    def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
-        """Is ``location`` a split of this format?  Cheap: names and a few bytes.  ``entries``: its listing,
-        when the caller has it (a walk), so nothing is listed twice."""
+    def recognises(cls, location: Location, entries: Sequence[Entry] | None) -> bool:
+        """Is ``location`` a split of this format?  Cheap: names and a few bytes.  ``entries``: the listing of
+        ``location``, ``None`` when it is no listable directory (a file, or nothing there); never list again."""
 
     @staticmethod
     def listing(location: Location, entries: Sequence[Entry] | None) -> Sequence[Entry] | None:

@@ -23,6 +23,7 @@ __all__ = [
     "formats",
     "get_format",
     "guess_format",
+    "no_split_found",
     "open_reader",
     "shared_reader",
     "split_name",
@@ -49,13 +50,40 @@ def all_compressions() -> tuple[str, ...]:
     return tuple(out)
 
 
-def guess_format(location: PathLike, entries: Sequence[Entry] | None = None) -> str | None:
-    """The name of the format whose split ``location`` is, or ``None`` when it is not a split."""
+def guess_format(
+    location: PathLike, entries: Sequence[Entry] | None = None, *, directory: bool | None = None
+) -> str | None:
+    """The name of the format whose split ``location`` is, or ``None`` when it is not a split.
+
+    ``entries``: its listing when the caller has it (a walk); else ``location`` is listed here, once, and the
+    listing handed to every format (``directory=False``: the caller knows it is a file, nothing is listed)."""
     loc = resolve(location)
-    for name in FORMATS:
-        if get_format(name).can_open(loc, entries):
-            return name
+    if entries is None and directory is not False:
+        entries = _listing(loc)
+    for fmt in formats():
+        if fmt.recognises(loc, entries):
+            return fmt.name
     return None
+
+
+def _listing(location: Location) -> Sequence[Entry] | None:
+    """The listing of ``location``, ``None`` when it is no listable directory (a file, nothing there)."""
+    try:
+        return location.list_dir()
+    except OSError:
+        return None
+
+
+def no_split_found(
+    location: object, details: Sequence[str] = (), advice: str = "check the path"
+) -> NotASplitError:
+    """The one "no split found" error: what a split of each registered format looks like (each format's
+    :attr:`~actfmt.formats.base.Format.looks_like`, so a new format appears here by itself), then ``details``
+    (what a walk could not read, say) and ``advice``."""
+    kinds = [fmt.looks_like for fmt in formats()]
+    shapes = ", ".join(kinds[:-1]) + f" or {kinds[-1]}" if len(kinds) > 1 else "".join(kinds)
+    extra = "".join(f"; {d}" for d in details)
+    return NotASplitError(f"{location}: no split found (a split is {shapes}){extra}; {advice}.")
 
 
 def open_reader(
@@ -70,10 +98,7 @@ def open_reader(
     if name is None:
         if not loc.exists():
             raise NotASplitError(f"{loc}: no such file or directory; check the path.")
-        raise NotASplitError(
-            f"{loc}: not a split in any known format (expected metadata.json + layer_XX/, a .zarr, "
-            f"a .h5 or layer_XX.safetensors files)."
-        )
+        raise no_split_found(loc)
     fmt = get_format(name)
     if not loc.is_local and not fmt.remote_read:  # pragma: no cover - every format reads object storage
         raise FormatError(f"{loc}: {name} cannot be read from {loc.scheme}://; download it first.")

@@ -542,9 +542,10 @@ class SafetensorsFormat(Format):
     reader = SafetensorsReader
     writer = SafetensorsWriter
 
+    looks_like = "a directory of layer_XX.safetensors files"
+
     @classmethod
-    def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
-        entries = cls.listing(location, entries)
+    def recognises(cls, location: Location, entries: Sequence[Entry] | None) -> bool:
         return entries is not None and any(
             e.name.startswith("layer_") and e.name.endswith(SUFFIX) for e in entries
         )

@@ -37,11 +37,12 @@ class PtFormat(Format):
     reader = PtReader
     writer = PtWriter
 
+    looks_like = "a directory with metadata.json and layer_XX/ directories"
+
     @classmethod
-    def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
+    def recognises(cls, location: Location, entries: Sequence[Entry] | None) -> bool:
         """A directory with ``metadata.json`` (and no safetensors layer files), or with ``layer_XX``-like
         subdirectories (a split whose metadata is missing is still a split: validation says what is wrong)."""
-        entries = cls.listing(location, entries)
         if entries is None:
             return False
         names = {e.name for e in entries}

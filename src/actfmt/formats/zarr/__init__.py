@@ -58,8 +58,10 @@ class ZarrFormat(Format):
     remote_write = True
     parallel_layers = True
 
+    looks_like = "a .zarr group"
+
     @classmethod
-    def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
+    def recognises(cls, location: Location, entries: Sequence[Entry] | None) -> bool:
         """A directory holding a v3 group's ``zarr.json`` (``node_type`` not ``array``; a damaged one still
         counts: the reader says what is wrong) or a v2 ``.zgroup``.  zarr-python is not imported."""
-        return probe_group(location, entries) is not None
+        return entries is not None and probe_group(location, entries) is not None
