@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from actfmt.errors import ConversionError
 from actfmt.formats.catalog import split_name as registry_split_name
 from actfmt.formats.catalog import strip_suffix
 from actfmt.layout import loads_json
@@ -41,6 +42,7 @@ __all__ = [
     "VECTOR_NAMES",
     "ByteRun",
     "Format",
+    "FormatOptions",
     "LayerInfo",
     "MissingChunks",
     "Reader",
@@ -58,6 +60,7 @@ __all__ = [
     "check_write_chunks",
     "dtype_name",
     "fingerprint_of",
+    "option_flag",
     "scratch",
     "stored_dtype",
     "stored_vectors_of",
@@ -298,14 +301,77 @@ class SplitSpec:
     source_format: str = "pt"
 
 
+def option_flag(name: str) -> str:
+    """The command-line flag of a format option field: ``zarr_format`` -> ``--zarr-format``."""
+    return "--" + name.replace("_", "-")
+
+
+_O = TypeVar("_O", bound="FormatOptions")
+
+
+@dataclass(frozen=True)
+class FormatOptions:
+    """A format's own write options: subclass it as a frozen dataclass (``Format.options_class``), one field
+    per option with a default.  The command line makes each field a flag by itself (``zarr_format`` ->
+    ``--zarr-format``); a field's ``metadata`` gives its ``help`` and, optionally, its ``choices``.  The object
+    serialises itself for the resume journal (:meth:`to_dict`) and for the command that continues a conversion
+    (:meth:`flags`).  This base class has no option (the formats without options of their own use it)."""
+
+    @classmethod
+    def from_mapping(cls: type[_O], values: Mapping[str, Any] | None, format_name: str) -> _O:
+        """The options ``values`` give (``None`` values: not given, the default); a
+        :class:`~actfmt.errors.ConversionError` for an option the format does not have or a value not among
+        the field's ``choices``."""
+        known = {f.name: f for f in fields(cls)}
+        given = {k: v for k, v in (values or {}).items() if v is not None}
+        for key in given:
+            if key not in known:
+                have = ", ".join(option_flag(n) for n in known) or "none"
+                raise ConversionError(
+                    f"{option_flag(key)} is not an option of the {format_name} format (its own options: {have})."
+                )
+        for key, value in given.items():
+            choices = known[key].metadata.get("choices")
+            if choices is not None and value not in choices:
+                raise ConversionError(
+                    f"{option_flag(key)} {value!r} is not available for {format_name}; choose one of: "
+                    f"{', '.join(str(c) for c in choices)}."
+                )
+        return cls(**given)
+
+    @classmethod
+    def of(cls: type[_O], options: WriteOptions) -> _O:
+        """The options of this class a writer was given (the defaults when it was given none)."""
+        got = options.format_options
+        if isinstance(got, cls):
+            return got
+        if type(got) is FormatOptions:
+            return cls()
+        raise TypeError(f"{type(got).__name__} given where {cls.__name__} is expected")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option's value (the journal records them)."""
+        return asdict(self)
+
+    def flags(self) -> list[str]:
+        """The command-line options that give these values (options at their default are left out)."""
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.default is MISSING or value != f.default:
+                out.append(f"{option_flag(f.name)} {value}")
+        return out
+
+
 @dataclass
 class WriteOptions:
-    """Format-neutral writer options; each format uses what applies and rejects what it cannot honour."""
+    """Format-neutral writer options; each format uses what applies and rejects what it cannot honour.  The
+    format's own options are ``format_options`` (its :attr:`Format.options_class`)."""
 
     chunk_rows: int | None = None
     compression: str | None = None  # None = the format's default; "none" = uncompressed
     level: int | None = None
-    zarr_format: int = 3
+    format_options: FormatOptions = field(default_factory=FormatOptions)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -828,6 +894,8 @@ class Format(abc.ABC):
     suffixes: ClassVar[tuple[str, ...]] = ()
     #: Compression names this format accepts; the first is the default.
     compressions: ClassVar[tuple[str, ...]] = ("none",)
+    #: The format's own write options (a frozen dataclass; the CLI makes each field a flag).
+    options_class: ClassVar[type[FormatOptions]] = FormatOptions
     #: Capabilities, consulted instead of refusing in scattered places.
     remote_read: ClassVar[bool] = True
     #: Can the writer write object storage in place?  (If not, convert stages the store locally and uploads.)

@@ -41,11 +41,12 @@ from collections.abc import Sequence
 from actfmt.formats.base import Format
 from actfmt.formats.zarr.codecs import COMPRESSIONS
 from actfmt.formats.zarr.meta import probe_group
+from actfmt.formats.zarr.options import ZarrOptions
 from actfmt.formats.zarr.reader import ZarrReader
 from actfmt.formats.zarr.writer import ZarrWriter, default_chunk_rows
 from actfmt.storage import Entry, Location
 
-__all__ = ["COMPRESSIONS", "ZarrFormat", "ZarrReader", "ZarrWriter", "default_chunk_rows"]
+__all__ = ["COMPRESSIONS", "ZarrFormat", "ZarrOptions", "ZarrReader", "ZarrWriter", "default_chunk_rows"]
 
 
 class ZarrFormat(Format):
@@ -54,6 +55,7 @@ class ZarrFormat(Format):
     name = "zarr"
     suffixes = (".zarr",)
     compressions = COMPRESSIONS
+    options_class = ZarrOptions
     remote_read = True
     remote_write = True
     parallel_layers = True
