@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from actfmt.errors import ChangedError, CorruptShardError, MetadataError, NotASplitError, ShardNotFoundError
+from actfmt.errors import ChangedError, CorruptShardError, NotASplitError, ShardNotFoundError
 from actfmt.formats.base import (
     ACTFMT_KEY,
     LayerInfo,
@@ -27,10 +27,10 @@ from actfmt.formats.base import (
     fingerprint_of,
     stored_dtype,
 )
+from actfmt.formats.layerfiles import read_json_object
 from actfmt.formats.pt.header import ShardHeader, load_shard, probe_shard, read_heads
 from actfmt.layout import (
     METADATA_FILE,
-    JSONLimitError,
     layer_index,
     layer_name,
     read_json_document,
@@ -67,21 +67,6 @@ def list_layers(split: Location) -> list[tuple[int, Location]]:
 def list_shards(layer_dir: Location) -> list[tuple[int, Location]]:
     """Correctly named ``shard_XXX.pt`` files, sorted by index."""
     return sorted((j, e.location) for e in layer_dir.list_dir() if (j := shard_index(e.name)) is not None)
-
-
-def read_json_object(location: Location, what: str) -> dict[str, Any]:
-    """A JSON object file, with precise errors (missing, not JSON, not an object)."""
-    try:
-        data = read_json_document(location)
-    except FileNotFoundError:
-        raise MetadataError(f"{location}: missing; {what}.") from None
-    except JSONLimitError as exc:
-        raise MetadataError(f"{location}: refused: {exc}; fix the file.") from None
-    except ValueError as exc:  # not JSON, not UTF-8
-        raise MetadataError(f"{location}: not valid JSON ({exc}); fix the file.") from None
-    if not isinstance(data, dict):
-        raise MetadataError(f"{location}: must hold a JSON object.")
-    return data
 
 
 class PtReader(RowStoreReader):
