@@ -23,6 +23,7 @@ FORMATS: dict[str, str] = {
     "zarr": "actfmt.formats.zarr:ZarrFormat",
     "hdf5": "actfmt.formats.hdf5:HDF5Format",
     "safetensors": "actfmt.formats.safetensors:SafetensorsFormat",
+    "npy": "actfmt.formats.npy:NpyFormat",
     "pt": "actfmt.formats.pt:PtFormat",
 }
 #: Other names a format answers to (``--to h5``).
