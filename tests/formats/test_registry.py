@@ -84,3 +84,20 @@ def test_a_remote_file_is_not_a_directory() -> None:
     with pytest.raises(NotADirectoryError):
         f.list_dir()
     assert guess_format(f) is None
+
+
+def test_pt_is_asked_last_wherever_it_is_listed(tmp_path: Path) -> None:
+    """pt takes any directory with a metadata.json (fallback): a store that keeps one is still itself."""
+    spec, data = make_spec("float16", layers=1)
+    st = tmp_path / "st"
+    write_split(get_format("safetensors").writer_class(), st, spec, data, WriteOptions())
+    saved = dict(FORMATS)
+    try:
+        FORMATS.clear()
+        FORMATS.update({"pt": saved["pt"], **{k: v for k, v in saved.items() if k != "pt"}})
+        assert formats()[-1].name == "pt"
+        assert guess_format(st) == "safetensors"
+    finally:
+        FORMATS.clear()
+        FORMATS.update(saved)
+    assert get_format("pt").can_open(resolve(st))  # on its own, pt would take it

@@ -904,6 +904,9 @@ class Format(abc.ABC):
     parallel_layers: ClassVar[bool] = True
     #: Is a split one file (``True``) or a directory?
     single_file: ClassVar[bool] = False
+    #: Does :meth:`recognises` take directories other formats may claim (pt: any directory with a
+    #: ``metadata.json``)?  Then detection asks it after every other format, wherever its registry line is.
+    fallback: ClassVar[bool] = False
 
     @classmethod
     def writes_in_parallel(cls, options: WriteOptions) -> bool:

@@ -18,7 +18,8 @@ from actfmt.errors import FormatError
 
 __all__ = ["ALIASES", "FORMATS", "canonical", "load", "split_name", "store_suffixes", "strip_suffix"]
 
-#: Registry, in detection order (the most specific signature first).  One line per format.
+#: Registry, in detection order (the most specific signature first; a format declaring ``fallback``, pt, is asked
+#: last wherever it is listed).  One line per format.
 FORMATS: dict[str, str] = {
     "zarr": "actfmt.formats.zarr:ZarrFormat",
     "hdf5": "actfmt.formats.hdf5:HDF5Format",

@@ -38,8 +38,10 @@ def get_format(name: str) -> type[Format]:
 
 
 def formats() -> list[type[Format]]:
-    """Every registered Format class, in detection order."""
-    return [get_format(name) for name in FORMATS]
+    """Every registered Format class, in detection order: registry order, the fallback formats
+    (:attr:`Format.fallback`, pt) last."""
+    found = [get_format(name) for name in FORMATS]
+    return [f for f in found if not f.fallback] + [f for f in found if f.fallback]
 
 
 def all_compressions() -> tuple[str, ...]:
