@@ -239,14 +239,16 @@ def test_to_xarray_float16_stays_float16(tmp_path: Path) -> None:
 def test_zeros_stay_zeros_in_xarray(tmp_path: Path, zarr_format: int, dtype: str) -> None:
     """A v2 fill value is a missing-value marker to xarray: actfmt writes null, so a stored 0 is not NaN."""
     from actfmt.formats.base import WriteOptions
-    from actfmt.formats.zarr import ZarrWriter
+    from actfmt.formats.zarr import ZarrOptions, ZarrWriter
     from tests.formats.conformance import make_spec, write_split
 
     spec, data = make_spec(dtype, rows=50, hidden=8, layers=2, shard_rows=(50,))
     for t in data:
         t[::3] = 0.0
     path = tmp_path / "EM.zarr"
-    write_split(ZarrWriter, path, spec, data, WriteOptions(zarr_format=zarr_format))
+    write_split(
+        ZarrWriter, path, spec, data, WriteOptions(format_options=ZarrOptions(zarr_format=zarr_format))
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ds = xr.open_zarr(str(path))

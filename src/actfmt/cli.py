@@ -32,6 +32,7 @@ from actfmt.cli_base import (
     compression_help,
     escape_library_messages,
     executor_options,
+    format_options_option,
     jobs_option,
     on_signal,
     output_file_option,
@@ -244,7 +245,7 @@ def rule_command(rule_id: str, output_format: str) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a destination that exists.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted conversion (complete splits are kept).")
 @click.option("--no-verify", is_flag=True, help="Skip re-reading the destination to check its checksums.")
-@click.option("--zarr-format", type=click.Choice(["2", "3"]), help="Zarr version (default 3).")
+@format_options_option
 @click.option(
     "--dtype",
     type=click.Choice(SUPPORTED_DTYPES),
@@ -286,7 +287,7 @@ def convert_command(
     overwrite: bool,
     resume: bool,
     no_verify: bool,
-    zarr_format: str | None,
+    format_options: dict[str, Any],
     dtype: str | None,
     force: bool,
     dry_run: bool,
@@ -330,7 +331,7 @@ def convert_command(
             overwrite=overwrite,
             resume=resume,
             verify=not no_verify,
-            zarr_format=int(zarr_format) if zarr_format else None,
+            format_options=format_options,
             dtype=dtype,
             force=force,
             stats=stats,

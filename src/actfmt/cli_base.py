@@ -4,7 +4,9 @@ and the parameter types and options the commands share.  The commands are :mod:`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
+import functools
 import logging
 import os
 import signal
@@ -25,7 +27,8 @@ from actfmt.errors import (
     os_error_from_text,
     os_error_message,
 )
-from actfmt.formats import ALIASES, FORMATS, get_format
+from actfmt.formats import ALIASES, FORMATS, formats, get_format
+from actfmt.formats.base import option_flag
 from actfmt.storage import is_url, parse_storage_options
 
 __all__ = [
@@ -255,6 +258,40 @@ def executor_options(what: str) -> Any:
         )(f)
 
     return decorate
+
+
+def format_options_option(fn: F) -> F:
+    """One flag per field of every registered format's options class (``zarr_format`` -> ``--zarr-format``;
+    help and choices from the field's metadata; a field two formats share is one flag), handed to the command
+    as one mapping ``format_options`` of the options given."""
+    found: dict[str, tuple[dataclasses.Field[Any], list[str]]] = {}
+    for fmt in formats():
+        for f in dataclasses.fields(fmt.options_class):
+            found.setdefault(f.name, (f, []))[1].append(fmt.name)
+    params: dict[str, dict[str, Any]] = {}
+    for name, (f, owners) in found.items():
+        choices = f.metadata.get("choices")
+        by_text = {str(c): c for c in choices} if choices else None
+        params[f"_format_option_{name}"] = {"field": name, "choices": by_text}
+        default = "" if f.default is dataclasses.MISSING else f"; default {f.default}"
+        fn = click.option(
+            option_flag(name),
+            f"_format_option_{name}",
+            type=click.Choice(list(by_text)) if by_text else type(f.default),
+            default=None,
+            help=f"{f.metadata.get('help', name)} ({', '.join(owners)} only{default}).",
+        )(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        given = {}
+        for key, how in params.items():
+            value = kwargs.pop(key)
+            if value is not None:
+                given[how["field"]] = how["choices"][value] if how["choices"] else value
+        return fn(*args, format_options=given, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def output_format_option(help: str) -> Callable[[F], F]:

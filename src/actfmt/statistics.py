@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 from actfmt._dask import dask_client, dask_map
 from actfmt._version import __version__
-from actfmt.errors import ActfmtError, NotASplitError, StatsError
+from actfmt.errors import ActfmtError, StatsError
 from actfmt.formats import FoundSplit, open_reader, shared_reader, walk_splits
 from actfmt.formats.base import Reader, StoredVectors
+from actfmt.formats.registry import no_split_found
+from actfmt.formats.registry import split_name as registry_split_name
 from actfmt.moments import (
     LAYER_FIELDS,
     PAIR_FIELDS,
@@ -61,8 +63,6 @@ __all__ = [
 ]
 
 EXECUTORS = ("local", "dask")
-#: Suffixes a split's name loses in the pair figures and the tables (``EM.zarr`` is split ``EM``).
-SPLIT_SUFFIXES = (".zarr", ".h5", ".hdf5")
 
 
 def parse_layers(text: str | Sequence[int] | None) -> list[int] | None:
@@ -95,11 +95,7 @@ def parse_layers(text: str | Sequence[int] | None) -> list[int] | None:
 
 def split_name(location: Location) -> str:
     """The split's name: its directory or file name without a store suffix (``EM.zarr`` -> ``EM``)."""
-    name = location.name
-    for suffix in SPLIT_SUFFIXES:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
+    return registry_split_name(location.name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,11 +309,7 @@ def _find(
         root = resolve(p, storage_options)
         walk = walk_splits(root)
         if not walk.splits:
-            problems = "; ".join(f"{w.rel}: {w.detail}" for w in walk.problems[:3])
-            raise NotASplitError(
-                f"{root}: no split found (a split is a directory with metadata.json and layer_XX/ directories, or "
-                f"a converted .zarr / .h5 / safetensors store)" + (f"; {problems}" if problems else "") + "."
-            )
+            raise no_split_found(root, [f"{w.rel}: {w.detail}" for w in walk.problems[:3]])
         found += [(root, s) for s in walk.splits]
     return found
 

@@ -14,7 +14,7 @@ from actfmt.errors import ConversionError, NotASplitError
 from actfmt.formats import get_format, guess_format
 from actfmt.formats.base import LayerInfo, SplitSpec, WriteOptions
 from actfmt.formats.zarr import COMPRESSIONS as NAMES
-from actfmt.formats.zarr import ZarrFormat, ZarrReader, ZarrWriter, default_chunk_rows
+from actfmt.formats.zarr import ZarrFormat, ZarrOptions, ZarrReader, ZarrWriter, default_chunk_rows
 from actfmt.storage import LocalLocation, Location
 
 from .conformance import FormatConformance, bits, download, make_spec, upload, write_split
@@ -159,14 +159,14 @@ class TestZarrFormat(FormatConformance):
             assert r.actfmt == {"complete": True, "dtype": {li.name: "float16" for li in spec.layers}}
             for p in range(4):
                 np.testing.assert_array_equal(bits(r.read(p)), bits(data[p]))
-        assert (path / ("zarr.json" if options.zarr_format == 3 else ".zgroup")).is_file()
+        assert (path / ("zarr.json" if ZarrOptions.of(options).zarr_format == 3 else ".zgroup")).is_file()
 
     def test_store_written_by_zarr_python_is_read(self, root: Location, tmp_path: Path) -> None:
         """A store actfmt did not write (zarr's own codec pipeline, chunks not spanning the hidden dimension)
         is read through zarr-python, locally and from object storage."""
         t = torch.randn(70, 16).to(torch.bfloat16)
         local = tmp_path / "x.zarr"
-        zf = self.options(WriteOptions()).zarr_format
+        zf = ZarrOptions.of(self.options(WriteOptions())).zarr_format
         g = zarr.create_group(str(local), attributes={"model_name": "m"}, zarr_format=zf)
         a = g.create_array(
             "layer_00",
@@ -202,7 +202,7 @@ class TestZarrV2Format(TestZarrFormat):
     """The same suite on Zarr v2 stores."""
 
     def options(self, options: WriteOptions) -> WriteOptions:
-        options.zarr_format = 2
+        options.format_options = ZarrOptions(zarr_format=2)
         return options
 
     def roundtrip(self, root: Location | Path, dtype: str, options: WriteOptions | None = None, **kw):
@@ -224,7 +224,9 @@ def test_every_compression_read_by_zarr_python(
         path,
         spec,
         data,
-        WriteOptions(compression=compression, chunk_rows=40, zarr_format=zarr_format),
+        WriteOptions(
+            compression=compression, chunk_rows=40, format_options=ZarrOptions(zarr_format=zarr_format)
+        ),
     )
     group = zarr.open_group(str(path), mode="r")
     assert group.metadata.zarr_format == zarr_format
@@ -241,7 +243,9 @@ def test_every_compression_read_by_zarr_python(
         bf,
         bf_spec,
         bf_data,
-        WriteOptions(compression=compression, chunk_rows=40, zarr_format=zarr_format),
+        WriteOptions(
+            compression=compression, chunk_rows=40, format_options=ZarrOptions(zarr_format=zarr_format)
+        ),
     )
     with pytest.raises(ValueError, match="bfloat16"):
         zarr.open_group(str(bf), mode="r")["layer_00"]
@@ -277,7 +281,9 @@ def test_metadata_documents_are_what_zarr_python_writes(
     ]
     ours = tmp_path / "ours.zarr"
     ZarrWriter.create(
-        LocalLocation(ours), spec, WriteOptions(compression=compression, zarr_format=zarr_format)
+        LocalLocation(ours),
+        spec,
+        WriteOptions(compression=compression, format_options=ZarrOptions(zarr_format=zarr_format)),
     )
     theirs = tmp_path / "theirs.zarr"
     group = zarr.create_group(str(theirs), zarr_format=zarr_format, attributes=spec.metadata)
@@ -385,7 +391,9 @@ def test_level_overrides_and_bad_options_refused(tmp_path: Path) -> None:
             LocalLocation(tmp_path / "c.zarr"), spec, WriteOptions(compression="gzip", level=12)
         )
     with pytest.raises(ConversionError, match="zarr-format"):
-        ZarrWriter.create(LocalLocation(tmp_path / "d.zarr"), spec, WriteOptions(zarr_format=4))
+        ZarrWriter.create(
+            LocalLocation(tmp_path / "d.zarr"), spec, WriteOptions(format_options=ZarrOptions(zarr_format=4))
+        )
     assert not (tmp_path / "b.zarr").exists() and not (tmp_path / "d.zarr").exists()
     with pytest.raises(ConversionError, match="already exists"):
         ZarrWriter.create(LocalLocation(path), spec, WriteOptions())
@@ -395,7 +403,9 @@ def test_level_overrides_and_bad_options_refused(tmp_path: Path) -> None:
 def test_group_attrs_hold_metadata_verbatim_then_actfmt(tmp_path: Path, zarr_format: int) -> None:
     spec, data = make_spec("bfloat16")
     path = tmp_path / "EM.zarr"
-    w = ZarrWriter.create(LocalLocation(path), spec, WriteOptions(zarr_format=zarr_format))
+    w = ZarrWriter.create(
+        LocalLocation(path), spec, WriteOptions(format_options=ZarrOptions(zarr_format=zarr_format))
+    )
     # before finalize: the producer's keys and no actfmt block (an interrupted conversion is not complete)
     assert dict(zarr.open_group(str(path), mode="r").attrs) == spec.metadata
     with ZarrReader(LocalLocation(path)) as r:
@@ -414,7 +424,13 @@ def test_group_attrs_hold_metadata_verbatim_then_actfmt(tmp_path: Path, zarr_for
 def test_chunk_shape_is_rows_by_full_hidden(tmp_path: Path, zarr_format: int) -> None:
     spec, data = make_spec("float16", rows=203, hidden=24)
     path = tmp_path / "EM.zarr"
-    write_split(ZarrWriter, path, spec, data, WriteOptions(chunk_rows=32, zarr_format=zarr_format))
+    write_split(
+        ZarrWriter,
+        path,
+        spec,
+        data,
+        WriteOptions(chunk_rows=32, format_options=ZarrOptions(zarr_format=zarr_format)),
+    )
     group = zarr.open_group(str(path), mode="r")
     for info in spec.layers:
         assert group[info.name].shape == (203, 24)
@@ -580,7 +596,7 @@ def test_can_open_and_destination(tmp_path: Path) -> None:
     spec, data = make_spec("float16", layers=1)
     for zf in (2, 3):
         path = LocalLocation(tmp_path / f"v{zf}" / "EM.zarr")
-        write_split(ZarrWriter, path, spec, data, WriteOptions(zarr_format=zf))
+        write_split(ZarrWriter, path, spec, data, WriteOptions(format_options=ZarrOptions(zarr_format=zf)))
         assert ZarrFormat.can_open(path)
         assert ZarrFormat.can_open(path, path.list_dir())
         assert guess_format(path) == "zarr"
@@ -636,7 +652,9 @@ def test_tensorstore_reads_it(tmp_path: Path) -> None:
                 path,
                 spec,
                 data,
-                WriteOptions(zarr_format=zf, compression=compression, chunk_rows=50),
+                WriteOptions(
+                    format_options=ZarrOptions(zarr_format=zf), compression=compression, chunk_rows=50
+                ),
             )
             arr = ts.open(
                 {"driver": driver, "kvstore": {"driver": "file", "path": str(path / "layer_00")}}
@@ -660,7 +678,11 @@ def test_describe_names_the_codec(tmp_path: Path, compression: str | None, expec
     for zf in (2, 3):
         path = tmp_path / f"{zf}.zarr"
         write_split(
-            ZarrWriter, path, spec, data, WriteOptions(compression=compression, chunk_rows=64, zarr_format=zf)
+            ZarrWriter,
+            path,
+            spec,
+            data,
+            WriteOptions(compression=compression, chunk_rows=64, format_options=ZarrOptions(zarr_format=zf)),
         )
         with ZarrReader(LocalLocation(path)) as r:
             assert r.describe() == {"chunks": [64, 24], "compression": expected, "zarr_format": zf}
@@ -680,7 +702,7 @@ spec = SplitSpec(metadata={{"a": 1}}, layers=[LayerInfo("layer_00", 0, 100, 8, "
 for zf in (2, 3):
     for compression in ("none", None):
         loc = LocalLocation({str(tmp_path)!r}) / f"{{zf}}-{{compression}}.zarr"
-        w = z.ZarrWriter.create(loc, spec, WriteOptions(chunk_rows=16, zarr_format=zf, compression=compression))
+        w = z.ZarrWriter.create(loc, spec, WriteOptions(chunk_rows=16, format_options=z.ZarrOptions(zarr_format=zf), compression=compression))
         rows = np.arange(800, dtype=np.uint16).reshape(100, 8)
         start = 0
         for n in w.block_rows(0):
@@ -701,7 +723,13 @@ def test_stores_of_earlier_versions_bf16_as_uint16_still_read(tmp_path: Path, za
     """Before the ``bfloat16`` data type, bf16 layers were ``uint16`` + ``actfmt_dtype``: still read bit for bit."""
     spec, data = make_spec("bfloat16", rows=203, hidden=24, layers=2)
     path = tmp_path / "EM.zarr"
-    write_split(ZarrWriter, path, spec, data, WriteOptions(chunk_rows=64, zarr_format=zarr_format))
+    write_split(
+        ZarrWriter,
+        path,
+        spec,
+        data,
+        WriteOptions(chunk_rows=64, format_options=ZarrOptions(zarr_format=zarr_format)),
+    )
     for info in spec.layers:
         doc_path = path / info.name / ("zarr.json" if zarr_format == 3 else ".zarray")
         doc = json.loads(doc_path.read_text())

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from actfmt.checks.base import WARNING, Finding
 from actfmt.checks.context import SplitContext, SplitRule
+from actfmt.formats.registry import split_name
 from actfmt.storage import Location
 
 __all__ = [
@@ -16,9 +17,6 @@ __all__ = [
     "MetadataPathMismatch",
     "MetadataUnparseable",
 ]
-
-#: Suffixes a converted store adds to the split name (`EM.zarr` is split `EM`).
-STORE_SUFFIXES = (".zarr", ".h5", ".hdf5", ".safetensors")
 
 
 class MetadataUnparseable(SplitRule):
@@ -138,13 +136,6 @@ class MetadataBadValue(SplitRule):
         )
 
 
-def _store_stem(name: str) -> str:
-    for suffix in STORE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 class MetadataPathMismatch(SplitRule):
     """`split`, `dataset_name` or `model_name` disagree with the directory names.
 
@@ -175,7 +166,7 @@ class MetadataPathMismatch(SplitRule):
         def inside(p: Location) -> bool:
             return p != root and p.is_relative_to(root)
 
-        pairs = [("split", _store_stem(split_dir.name), ctx.good["split"])]
+        pairs = [("split", split_name(split_dir.name), ctx.good["split"])]
         if inside(split_dir) or in_layout:
             pairs.append(("dataset_name", dataset_dir.name, ctx.good["dataset_name"]))
         if inside(dataset_dir) or in_layout:

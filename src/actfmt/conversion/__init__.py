@@ -11,8 +11,10 @@ Also here: :func:`verify` (do two splits/trees hold the same activations?) and :
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from actfmt.checks import validate
@@ -21,7 +23,14 @@ from actfmt.checksum import layer_checksum
 from actfmt.conversion.executors import dask_layer_runner, local_runner
 from actfmt.conversion.info import SplitInfo, info
 from actfmt.conversion.plan import SplitJob, check_safe, plan
-from actfmt.conversion.split import ConvertResult, PlannedSplit, convert_split, plan_split, spec_for
+from actfmt.conversion.split import (
+    FORMAT_OPTIONS,
+    ConvertResult,
+    PlannedSplit,
+    convert_split,
+    plan_split,
+    spec_for,
+)
 from actfmt.conversion.tasks import (
     LayerResult,
     LayerRunner,
@@ -90,6 +99,7 @@ def convert(
     overwrite: bool = False,
     resume: bool = False,
     verify: bool = True,
+    format_options: Mapping[str, Any] | None = None,
     zarr_format: int | None = None,
     dtype: str | None = None,
     force: bool = False,
@@ -105,6 +115,10 @@ def convert(
     ``dry_run`` plans, refuses what a real run would refuse (an unsafe destination, a source failing
     validation) and returns the plan in :attr:`ConvertResult.planned` (splits, destinations, layers, bytes, what
     happens at each destination) without writing anything.
+
+    ``format_options``: the target format's own options by field name (its ``Format.options_class``, e.g.
+    ``{"zarr_format": 2}``); an option the format does not have is refused.  ``zarr_format=N`` is short for
+    ``format_options={"zarr_format": N}``.
 
     ``dtype`` casts explicitly (the result records it and a warning is returned); without it the dtype never
     changes.  A source that fails validation is refused (:class:`ValidationFailedError`) unless ``force``.
@@ -129,6 +143,10 @@ def convert(
             f"--compression {compression!r} is not available for {fmt.name}; choose one of: "
             f"{', '.join(fmt.compressions)}."
         )
+    given = dict(format_options or {})
+    if zarr_format is not None:
+        given["zarr_format"] = zarr_format
+    fmt.options_class.from_mapping(given, fmt.name)  # an unknown option or value: refused before any work
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         raise ConversionError(
             f"--dtype {dtype!r} is not supported; choose one of: {', '.join(SUPPORTED_DTYPES)}."
@@ -167,8 +185,9 @@ def convert(
         "chunk_rows": chunk_rows,
         "compression": compression,
         "level": level,
-        "zarr_format": zarr_format,
         "dtype": dtype,
+        # the format's own options as given (None: not given), each field of its options class
+        FORMAT_OPTIONS: {f.name: given.get(f.name) for f in dataclasses.fields(fmt.options_class)},
     }
     workers = max(1, jobs if jobs is not None else (os.cpu_count() or 1))
 

@@ -6,8 +6,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
-from actfmt.errors import NotASplitError
-from actfmt.formats import open_reader, walk_splits
+from actfmt.formats import no_split_found, open_reader, walk_splits
 from actfmt.storage import PathLike, resolve
 
 __all__ = ["SplitInfo", "info"]
@@ -48,10 +47,7 @@ def info(path: PathLike, storage_options: dict[str, Any] | None = None) -> list[
     root = resolve(path, storage_options)
     splits = walk_splits(root).splits
     if not splits:
-        raise NotASplitError(
-            f"{root}: no split found (a split is a directory with metadata.json and layer_XX/, a .zarr, a .h5 "
-            f"or a directory of layer_XX.safetensors); check the path."
-        )
+        raise no_split_found(root)
     out = []
     for split in splits:
         with open_reader(split.location, split.format) as r:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from actfmt.errors import ConversionError, NotASplitError
-from actfmt.formats import get_format, walk_splits
+from actfmt.errors import ConversionError
+from actfmt.formats import get_format, no_split_found, walk_splits
 from actfmt.formats.walk import Walk
 from actfmt.storage import LocalLocation, Location
 from actfmt.storage.commit import sibling
@@ -43,10 +43,7 @@ def plan(src: Location, dst: Location, to: str, walk: Walk | None = None) -> lis
     fmt = get_format(to)
     walk = walk if walk is not None else walk_splits(src)
     if not walk.splits:
-        raise NotASplitError(
-            f"{src}: no split found (a split is a directory with metadata.json and layer_XX/, a .zarr, a .h5 "
-            f"or a directory of layer_XX.safetensors); check the path."
-        )
+        raise no_split_found(src)
     jobs = []
     taken: dict[Location, SplitJob] = {}
     for split in walk.splits:

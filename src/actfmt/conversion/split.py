@@ -38,7 +38,15 @@ from actfmt.errors import (
     os_error_message,
 )
 from actfmt.formats import get_format, open_reader
-from actfmt.formats.base import LayerInfo, Reader, SplitSpec, StoredVectors, WriteOptions, Writer
+from actfmt.formats.base import (
+    FormatOptions,
+    LayerInfo,
+    Reader,
+    SplitSpec,
+    StoredVectors,
+    WriteOptions,
+    Writer,
+)
 from actfmt.moments import SCHEMA_VERSION as STATS_SCHEMA
 from actfmt.moments import Moments, layer_moments
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
@@ -56,7 +64,9 @@ __all__ = [
 ]
 
 #: Version of the journal's records.
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2  # 2: the format's own options under "format_options"
+#: The key of the requested options that holds the target format's own options (by field name).
+FORMAT_OPTIONS = "format_options"
 
 
 @dataclass
@@ -195,12 +205,18 @@ def _fingerprints(reader: Reader, layers: list[LayerInfo]) -> dict[str, str | No
     return {li.name: reader.fingerprint(pos) for pos, li in enumerate(layers)}
 
 
+def _format_options(requested: dict[str, Any]) -> FormatOptions:
+    """The target format's own options a set of requested (or recorded) options gives."""
+    fmt = get_format(requested["to"])
+    return fmt.options_class.from_mapping(requested.get(FORMAT_OPTIONS), fmt.name)
+
+
 def write_options(requested: dict[str, Any]) -> WriteOptions:
     return WriteOptions(
         chunk_rows=requested.get("chunk_rows"),
         compression=requested.get("compression"),
         level=requested.get("level"),
-        zarr_format=requested.get("zarr_format") or 3,
+        format_options=_format_options(requested),
     )
 
 
@@ -213,11 +229,18 @@ def _flags(rec: dict[str, Any]) -> str:
         out.append(f"--level {rec['level']}")
     if rec.get("chunk_rows") is not None:
         out.append(f"--chunk-rows {rec['chunk_rows']}")
-    if rec.get("to") == "zarr" and rec.get("zarr_format") not in (None, 3):
-        out.append(f"--zarr-format {rec['zarr_format']}")
+    out += _format_options(rec).flags()
     if rec.get("dtype") is not None:
         out.append(f"--dtype {rec['dtype']}")
     return " ".join(out)
+
+
+def _merge(given: Any, recorded: Any) -> Any:
+    """Options given now over those recorded (``None``: not given, the recorded value stands), key by key
+    down into the format's own options."""
+    if isinstance(given, dict) and isinstance(recorded, dict):
+        return {k: _merge(v, recorded.get(k)) for k, v in given.items()}
+    return recorded if given is None else given
 
 
 def _resume_state(
@@ -235,7 +258,7 @@ def _resume_state(
             [f"{job.destination}: the partial conversion has no usable journal; starting it again."],
             None,
         )
-    merged = {k: (recorded.get(k) if v is None else v) for k, v in requested.items()}
+    merged = _merge(requested, recorded)
     if merged != recorded:
         raise ConversionError(
             f"{job.destination}: the partial conversion was started with {_flags(recorded)}, not "
@@ -503,7 +526,7 @@ def convert_split(
     stats: bool = True,
 ) -> None:
     """Convert one split (see the module docstring).  ``requested``: ``to``, ``chunk_rows``, ``compression``,
-    ``level``, ``zarr_format``, ``dtype`` (``None``: not given)."""
+    ``level``, ``dtype`` and ``format_options`` (the format's own, by field; ``None``: not given)."""
     to = requested["to"]
     commit = commit_for(job.destination, in_place=get_format(to).remote_write)
     with commit:

@@ -6,16 +6,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from actfmt.checksum import scan_blocks
-from actfmt.errors import NotASplitError
 from actfmt.formats import open_reader, walk_splits
 from actfmt.formats.base import ACTFMT_KEY, Reader
+from actfmt.formats.registry import no_split_found, split_name
 from actfmt.formats.walk import FoundSplit
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
 from actfmt.storage import PathLike, resolve
 
 __all__ = ["VerifyResult", "verify"]
-
-_STORE_SUFFIXES = (".zarr", ".h5", ".hdf5")
 
 
 @dataclass
@@ -45,8 +43,7 @@ def _key(rel: str) -> str:
     if rel == ".":
         return "."
     head, _, name = rel.rpartition("/")
-    for suffix in _STORE_SUFFIXES:
-        name = name.removesuffix(suffix)
+    name = split_name(name)
     return f"{head}/{name}" if head else name
 
 
@@ -72,9 +69,9 @@ def verify(
     res = VerifyResult(str(a), str(b))
     sa, sb = walk_splits(la).splits, walk_splits(lb).splits
     if not sa:
-        raise NotASplitError(f"{la}: no split found; check the path.")
+        raise no_split_found(la)
     if not sb:
-        raise NotASplitError(f"{lb}: no split found; check the path.")
+        raise no_split_found(lb)
     ka, kb = _by_key(sa), _by_key(sb)
     if len(ka) == 1 and len(kb) == 1:  # two single splits (or one split in several formats): whatever names
         kb = {next(iter(ka)): next(iter(kb.values()))}

@@ -12,10 +12,14 @@ from actfmt.formats.registry import (
     ALIASES,
     FORMATS,
     all_compressions,
+    formats,
     get_format,
     guess_format,
+    no_split_found,
     open_reader,
     shared_reader,
+    split_name,
+    store_suffixes,
 )
 from actfmt.formats.walk import FoundSplit, Walk, WalkProblem, find_splits, walk_splits
 
@@ -30,11 +34,15 @@ __all__ = [
     "WalkProblem",
     "all_compressions",
     "find_splits",
+    "formats",
     "get_format",
     "guess_format",
     "kind_detail",
+    "no_split_found",
     "open_reader",
     "outside_error",
     "shared_reader",
+    "split_name",
+    "store_suffixes",
     "walk_splits",
 ]

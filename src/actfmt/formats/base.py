@@ -17,11 +17,13 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from actfmt.errors import BadHeaderError, ConversionError
+from actfmt.formats.catalog import split_name as registry_split_name
+from actfmt.formats.catalog import strip_suffix
 from actfmt.formats.dtypes import ITEMSIZE, stored_dtype, to_torch
 from actfmt.formats.vectors import STATS_FILE, read_tensors, write_tensors
 from actfmt.layout import loads_json
@@ -40,6 +42,7 @@ __all__ = [
     "VECTOR_NAMES",
     "ByteRun",
     "Format",
+    "FormatOptions",
     "LayerInfo",
     "MissingChunks",
     "Reader",
@@ -51,6 +54,7 @@ __all__ = [
     "check_shard_rows",
     "check_write_chunks",
     "fingerprint_of",
+    "option_flag",
     "stored_vectors_of",
 ]
 
@@ -203,14 +207,77 @@ class SplitSpec:
     source_format: str = "pt"
 
 
+def option_flag(name: str) -> str:
+    """The command-line flag of a format option field: ``zarr_format`` -> ``--zarr-format``."""
+    return "--" + name.replace("_", "-")
+
+
+_O = TypeVar("_O", bound="FormatOptions")
+
+
+@dataclass(frozen=True)
+class FormatOptions:
+    """A format's own write options: subclass it as a frozen dataclass (``Format.options_class``), one field
+    per option with a default.  The command line makes each field a flag by itself (``zarr_format`` ->
+    ``--zarr-format``); a field's ``metadata`` gives its ``help`` and, optionally, its ``choices``.  The object
+    serialises itself for the resume journal (:meth:`to_dict`) and for the command that continues a conversion
+    (:meth:`flags`).  This base class has no option (the formats without options of their own use it)."""
+
+    @classmethod
+    def from_mapping(cls: type[_O], values: Mapping[str, Any] | None, format_name: str) -> _O:
+        """The options ``values`` give (``None`` values: not given, the default); a
+        :class:`~actfmt.errors.ConversionError` for an option the format does not have or a value not among
+        the field's ``choices``."""
+        known = {f.name: f for f in fields(cls)}
+        given = {k: v for k, v in (values or {}).items() if v is not None}
+        for key in given:
+            if key not in known:
+                have = ", ".join(option_flag(n) for n in known) or "none"
+                raise ConversionError(
+                    f"{option_flag(key)} is not an option of the {format_name} format (its own options: {have})."
+                )
+        for key, value in given.items():
+            choices = known[key].metadata.get("choices")
+            if choices is not None and value not in choices:
+                raise ConversionError(
+                    f"{option_flag(key)} {value!r} is not available for {format_name}; choose one of: "
+                    f"{', '.join(str(c) for c in choices)}."
+                )
+        return cls(**given)
+
+    @classmethod
+    def of(cls: type[_O], options: WriteOptions) -> _O:
+        """The options of this class a writer was given (the defaults when it was given none)."""
+        got = options.format_options
+        if isinstance(got, cls):
+            return got
+        if type(got) is FormatOptions:
+            return cls()
+        raise TypeError(f"{type(got).__name__} given where {cls.__name__} is expected")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option's value (the journal records them)."""
+        return asdict(self)
+
+    def flags(self) -> list[str]:
+        """The command-line options that give these values (options at their default are left out)."""
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.default is MISSING or value != f.default:
+                out.append(f"{option_flag(f.name)} {value}")
+        return out
+
+
 @dataclass
 class WriteOptions:
-    """Format-neutral writer options; each format uses what applies and rejects what it cannot honour."""
+    """Format-neutral writer options; each format uses what applies and rejects what it cannot honour.  The
+    format's own options are ``format_options`` (its :attr:`Format.options_class`)."""
 
     chunk_rows: int | None = None
     compression: str | None = None  # None = the format's default; "none" = uncompressed
     level: int | None = None
-    zarr_format: int = 3
+    format_options: FormatOptions = field(default_factory=FormatOptions)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -457,10 +524,14 @@ class Format(abc.ABC):
     """A storage format: a name, how its splits are recognised, its Reader and Writer, what it supports."""
 
     name: ClassVar[str]
-    #: What a split's path ends with (``.zarr``, ``.h5``) or ``""`` for a plain directory.
-    suffix: ClassVar[str] = ""
+    #: What a split's name ends with (``(".zarr",)``, ``(".h5", ".hdf5")``); the first is the one written.  Empty
+    #: for a plain directory named like the split (``EM/``).  The registry unites them
+    #: (:func:`~actfmt.formats.catalog.store_suffixes`): nothing else lists suffixes.
+    suffixes: ClassVar[tuple[str, ...]] = ()
     #: Compression names this format accepts; the first is the default.
     compressions: ClassVar[tuple[str, ...]] = ("none",)
+    #: The format's own write options (a frozen dataclass; the CLI makes each field a flag).
+    options_class: ClassVar[type[FormatOptions]] = FormatOptions
     #: Capabilities, consulted instead of refusing in scattered places.
     remote_read: ClassVar[bool] = True
     #: Can the writer write object storage in place?  (If not, convert stages the store locally and uploads.)
@@ -473,17 +544,33 @@ class Format(abc.ABC):
     #: written pieces lists them for validation (:mod:`actfmt.formats.inventory`); ``None``: validation reads
     #: the split through its Reader alone.
     inventory: ClassVar[Any] = None
+    #: Does :meth:`recognises` take directories other formats may claim (pt: any directory with a
+    #: ``metadata.json``)?  Then detection asks it after every other format, wherever its registry line is.
+    fallback: ClassVar[bool] = False
 
     @classmethod
     def writes_in_parallel(cls, options: WriteOptions) -> bool:
         """May different threads or processes write different layers at once, with these options?"""
         return cls.parallel_layers
 
+    #: What a split of this format looks like, for the one "no split found" message
+    #: (:func:`~actfmt.formats.registry.no_split_found`): ``"a .zarr group"``.
+    looks_like: ClassVar[str]
+
+    @classmethod
+    def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
+        """Is ``location`` a split of this format?  ``entries``: its listing when the caller has it (a walk),
+        else it is listed here (:func:`~actfmt.formats.registry.guess_format` lists once for every format).  A
+        single-file format is never listed for."""
+        if cls.single_file:
+            return entries is None and cls.recognises(location, None)
+        return cls.recognises(location, cls.listing(location, entries))
+
     @classmethod
     @abc.abstractmethod
-    def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
-        """Is ``location`` a split of this format?  Cheap: names and a few bytes.  ``entries``: its listing,
-        when the caller has it (a walk), so nothing is listed twice."""
+    def recognises(cls, location: Location, entries: Sequence[Entry] | None) -> bool:
+        """Is ``location`` a split of this format?  Cheap: names and a few bytes.  ``entries``: the listing of
+        ``location``, ``None`` when it is no listable directory (a file, or nothing there); never list again."""
 
     @staticmethod
     def listing(location: Location, entries: Sequence[Entry] | None) -> Sequence[Entry] | None:
@@ -508,9 +595,12 @@ class Format(abc.ABC):
         return cls.writer
 
     @classmethod
+    def split_name(cls, location: Location) -> str:
+        """The name of the split a store of this format holds (``EM.zarr`` -> ``EM``; a directory: its name)."""
+        return strip_suffix(location.name, cls.suffixes)
+
+    @classmethod
     def destination(cls, split: Location) -> Location:
-        """Where a split named like ``split`` goes in this format (``EM`` -> ``EM.zarr``)."""
-        name = split.name
-        for other in (".zarr", ".h5", ".hdf5"):
-            name = name.removesuffix(other)
-        return split.with_name(name + cls.suffix)
+        """Where a split named like ``split`` goes in this format (``EM`` -> ``EM.zarr``; any registered
+        format's suffix is replaced: ``EM.h5`` -> ``EM.zarr``)."""
+        return split.with_name(registry_split_name(split.name) + (cls.suffixes[0] if cls.suffixes else ""))

@@ -1,14 +1,16 @@
-"""The format registry: name -> "module:Class", imported lazily so ``import actfmt`` stays light."""
+"""The format registry: the typed API over the table of formats (:mod:`~actfmt.formats.catalog`: name ->
+``"module:Class"``, imported lazily so ``import actfmt`` stays light) and what is built from the formats'
+declarations: detection, the store suffixes, split naming, the "no split found" message."""
 
 from __future__ import annotations
 
-import importlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from actfmt.errors import FormatError, NotASplitError
+from actfmt.formats.catalog import ALIASES, FORMATS, load, split_name, store_suffixes, strip_suffix
 from actfmt.storage import Entry, Location, PathLike, resolve
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -18,31 +20,28 @@ __all__ = [
     "ALIASES",
     "FORMATS",
     "all_compressions",
+    "formats",
     "get_format",
     "guess_format",
+    "no_split_found",
     "open_reader",
     "shared_reader",
+    "split_name",
+    "store_suffixes",
+    "strip_suffix",
 ]
-
-#: Registry, in detection order (the most specific signature first).
-FORMATS: dict[str, str] = {
-    "zarr": "actfmt.formats.zarr:ZarrFormat",
-    "hdf5": "actfmt.formats.hdf5:HDF5Format",
-    "safetensors": "actfmt.formats.safetensors:SafetensorsFormat",
-    "pt": "actfmt.formats.pt:PtFormat",
-}
-ALIASES = {"h5": "hdf5", "torch": "pt", "st": "safetensors"}
 
 
 def get_format(name: str) -> type[Format]:
-    """The Format class registered under ``name`` (``zarr``, ``hdf5``, ``safetensors``, ``pt``)."""
-    key = ALIASES.get(name.lower(), name.lower())
-    try:
-        target = FORMATS[key]
-    except KeyError:
-        raise FormatError(f"unknown format {name!r}; choose one of: {', '.join(FORMATS)}") from None
-    module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+    """The Format class registered under ``name`` (``zarr``, ``hdf5``, ``safetensors``, ``pt``) or an alias."""
+    return cast("type[Format]", load(name))
+
+
+def formats() -> list[type[Format]]:
+    """Every registered Format class, in detection order: registry order, the fallback formats
+    (:attr:`Format.fallback`, pt) last."""
+    found = [get_format(name) for name in FORMATS]
+    return [f for f in found if not f.fallback] + [f for f in found if f.fallback]
 
 
 def all_compressions() -> tuple[str, ...]:
@@ -53,13 +52,40 @@ def all_compressions() -> tuple[str, ...]:
     return tuple(out)
 
 
-def guess_format(location: PathLike, entries: Sequence[Entry] | None = None) -> str | None:
-    """The name of the format whose split ``location`` is, or ``None`` when it is not a split."""
+def guess_format(
+    location: PathLike, entries: Sequence[Entry] | None = None, *, directory: bool | None = None
+) -> str | None:
+    """The name of the format whose split ``location`` is, or ``None`` when it is not a split.
+
+    ``entries``: its listing when the caller has it (a walk); else ``location`` is listed here, once, and the
+    listing handed to every format (``directory=False``: the caller knows it is a file, nothing is listed)."""
     loc = resolve(location)
-    for name in FORMATS:
-        if get_format(name).can_open(loc, entries):
-            return name
+    if entries is None and directory is not False:
+        entries = _listing(loc)
+    for fmt in formats():
+        if fmt.recognises(loc, entries):
+            return fmt.name
     return None
+
+
+def _listing(location: Location) -> Sequence[Entry] | None:
+    """The listing of ``location``, ``None`` when it is no listable directory (a file, nothing there)."""
+    try:
+        return location.list_dir()
+    except OSError:
+        return None
+
+
+def no_split_found(
+    location: object, details: Sequence[str] = (), advice: str = "check the path"
+) -> NotASplitError:
+    """The one "no split found" error: what a split of each registered format looks like (each format's
+    :attr:`~actfmt.formats.base.Format.looks_like`, so a new format appears here by itself), then ``details``
+    (what a walk could not read, say) and ``advice``."""
+    kinds = [fmt.looks_like for fmt in formats()]
+    shapes = ", ".join(kinds[:-1]) + f" or {kinds[-1]}" if len(kinds) > 1 else "".join(kinds)
+    extra = "".join(f"; {d}" for d in details)
+    return NotASplitError(f"{location}: no split found (a split is {shapes}){extra}; {advice}.")
 
 
 def open_reader(
@@ -74,10 +100,7 @@ def open_reader(
     if name is None:
         if not loc.exists():
             raise NotASplitError(f"{loc}: no such file or directory; check the path.")
-        raise NotASplitError(
-            f"{loc}: not a split in any known format (expected metadata.json + layer_XX/, a .zarr, "
-            f"a .h5 or layer_XX.safetensors files)."
-        )
+        raise no_split_found(loc)
     fmt = get_format(name)
     if not loc.is_local and not fmt.remote_read:  # pragma: no cover - every format reads object storage
         raise FormatError(f"{loc}: {name} cannot be read from {loc.scheme}://; download it first.")

@@ -138,7 +138,7 @@ def walk_splits(root: Location) -> Walk:
                 )
             elif e.kind == Kind.DIR:
                 walk_dir(e.location, child, depth + 1)
-            elif e.kind == Kind.FILE and (fmt := guess_format(e.location)) is not None:
+            elif e.kind == Kind.FILE and (fmt := guess_format(e.location, directory=False)) is not None:
                 add_split(e.location, fmt, child)
 
     def add_split(loc: Location, fmt: str, rel: str) -> None:
@@ -153,7 +153,7 @@ def walk_splits(root: Location) -> Walk:
 
     if kind == Kind.DIR:
         walk_dir(root, ".", 0)
-    elif (fmt := guess_format(root)) is not None:
+    elif (fmt := guess_format(root, directory=False)) is not None:
         add_split(root, fmt, ".")
     out.splits.sort(key=lambda s: s.rel)
     return out

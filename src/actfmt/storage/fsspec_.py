@@ -311,6 +311,9 @@ class FsspecLocation(Location):
         with self._io():
             raw = self.fs.ls(self._path, detail=True)
         me = self._path.rstrip("/")
+        if len(raw) == 1 and str(raw[0]["name"]).rstrip("/") == me and raw[0].get("type") != "directory":
+            # a file: fsspec lists it as itself; a local file cannot be listed either
+            raise NotADirectoryError(20, "Not a directory", str(self))
         out: dict[str, Entry] = {}
         for info in raw:
             name = str(info["name"]).rstrip("/")

@@ -62,7 +62,7 @@ class HDF5Format(Format):
     reader = HDF5Reader
     writer = HDF5Writer
     name = "hdf5"
-    suffix = ".h5"
+    suffixes = REMOTE_SUFFIXES  # (".h5", ".hdf5"): .h5 written
     compressions = COMPRESSIONS
     remote_read = True
     remote_write = False  # convert writes into a local staging directory and uploads the file
@@ -74,8 +74,10 @@ class HDF5Format(Format):
         """Contiguous (uncompressed) layers are written at their own offsets, by any number of writers."""
         return HDF5Writer.contiguous(options)
 
+    looks_like = "a .h5 file"
+
     @classmethod
-    def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
+    def recognises(cls, location: Location, entries: Sequence[Entry] | None) -> bool:
         """A regular file with the HDF5 signature (at 0, or after a user block).  Locally the name does not
         matter; on object storage only ``*.h5`` / ``*.hdf5`` objects are probed (one ranged read each)."""
         if entries is not None:  # a listed directory is not a file

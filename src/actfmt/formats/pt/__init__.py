@@ -34,18 +34,22 @@ class PtFormat(Format):
     """The producer's own layout: a directory per split, ``metadata.json`` and ``layer_XX/shard_XXX.pt``."""
 
     name = "pt"
+    suffixes = ()  # a directory named like the split (EM/)
     reader = PtReader
     writer = PtWriter
     inventory = staticmethod(inventory)
 
+    looks_like = "a directory with metadata.json and layer_XX/ directories"
+    fallback = True  # any directory with a metadata.json: asked after the formats that keep one too
+
     @classmethod
-    def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
-        """A directory with ``metadata.json`` (and no safetensors layer files), or with ``layer_XX``-like
-        subdirectories (a split whose metadata is missing is still a split: validation says what is wrong)."""
-        entries = cls.listing(location, entries)
+    def recognises(cls, location: Location, entries: Sequence[Entry] | None) -> bool:
+        """A directory with ``metadata.json``, or with ``layer_XX``-like subdirectories (a split whose metadata is
+        missing is still a split: validation says what is wrong).  Detection asks every other format first
+        (:attr:`fallback`): safetensors and npy directories hold a ``metadata.json`` too."""
         if entries is None:
             return False
         names = {e.name for e in entries}
         if METADATA_FILE in names:
-            return not any(n.startswith("layer_") and n.endswith(".safetensors") for n in names)
+            return True
         return any(LOOSE_LAYER_RE.match(e.name) and e.is_dir() for e in entries)

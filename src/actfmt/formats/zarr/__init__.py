@@ -41,25 +41,29 @@ from collections.abc import Sequence
 from actfmt.formats.base import Format
 from actfmt.formats.zarr.codecs import COMPRESSIONS
 from actfmt.formats.zarr.meta import probe_group
+from actfmt.formats.zarr.options import ZarrOptions
 from actfmt.formats.zarr.reader import ZarrReader
 from actfmt.formats.zarr.writer import ZarrWriter, default_chunk_rows
 from actfmt.storage import Entry, Location
 
-__all__ = ["COMPRESSIONS", "ZarrFormat", "ZarrReader", "ZarrWriter", "default_chunk_rows"]
+__all__ = ["COMPRESSIONS", "ZarrFormat", "ZarrOptions", "ZarrReader", "ZarrWriter", "default_chunk_rows"]
 
 
 class ZarrFormat(Format):
     reader = ZarrReader
     writer = ZarrWriter
     name = "zarr"
-    suffix = ".zarr"
+    suffixes = (".zarr",)
     compressions = COMPRESSIONS
+    options_class = ZarrOptions
     remote_read = True
     remote_write = True
     parallel_layers = True
 
+    looks_like = "a .zarr group"
+
     @classmethod
-    def can_open(cls, location: Location, entries: Sequence[Entry] | None = None) -> bool:
+    def recognises(cls, location: Location, entries: Sequence[Entry] | None) -> bool:
         """A directory holding a v3 group's ``zarr.json`` (``node_type`` not ``array``; a damaged one still
         counts: the reader says what is wrong) or a v2 ``.zgroup``.  zarr-python is not imported."""
-        return probe_group(location, entries) is not None
+        return entries is not None and probe_group(location, entries) is not None

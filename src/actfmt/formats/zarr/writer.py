@@ -54,6 +54,7 @@ from actfmt.formats.zarr.meta import (
     set_group_attribute,
     small_array_documents,
 )
+from actfmt.formats.zarr.options import ZarrOptions
 from actfmt.layout import SUPPORTED_DTYPES
 from actfmt.storage import Location, read_objects
 
@@ -199,9 +200,9 @@ class ZarrWriter(Writer):
 
     @classmethod
     def create(cls, location: Location, spec: SplitSpec, options: WriteOptions) -> ZarrWriter:
-        zf = options.zarr_format or 3
+        zf = ZarrOptions.of(options).zarr_format
         if zf not in (2, 3):
-            raise ConversionError(f"{location}: --zarr-format must be 2 or 3, not {options.zarr_format!r}.")
+            raise ConversionError(f"{location}: --zarr-format must be 2 or 3, not {zf!r}.")
         name, level = resolve_compression(location, options.compression, options.level)
         if options.chunk_rows is not None and int(options.chunk_rows) < 1:
             raise ConversionError(f"{location}: --chunk-rows must be at least 1, not {options.chunk_rows}.")
@@ -244,7 +245,7 @@ class ZarrWriter(Writer):
             name, level = resolve_compression(self.location, self.options.compression, self.options.level)
             where.delete_tree()
             where.mkdir()
-            zf = int(self.options.zarr_format or 3)
+            zf = ZarrOptions.of(self.options).zarr_format
             self.location.put_many(_array_docs(self.location, info, self.options, name, level, zf))
             m = read_arrays(self.location, [info.name]).get(info.name)
             if m is None:  # pragma: no cover - just written
@@ -377,7 +378,7 @@ class ZarrWriter(Writer):
     def write_stats(self, vectors: StoredVectors) -> None:
         """The vectors as arrays of the group ``actfmt_stats`` (``mean``, ``std``, ``mean_f64``; zarr tools read
         them as any array), the rows' layer names as its attribute ``layers``."""
-        zf = int(self.options.zarr_format or 3)
+        zf = ZarrOptions.of(self.options).zarr_format
         group = self.location / STATS_GROUP
         docs = {group / k: v for k, v in group_documents({"layers": vectors.layers}, zf).items()}
         for name, arr in vectors.arrays.items():
@@ -394,4 +395,4 @@ class ZarrWriter(Writer):
         if all(li.dtype != "bfloat16" for li in self.spec.layers):
             # zarr-python 3.1 cannot parse a bfloat16 array's metadata: consolidated, such a store would not
             # even open as a group there (its attributes, statistics and coordinates are readable unconsolidated)
-            consolidate(self.location, int(self.options.zarr_format or 3))
+            consolidate(self.location, ZarrOptions.of(self.options).zarr_format)
