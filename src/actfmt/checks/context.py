@@ -11,14 +11,22 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from actfmt.checks.base import Finding, Rule
 from actfmt.checksum import Hasher, scan_blocks
 from actfmt.errors import OutsideTreeError
-from actfmt.formats import FoundSplit, Inventory, LayerEntry, ShardEntry, WalkProblem, get_format, kind_detail
+from actfmt.formats import (
+    FoundSplit,
+    Inventory,
+    LayerEntry,
+    ShardEntry,
+    WalkProblem,
+    get_format,
+    kind_detail,
+    run_each,
+)
 from actfmt.kernel import BITS, block_moments
 from actfmt.layout import (
     JSON_MAX_BYTES,
@@ -223,16 +231,6 @@ def _set_metadata(ctx: SplitContext, data: Any) -> None:
     ctx.good = {k: data[k] for k in KNOWN_KEYS if k in data and k not in bad}
 
 
-def _map(fn: Callable[[Any], None], items: list[Any], jobs: int) -> None:
-    """Run ``fn`` on every item (results are stored on the items, so the order of completion is irrelevant)."""
-    if jobs > 1 and len(items) > 1:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            list(pool.map(fn, items))
-    else:
-        for item in items:
-            fn(item)
-
-
 def _scan_store(ctx: SplitContext) -> None:
     """A store: the reader is opened once here; the store rules read what it says."""
     try:
@@ -410,7 +408,7 @@ def deep_read(contexts: list[SplitContext], jobs: int, on_bytes: Callable[[int],
             _deep_read(inv, piece)
             on_bytes(n)
 
-    _map(run, [*pieces, *layers], jobs)
+    run_each(run, [*pieces, *layers], jobs)
     for ctx in contexts:
         if ctx.inventory is None:
             for layer in ctx.layers:

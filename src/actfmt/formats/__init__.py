@@ -7,7 +7,7 @@ scattered places.  :func:`walk_splits` is the one split walker.
 
 from __future__ import annotations
 
-from actfmt.formats.inventory import Inventory, LayerEntry, ShardEntry, kind_detail, outside_error
+from actfmt.formats.inventory import Inventory, LayerEntry, ShardEntry, kind_detail, outside_error, run_each
 from actfmt.formats.registry import (
     ALIASES,
     FORMATS,
@@ -41,6 +41,7 @@ __all__ = [
     "no_split_found",
     "open_reader",
     "outside_error",
+    "run_each",
     "shared_reader",
     "split_name",
     "store_suffixes",

@@ -10,7 +10,8 @@ Reader.  The deep pass reads a piece's rows through :meth:`Inventory.blocks`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,7 +22,7 @@ from actfmt.storage import Entry, Kind, Location
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-__all__ = ["Inventory", "LayerEntry", "PieceHeader", "ShardEntry", "kind_detail", "outside_error"]
+__all__ = ["Inventory", "LayerEntry", "PieceHeader", "ShardEntry", "kind_detail", "outside_error", "run_each"]
 
 
 class PieceHeader(Protocol):
@@ -30,6 +31,17 @@ class PieceHeader(Protocol):
     shape: tuple[int, ...]
     dtype: str
     tensor_nbytes: int
+
+
+def run_each(fn: Callable[[Any], None], items: Sequence[Any], jobs: int) -> None:
+    """Run ``fn`` on every item, on ``jobs`` threads (results are stored on the items, so the order of completion
+    is irrelevant): the probes of an inventory, the deep pass."""
+    if jobs > 1 and len(items) > 1:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(fn, items))
+    else:
+        for item in items:
+            fn(item)
 
 
 def kind_detail(e: Entry) -> str:

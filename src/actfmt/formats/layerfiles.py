@@ -220,6 +220,8 @@ class LayerFileWriter(Writer):
     :meth:`check`)."""
 
     suffix: ClassVar[str]
+    #: The dtypes the format stores (:meth:`check` refuses the others, naming ``--dtype``).
+    dtypes: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32")
 
     def __init__(self, location: Location, spec: SplitSpec, options: WriteOptions) -> None:
         super().__init__(location, spec, options)
@@ -241,6 +243,12 @@ class LayerFileWriter(Writer):
                 f"the {cls.format} format has no compression (got {options.compression!r}); use --compression "
                 f"none, or --to zarr / hdf5 for a compressed store."
             )
+        for info in spec.layers:
+            if info.dtype not in cls.dtypes:
+                raise ConversionError(
+                    f"{info.name}: {cls.format} cannot store dtype {info.dtype!r}; pass --dtype "
+                    f"{'/'.join(cls.dtypes)}."
+                )
 
     def first_block(self) -> dict[str, Any] | None:
         """An ``actfmt`` block ``create`` writes before any layer (never with ``complete``), or ``None``."""

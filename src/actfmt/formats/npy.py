@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from actfmt.errors import BadHeaderError, ConversionError, CorruptShardError
-from actfmt.formats.base import Format, SplitSpec, WriteOptions
+from actfmt.formats.base import Format
 from actfmt.formats.layerfiles import LayerFileHeader, LayerFileReader, LayerFileWriter
 from actfmt.storage import Entry, Kind, Location
 
@@ -45,7 +45,7 @@ MAX_HEADER = 10_000
 #: The data starts at a multiple of this many bytes (NumPy's own alignment).
 ALIGN = 64
 #: Stored dtype string of each dtype (little-endian; bfloat16 as its bits).
-DESCRS = {"float16": "<f2", "float32": "<f4", "bfloat16": "<u2"}
+DESCRS = {"bfloat16": "<u2", "float16": "<f2", "float32": "<f4"}
 _FIX = "re-run the conversion (actfmt convert ... --overwrite) or restore the file"
 
 # one item of the header's dict literal: a quoted key, then a quoted string, a boolean or a tuple of integers
@@ -200,15 +200,7 @@ class NpyWriter(LayerFileWriter):
 
     format = "npy"
     suffix = SUFFIX
-
-    @classmethod
-    def check(cls, location: Location, spec: SplitSpec, options: WriteOptions) -> None:
-        super().check(location, spec, options)
-        for info in spec.layers:
-            if info.dtype not in DESCRS:
-                raise ConversionError(
-                    f"{info.name}: npy cannot store dtype {info.dtype!r}; pass --dtype bfloat16/float16/float32."
-                )
+    dtypes = tuple(DESCRS)
 
     def first_block(self) -> dict[str, Any] | None:
         return {"dtype": {li.name: li.dtype for li in self.spec.layers}}  # <u2 is bfloat16 from the start

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from actfmt.errors import BadHeaderError, ConversionError, CorruptShardError
-from actfmt.formats.base import Format, LayerInfo, SplitSpec, WriteOptions
+from actfmt.formats.base import Format, LayerInfo
 from actfmt.formats.dtypes import ITEMSIZE
 from actfmt.formats.layerfiles import LayerFileHeader, LayerFileReader, LayerFileWriter
 from actfmt.layout import REQUIRED_KEYS, loads_json
@@ -248,15 +248,7 @@ class SafetensorsWriter(LayerFileWriter):
 
     format = "safetensors"
     suffix = SUFFIX
-
-    @classmethod
-    def check(cls, location: Location, spec: SplitSpec, options: WriteOptions) -> None:
-        super().check(location, spec, options)
-        for info in spec.layers:
-            if info.dtype not in ST_DTYPES:
-                raise ConversionError(
-                    f"{info.name}: safetensors cannot store dtype {info.dtype!r}; pass --dtype bfloat16/float16/float32."
-                )
+    dtypes = tuple(ST_DTYPES)
 
     def layer_header(self, layer: int) -> bytes:
         return build_header(self.spec.layers[layer], self._meta)

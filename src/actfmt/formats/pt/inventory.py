@@ -5,12 +5,11 @@ the plain pattern), and a shard's rows in bounded blocks for the deep pass."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from actfmt.formats.dtypes import as_array
-from actfmt.formats.inventory import Inventory, LayerEntry, ShardEntry, kind_detail, outside_error
+from actfmt.formats.inventory import Inventory, LayerEntry, ShardEntry, kind_detail, outside_error, run_each
 from actfmt.formats.pt.header import load_shard, probe_shard, read_heads
 from actfmt.formats.vectors import STATS_FILE
 from actfmt.kernel import BITS
@@ -124,10 +123,5 @@ def inventory(location: Location, loc: Callable[[str], str], jobs: int = 1) -> P
         except Exception as exc:  # a broken file is a finding, never a crash (classified by the ACT0xx rules)
             entry.error = exc
 
-    if jobs > 1 and len(shards) > 1:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            list(pool.map(probe, shards))
-    else:
-        for s in shards:
-            probe(s)
+    run_each(probe, shards, jobs)
     return inv
