@@ -301,7 +301,7 @@ def convert_command(
     """Convert SRC (any level of a tree, any format) to DST in another format, bit-exact.
 
     DST mirrors SRC: the split SRC/a/b/EM becomes DST/a/b/EM.zarr (zarr), EM.h5 (hdf5) or the directory EM/
-    (safetensors, pt).  Each split is written into a hidden temporary sibling, verified against the source's
+    (safetensors, npy, pt).  Each split is written into a hidden temporary sibling, verified against the source's
     checksums and renamed into place when complete.
 
     \b

@@ -25,8 +25,8 @@ from actfmt.checks.context import (
     scan_split,
 )
 from actfmt.checks.stores import store_units
-from actfmt.errors import FormatError, NotASplitError
-from actfmt.formats import Walk, walk_splits
+from actfmt.errors import FormatError
+from actfmt.formats import Walk, no_split_found, walk_splits
 from actfmt.progress import ProgressCallback, ProgressEvent, emit
 from actfmt.report import Report, SkippedChecks
 from actfmt.storage import PathLike, resolve
@@ -168,10 +168,7 @@ def validate(
     report = Report(root=str(path), deep=deep)
     walk = walk if walk is not None else walk_splits(root)
     if not walk.splits and not walk.problems:
-        raise NotASplitError(
-            f"{root}: no split found (a split is a directory with metadata.json and layer_XX/ directories, "
-            f"or a converted .zarr / .h5 / safetensors store); point actfmt at an Activations tree or a split."
-        )
+        raise no_split_found(root, advice="point actfmt at an Activations tree or a split")
     contexts = [scan_split(split, root, jobs=jobs) for split in walk.splits]
     try:
         if deep:
