@@ -14,7 +14,8 @@ from actfmt.conversion import convert
 from actfmt.conversion.split import _flags, _merge
 from actfmt.errors import ConversionError
 from actfmt.formats import formats, get_format
-from actfmt.formats.base import FormatOptions, WriteOptions, option_flag
+from actfmt.formats.base import WriteOptions
+from actfmt.formats.options import FormatOptions, option_flag
 from actfmt.formats.zarr import ZarrOptions
 
 from ._trees import make_split

@@ -28,7 +28,7 @@ from actfmt.errors import (
     os_error_message,
 )
 from actfmt.formats import ALIASES, FORMATS, formats, get_format
-from actfmt.formats.base import option_flag
+from actfmt.formats.options import option_flag
 from actfmt.storage import is_url, parse_storage_options
 
 __all__ = [

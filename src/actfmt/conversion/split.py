@@ -38,15 +38,8 @@ from actfmt.errors import (
     os_error_message,
 )
 from actfmt.formats import get_format, open_reader
-from actfmt.formats.base import (
-    FormatOptions,
-    LayerInfo,
-    Reader,
-    SplitSpec,
-    StoredVectors,
-    WriteOptions,
-    Writer,
-)
+from actfmt.formats.base import LayerInfo, Reader, SplitSpec, StoredVectors, WriteOptions, Writer
+from actfmt.formats.options import FormatOptions
 from actfmt.moments import SCHEMA_VERSION as STATS_SCHEMA
 from actfmt.moments import Moments, layer_moments
 from actfmt.progress import ProgressCallback, ProgressEvent, emit

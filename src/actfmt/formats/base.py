@@ -17,14 +17,15 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from actfmt.errors import BadHeaderError, ConversionError
 from actfmt.formats.catalog import split_name as registry_split_name
 from actfmt.formats.catalog import strip_suffix
 from actfmt.formats.dtypes import ITEMSIZE, stored_dtype, to_torch
+from actfmt.formats.options import FormatOptions
 from actfmt.formats.vectors import STATS_FILE, read_tensors, write_tensors
 from actfmt.layout import loads_json
 from actfmt.storage import Entry, Location
@@ -42,7 +43,6 @@ __all__ = [
     "VECTOR_NAMES",
     "ByteRun",
     "Format",
-    "FormatOptions",
     "LayerInfo",
     "MissingChunks",
     "Reader",
@@ -54,7 +54,6 @@ __all__ = [
     "check_shard_rows",
     "check_write_chunks",
     "fingerprint_of",
-    "option_flag",
     "stored_vectors_of",
 ]
 
@@ -205,68 +204,6 @@ class SplitSpec:
     metadata: dict[str, Any]
     layers: list[LayerInfo]
     source_format: str = "pt"
-
-
-def option_flag(name: str) -> str:
-    """The command-line flag of a format option field: ``zarr_format`` -> ``--zarr-format``."""
-    return "--" + name.replace("_", "-")
-
-
-_O = TypeVar("_O", bound="FormatOptions")
-
-
-@dataclass(frozen=True)
-class FormatOptions:
-    """A format's own write options: subclass it as a frozen dataclass (``Format.options_class``), one field
-    per option with a default.  The command line makes each field a flag by itself (``zarr_format`` ->
-    ``--zarr-format``); a field's ``metadata`` gives its ``help`` and, optionally, its ``choices``.  The object
-    serialises itself for the resume journal (:meth:`to_dict`) and for the command that continues a conversion
-    (:meth:`flags`).  This base class has no option (the formats without options of their own use it)."""
-
-    @classmethod
-    def from_mapping(cls: type[_O], values: Mapping[str, Any] | None, format_name: str) -> _O:
-        """The options ``values`` give (``None`` values: not given, the default); a
-        :class:`~actfmt.errors.ConversionError` for an option the format does not have or a value not among
-        the field's ``choices``."""
-        known = {f.name: f for f in fields(cls)}
-        given = {k: v for k, v in (values or {}).items() if v is not None}
-        for key in given:
-            if key not in known:
-                have = ", ".join(option_flag(n) for n in known) or "none"
-                raise ConversionError(
-                    f"{option_flag(key)} is not an option of the {format_name} format (its own options: {have})."
-                )
-        for key, value in given.items():
-            choices = known[key].metadata.get("choices")
-            if choices is not None and value not in choices:
-                raise ConversionError(
-                    f"{option_flag(key)} {value!r} is not available for {format_name}; choose one of: "
-                    f"{', '.join(str(c) for c in choices)}."
-                )
-        return cls(**given)
-
-    @classmethod
-    def of(cls: type[_O], options: WriteOptions) -> _O:
-        """The options of this class a writer was given (the defaults when it was given none)."""
-        got = options.format_options
-        if isinstance(got, cls):
-            return got
-        if type(got) is FormatOptions:
-            return cls()
-        raise TypeError(f"{type(got).__name__} given where {cls.__name__} is expected")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every option's value (the journal records them)."""
-        return asdict(self)
-
-    def flags(self) -> list[str]:
-        """The command-line options that give these values (options at their default are left out)."""
-        out = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.default is MISSING or value != f.default:
-                out.append(f"{option_flag(f.name)} {value}")
-        return out
 
 
 @dataclass

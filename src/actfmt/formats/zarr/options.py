@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from actfmt.formats.base import FormatOptions
+from actfmt.formats.options import FormatOptions
 
 __all__ = ["ZarrOptions"]
 
