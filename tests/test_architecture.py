@@ -182,8 +182,8 @@ def _format_rooms() -> list[str]:
     return rooms
 
 
-#: Imports of a format's own modules from outside actfmt.formats still to be removed (the validation of pt
-#: through its Reader, issue 20); a fixed one must leave this list, so it cannot go stale.
+#: Imports of a format's own modules from outside actfmt.formats still to be removed; a fixed one must leave
+#: this list, so it cannot go stale.  (The last, checks.context -> formats.pt.header, went with issue 20.)
 KNOWN_INTERNAL_IMPORTS: set[str] = set()
 
 
@@ -199,6 +199,39 @@ def test_no_format_is_entered_from_outside_the_formats() -> None:
         if _within(t, rooms)
     }
     assert sorted(found) == sorted(KNOWN_INTERNAL_IMPORTS)
+
+
+def _format_names() -> set[str]:
+    from actfmt.formats.registry import ALIASES, FORMATS
+
+    return {*FORMATS, *ALIASES}
+
+
+def test_no_format_is_named_outside_the_formats() -> None:
+    """No string equal to a format's name or alias outside ``actfmt.formats`` (a ``format == "pt"`` branch, a
+    ``{"zarr": ...}`` table): what a format does, it declares in its own room."""
+    names = _format_names()
+    found = [
+        f"{path.relative_to(SRC)}:{node.lineno}: {node.value!r}"
+        for mod, path in _modules().items()
+        if not _within(mod, ("actfmt.formats",))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.lower() in names
+    ]
+    assert found == []
+
+
+#: The largest a module may grow (lines): past it, a module holds more than one idea.
+MAX_MODULE_LINES = 600
+
+
+def test_no_module_is_a_house_of_its_own() -> None:
+    big = {
+        str(p.relative_to(SRC)): n
+        for p in _modules().values()
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) >= MAX_MODULE_LINES
+    }
+    assert big == {}
 
 
 def test_no_remote_twin_modules() -> None:
