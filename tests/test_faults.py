@@ -24,13 +24,14 @@ import pytest
 import torch
 
 import actfmt
+import actfmt.formats as formats_registry
 from actfmt.conversion import convert, verify
 from actfmt.errors import ChangedError, ConversionError
 from actfmt.formats import find_splits, get_format, open_reader
 from tests._faults import actfmt_cmd, run
 from tests._trees import bits, make_split, seed_load
 
-FORMATS = ["zarr", "hdf5", "safetensors", "pt"]
+FORMATS = list(formats_registry.FORMATS)  # every registered format, a new one by itself
 
 #: ``actfmt`` as a process whose layer copies each start after a pause, so that a signal lands mid-conversion.
 SLOW_CLI = textwrap.dedent(

@@ -268,8 +268,21 @@ class LayerFileWriter(Writer):
 
     @classmethod
     def open(cls, location: Location, spec: SplitSpec, options: WriteOptions) -> LayerFileWriter:
+        """Continue a partial store.  The records :meth:`first_block` keeps in ``metadata.json`` are brought in
+        line with ``spec`` (``--resume`` after a source layer changed dtype or shape: the layer is written
+        again, and its record must say what it will hold); written only when they differ."""
         cls.check(location, spec, options)
-        return cls(location, spec, options)
+        w = cls(location, spec, options)
+        first = w.first_block()
+        if first is not None:
+            try:
+                now = read_json_object(location / METADATA_FILE, "the partial store lost its metadata.json")
+            except MetadataError as exc:
+                raise ConversionError(f"{exc} Start again with --overwrite.") from None
+            if now.get(ACTFMT_KEY) != first:
+                doc = {**w._meta, ACTFMT_KEY: first}
+                (location / METADATA_FILE).write_bytes(json.dumps(doc, indent=2).encode(), atomic=True)
+        return w
 
     def _header(self, layer: int) -> bytes:
         h = self._headers.get(layer)
