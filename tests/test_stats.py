@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 import actfmt
+import actfmt.formats as formats_registry
 from actfmt.cli import cli
 from actfmt.conversion import convert
 from actfmt.moments import LAYER_FIELDS, PAIR_FIELDS, Moments, Projection, RowNorms, direction
@@ -25,8 +26,8 @@ from tests.conftest import VALID
 
 REAL = VALID / "real_minilm_bf16_slice" / "Activations" / "sentence-transformers_all-MiniLM-L6-v2"
 REAL_DS = REAL / "SP_stdlib_docs_sample"
-FORMATS = ["pt", "zarr", "hdf5", "safetensors"]
-SUFFIX = {"pt": "", "zarr": ".zarr", "hdf5": ".h5", "safetensors": ""}
+FORMATS = list(formats_registry.FORMATS)  # every registered format, a new one by itself
+SUFFIX = {f: (formats_registry.get_format(f).suffixes or ("",))[0] for f in FORMATS}
 RTOL = 1e-9
 
 
@@ -234,7 +235,7 @@ def check_result(result: Any, ref: dict[str, dict[str, Any]], rtol: float = RTOL
 def real_stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {"pt": REAL_DS}
     base = tmp_path_factory.mktemp("real")
-    for fmt in ("zarr", "hdf5", "safetensors"):
+    for fmt in [f for f in FORMATS if f != "pt"]:
         convert(REAL, base / fmt, to=fmt)
         out[fmt] = base / fmt / "SP_stdlib_docs_sample"
     return out
@@ -273,7 +274,7 @@ def test_result_does_not_depend_on_jobs_or_layers_selected(tmp_path: Path) -> No
         actfmt.stats(ds, layers="9")
 
 
-@pytest.mark.parametrize("fmt", ["zarr", "hdf5", "safetensors", "pt"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_convert_keeps_the_statistics_and_no_stats_skips_them(tmp_path: Path, fmt: str) -> None:
     src = tmp_path / "src"
     make_tree(src, total=150, hidden=16, layers=2, shard_size=40, batch_size=10)

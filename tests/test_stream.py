@@ -39,9 +39,10 @@ def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         ("zarr-raw", "zarr", "none", 48),
         ("hdf5", "hdf5", None, 40),
         ("safetensors", "safetensors", None, None),
+        ("npy", "npy", None, None),
     ):
         actfmt_convert(root / "pt", root / label, to=fmt, compression=comp, chunk_rows=chunk)
-    for label in ("pt", "zarr", "zarr-raw", "hdf5", "safetensors"):
+    for label in ("pt", "zarr", "zarr-raw", "hdf5", "safetensors", "npy"):
         found = {Path(str(loc)).name.split(".")[0]: str(loc) for loc, _ in find_splits(root / label)}
         out[label] = [found["EM"], found["Neutral"]]
     return out
@@ -206,7 +207,7 @@ def test_resume_in_a_fresh_process_is_bit_for_bit(trees: dict[str, Any], tmp_pat
     uninterrupted run's, and the restored stream reads neither from the start of the epoch nor every block."""
     cases: dict[str, Any] = {}
     expect: dict[str, list[dict[str, torch.Tensor]]] = {}
-    for fmt in ("pt", "zarr", "zarr-raw", "hdf5", "safetensors"):
+    for fmt in ("pt", "zarr", "zarr-raw", "hdf5", "safetensors", "npy"):
         common = {"paths": trees[fmt], "layers": [0, 2], "batch": 11, "block_rows": 16, "buffer_rows": 64}
         s = Stream(common["paths"], common["layers"], 11, seed=5, block_rows=16, buffer_rows=64)
         it = iter(s)
