@@ -20,7 +20,11 @@ step actfmt validate "$BROKEN"
 # A broken tree exits 1: that is the point of the demo, so do not stop here.
 "$ACTFMT" validate "$BROKEN" || echo "(exit status $? — errors found, as expected)"
 
-for fmt in zarr hdf5 safetensors; do
+# every registered format but the producer's own (a new format joins the demo by itself)
+FORMATS=$("$BIN/python" -c "from actfmt.formats import FORMATS; print(' '.join(f for f in FORMATS if f != 'pt'))")
+STORES=()
+for fmt in $FORMATS; do
+  STORES+=("$OUT/$fmt")
   step actfmt convert "$GOOD" "$OUT/$fmt" --to "$fmt"
   "$ACTFMT" convert "$GOOD" "$OUT/$fmt" --to "$fmt"
   step actfmt convert "$OUT/$fmt" "$OUT/back-from-$fmt" --to pt
@@ -43,8 +47,8 @@ if "$BIN/python" -c "import matplotlib" 2>/dev/null; then
   echo "figure written to $OUT/stats.png"
 fi
 
-step actfmt validate "$OUT/zarr" "$OUT/hdf5" "$OUT/safetensors"
-"$ACTFMT" validate "$OUT/zarr" "$OUT/hdf5" "$OUT/safetensors"
+step actfmt validate "${STORES[@]}"
+"$ACTFMT" validate "${STORES[@]}"
 
 step "python: read a layer, random rows and one example through actfmt.open"
 "$BIN/python" - "$OUT/zarr" <<'PY'
