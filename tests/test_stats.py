@@ -174,6 +174,59 @@ def test_moments_state_round_trips_and_pickles() -> None:
     assert pickle.loads(pickle.dumps(m)).summary() == m.summary()
 
 
+def test_moments_state_is_compact_exact_and_refuses_damage() -> None:
+    """A conversion's journal keeps each layer's state: its vectors are base64 bytes (not 4096 JSON floats),
+    exact; a list state (earlier versions) still loads; a damaged or crafted one is a ValueError."""
+    x = (torch.randn(300, 64) * 3).to(torch.float32)
+    x[5, 7] = float("nan")  # a per-dimension count that is not one number
+    bits, name = stored_bits(x)
+    m = Moments(64)
+    m.update(bits, name)
+    state = json.loads(json.dumps(m.state()))
+    assert isinstance(state["mean"], dict) and isinstance(state["m2"]["<f8"], str)
+    assert isinstance(state["count"], dict)
+    again = Moments.from_state(state)
+    assert np.array_equal(again.mean, m.mean) and np.array_equal(again.m2, m.m2)
+    assert np.array_equal(again.count, m.count) and again.summary() == m.summary()
+    legacy = {**state, "mean": m.mean.tolist(), "m2": m.m2.tolist(), "count": m.count.tolist()}
+    assert Moments.from_state(legacy).summary() == m.summary()
+    for bad in (
+        {**state, "mean": {"<f8": state["mean"]["<f8"][:-8]}},  # too short
+        {**state, "mean": {"<f8": "not base64!"}},
+        {**state, "m2": {"<f4": state["m2"]["<f8"]}},  # another dtype
+        {**state, "m2": [1.0, 2.0]},  # a list of the wrong length
+        {**state, "count": "many"},
+    ):
+        with pytest.raises(ValueError):
+            Moments.from_state(bad)
+
+
+def test_a_damaged_journal_state_is_computed_again_from_the_store(tmp_path: Path) -> None:
+    from actfmt.conversion.split import ConvertResult, _layer_moments
+    from actfmt.conversion.tasks import LayerResult
+    from actfmt.formats.base import SplitSpec
+    from actfmt.storage import resolve
+
+    make_split(tmp_path / "ds" / "EM", total=120, hidden=16, layers=2)
+    convert(tmp_path / "ds" / "EM", tmp_path / "out", to="zarr")
+    store = tmp_path / "out" / "EM.zarr"
+    want = {s.layer: s for s in actfmt.stats([store], recompute=True).splits[0].layers}
+    with formats_registry.open_reader(resolve(store)) as reader:
+        layers = list(reader.layers)
+    good = Moments(16)
+    done = {
+        layers[0].name: LayerResult(
+            layers[0].name, "x", 0, {"moments": {**good.state(), "mean": {"<f8": "AA=="}}}
+        ),
+        layers[1].name: LayerResult(layers[1].name, "x", 0, {"moments": {**good.state(), "hidden": 3}}),
+    }
+    got = _layer_moments(resolve(store), "zarr", SplitSpec({}, layers), done, ConvertResult())
+    for li in layers:
+        summary = got[li.name].summary()
+        assert summary["rows"] == 120
+        assert math.isclose(summary["rms"], want[li.name].rms, rel_tol=1e-12)
+
+
 def test_projection_and_pair_figures_match_the_reference() -> None:
     g = torch.Generator().manual_seed(9)
     a = (torch.randn(500, 32, generator=g) + 0.3).to(torch.bfloat16)

@@ -158,16 +158,18 @@ class Moments:
         }
 
     def state(self) -> dict[str, Any]:
-        """Everything needed to merge later (JSON-friendly; a dask task returns it)."""
+        """Everything needed to merge later (JSON-friendly; a dask task returns it, a conversion's journal keeps
+        it).  The per-dimension vectors are their little-endian bytes in base64 (``{"<f8": ...}``): exact, and
+        about 50 times faster to write and read than a JSON list of 4096 floats."""
         return {
             "hidden": self.hidden,
             "rows": self.rows,
             # the finite values per dimension: one number when every dimension has as many (no NaN / Inf)
             "count": int(self.count[0])
             if self.hidden and (self.count == self.count[0]).all()
-            else self.count.tolist(),
-            "mean": self.mean.tolist(),
-            "m2": self.m2.tolist(),
+            else _pack(self.count, "<i8"),
+            "mean": _pack(self.mean, "<f8"),
+            "m2": _pack(self.m2, "<f8"),
             "nonfinite": self.nonfinite,
             "zero_rows": self.zero_rows,
             "norm_rows": self.norm_rows,
@@ -198,15 +200,45 @@ class Moments:
         m.count = (
             np.full(m.hidden, count, dtype=np.int64)
             if isinstance(count, int)
-            else np.asarray(count, dtype=np.int64)
+            else _unpack(count, "<i8", m.hidden).astype(np.int64)
         )
-        m.mean = np.asarray(state["mean"], dtype=np.float64)
-        m.m2 = np.asarray(state["m2"], dtype=np.float64)
+        m.mean = _unpack(state["mean"], "<f8", m.hidden)
+        m.m2 = _unpack(state["m2"], "<f8", m.hidden)
         for key in ("nonfinite", "zero_rows", "norm_rows"):
             setattr(m, key, int(state[key]))
         for key in ("norm_sum", "norm_max", "abs_max"):
             setattr(m, key, float(state[key]))
         return m
+
+
+def _pack(values: np.ndarray, dtype: str) -> dict[str, str]:
+    """A vector as ``{dtype: base64 of its bytes}`` (JSON-friendly and exact)."""
+    import base64
+
+    import numpy as np
+
+    return {dtype: base64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode("ascii")}
+
+
+def _unpack(value: Any, dtype: str, n: int) -> np.ndarray:
+    """The vector :func:`_pack` wrote (or a plain list, as earlier versions wrote), of exactly ``n`` values;
+    ``ValueError`` for anything else (a damaged or crafted journal)."""
+    import base64
+    import binascii
+
+    import numpy as np
+
+    if isinstance(value, dict) and set(value) == {dtype} and isinstance(value[dtype], str):
+        try:
+            raw = base64.b64decode(value[dtype], validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("a statistics vector is not valid base64") from None
+        if len(raw) != n * np.dtype(dtype).itemsize:
+            raise ValueError(f"a statistics vector holds {len(raw)} bytes, not {n} values")
+        return np.frombuffer(raw, dtype=dtype).astype(np.float64 if dtype == "<f8" else np.int64)
+    if isinstance(value, list) and len(value) == n:
+        return np.asarray(value, dtype=np.float64 if dtype == "<f8" else np.int64)
+    raise ValueError(f"a statistics vector is not {n} values")
 
 
 class RowNorms:

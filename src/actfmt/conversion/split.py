@@ -315,8 +315,12 @@ def _layer_moments(
     missing = []
     for li in spec.layers:
         state = done[li.name].extra.get("moments")
-        if isinstance(state, dict):
-            out[li.name] = Moments.from_state(state)
+        try:
+            m = Moments.from_state(state) if isinstance(state, dict) else None
+        except (KeyError, TypeError, ValueError):  # a damaged journal: computed again from the store
+            m = None
+        if m is not None and m.hidden == li.hidden_dim:
+            out[li.name] = m
         else:
             missing.append(li.name)
     if missing:

@@ -447,9 +447,11 @@ def read_into(requests: Sequence[ReadRequest], missing_ok: bool = False) -> list
     return out
 
 
-#: Bytes per piece when a run of bytes is scanned (hashed) rather than kept: small enough to stay in the
-#: CPU's cache between the copy out of the page cache and the hash (a big buffer costs a trip through memory).
-SCAN_PIECE = 128 << 10
+#: Bytes per piece when a run of bytes is scanned (hashed, and its statistics taken) rather than kept: small
+#: enough to stay in a core's L2 cache (1-2 MiB on current x86 cores) between the copy out of the page cache,
+#: the hash and the statistics kernel, large enough that the per-piece Python calls cost little (a conversion's
+#: read + hash + statistics of a bf16 split: 3.5 GB/s per core at 128 KiB, 3.9 at 512 KiB).
+SCAN_PIECE = 512 << 10
 
 
 def scan_runs(runs: Sequence[tuple[Location, int, int]], visit: Callable[[memoryview], None]) -> None:
