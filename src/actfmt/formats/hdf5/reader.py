@@ -474,7 +474,9 @@ class HDF5Reader(Reader):
 
         def one(item: tuple[int, bytes]) -> bool:
             row, raw = item
-            data = inflate_chunk(raw, chunk_bytes, f"{self.location}: {self.layer_info(layer).name}", row, chunk)
+            data = inflate_chunk(
+                raw, chunk_bytes, f"{self.location}: {self.layer_info(layer).name}", row, chunk
+            )
             lo, hi = max(row, start), min(row + chunk, stop)
             e0, e1 = (lo - row) * hidden, (hi - row) * hidden  # elements of this chunk wanted
             dst = flat[(lo - start) * hidden * itemsize : (hi - start) * hidden * itemsize]
