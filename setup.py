@@ -1,7 +1,7 @@
 """The optional C kernel (``actfmt._kernel``); everything else is in pyproject.toml.
 
 ``optional=True``: without a C compiler the build goes on and actfmt uses its numpy kernel (same figures, slower).
-Baseline x86-64 flags only, so the wheel runs on any x86-64; the AVX2 version is chosen at run time.
+Baseline x86-64 flags only, so the wheel runs on any x86-64; the AVX-512 or AVX2 version is chosen at run time.
 ``ACTFMT_PURE=1`` builds without it: a pure-Python ``py3-none-any`` wheel (the numpy kernel), for any platform.
 """
 

@@ -6,7 +6,8 @@
 * numpy: actfmt.kernel.numpy_block_moments (float64 sub-blocks, BLAS matrix-vector sums; the fallback);
 * torch: bf16 -> float32 by a shift, float32 sums of x, x² per dimension and of x² per row over the block
   (merged in float64 after): fast, but NOT exact -- its relative error against float64 is printed;
-* C: actfmt._kernel (float64, AVX2 when the CPU has it; "C portable" without).
+* C: actfmt._kernel (float64; AVX-512 or AVX2 when the CPU has them, and the AVX2 version on its own on a CPU
+  with AVX-512; "C portable" without either).
 
 The error columns: the largest relative error of the per-dimension sums of squares and of the row norms against
 a float64 reference, on gaussian values and, with --real, on a real bf16 split's shards.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,14 +75,16 @@ def main() -> int:
         for dt in ("bfloat16", "float16", "float32")
     }
     bits = {dt: t.view(torch.int32 if dt == "float32" else torch.int16).numpy() for dt, t in blocks.items()}
-    means = {
+    level = kernel._c.simd() if kernel._c is not None else 0
+    best_name = {2: "AVX-512", 1: "AVX2"}.get(level, "portable")
+    means: dict[str, Any] = {
         "numpy (float64)": lambda b, dt: kernel.numpy_block_moments(b, dt),
-        "C (float64, AVX2)" if kernel._c is not None and kernel._c.simd() else "C": lambda b, dt: (
-            kernel._compiled(b, dt, True)
-        ),
-        "C portable (float64)": lambda b, dt: kernel._compiled(b, dt, True, simd=False),
-        "C row figures only": lambda b, dt: kernel._compiled(b, dt, False),
+        f"C (float64, {best_name})": lambda b, dt: kernel._compiled(b, dt, True),
     }
+    if level == 2:  # the AVX2 version too, which CPUs without AVX-512 run
+        means["C (float64, AVX2)"] = lambda b, dt: kernel._compiled(b, dt, True, simd=1)
+    means["C portable (float64)"] = lambda b, dt: kernel._compiled(b, dt, True, simd=0)
+    means[f"C row figures only ({best_name})"] = lambda b, dt: kernel._compiled(b, dt, False)
     print(
         f"block {args.rows} x {args.hidden}, from cache, one thread; GB/s of stored bytes (best of {args.repeat})\n"
     )

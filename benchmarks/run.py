@@ -495,7 +495,8 @@ def kernel_speed(dtype: str = "bfloat16") -> tuple[str, str, str]:
         block = (gauss.view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits (truncated)
         name = "bf16"
     t = best(lambda: kernel.block_moments(block, dtype), 20)
-    which = "C" if kernel.compiled() else "numpy"
+    level = kernel._c.simd() if kernel.compiled() and kernel._c is not None else 0
+    which = f"C, {({2: 'AVX-512', 1: 'AVX2'}).get(level, 'portable')}" if kernel.compiled() else "numpy"
     return (
         f"the kernel alone ({which}; in process, one core, 512 x 4096 {name} from cache)",
         f"{block.nbytes / 1e9 / t:.2f} GB/s",

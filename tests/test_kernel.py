@@ -15,13 +15,18 @@ from actfmt import kernel
 from actfmt.moments import Moments, RowNorms
 
 DTYPES = ["bfloat16", "float16", "float32"]
-IMPLS = ["numpy"] + (["c", "c-portable"] if kernel._c is not None else [])
+#: The C kernel's versions this CPU runs: "c" is the best (AVX-512 where the CPU has it), "c-avx2" the AVX2 one
+#: (run on its own only when it is not already the best), "c-portable" the one for any CPU.
+SIMD = {"c": 2, "c-avx2": 1, "c-portable": 0}
+IMPLS = ["numpy"]
+if kernel._c is not None:
+    IMPLS += ["c", "c-portable"] + (["c-avx2"] if kernel._c.simd() == 2 else [])
 
 
 def run(impl: str, bits: np.ndarray, dtype: str, columns: bool = True) -> kernel.BlockFigures:
     if impl == "numpy":
         return kernel.numpy_block_moments(bits, dtype, columns)
-    return kernel._compiled(np.ascontiguousarray(bits), dtype, columns, simd=impl == "c")
+    return kernel._compiled(np.ascontiguousarray(bits), dtype, columns, simd=SIMD[impl])
 
 
 def stored(values: torch.Tensor, dtype: str) -> np.ndarray:
@@ -93,7 +98,7 @@ def check(f: kernel.BlockFigures, ref: dict[str, object], columns: bool = True) 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(23, 37), (64, 4096), (4, 8), (1, 1), (5, 3)])
+@pytest.mark.parametrize("shape", [(23, 37), (64, 4096), (4, 8), (1, 1), (5, 3), (9, 16), (7, 48), (6, 8200)])
 def test_block_moments_match_float64(impl: str, dtype: str, shape: tuple[int, int]) -> None:
     g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
     bits = stored(torch.randn(*shape, generator=g) * 5 - 1, dtype)
@@ -145,6 +150,29 @@ def test_the_implementations_agree_on_a_large_block() -> None:
         ref = reference(bits, dtype)
         for impl in IMPLS:
             check(run(impl, bits, dtype), ref)
+
+
+@pytest.mark.skipif(kernel._c is None, reason="no C kernel in this build")
+def test_every_c_version_adds_the_rows_of_a_dimension_in_the_same_order() -> None:
+    """The per-dimension sums are bit for bit the same in every version of the C kernel (AVX-512, AVX2,
+    portable): each adds a dimension's values row after row; only the row norms' lanes are summed otherwise."""
+    bits = special_block("bfloat16", rows=131, cols=4099, seed=8)
+    versions = [impl for impl in IMPLS if impl != "numpy"]
+    got = {impl: run(impl, bits, "bfloat16") for impl in versions}
+    first = got[versions[0]]
+    for impl in versions[1:]:
+        f = got[impl]
+        assert f.col_sum is not None and first.col_sum is not None
+        assert np.array_equal(f.col_sum, first.col_sum) and np.array_equal(f.col_sq, first.col_sq), impl
+        np.testing.assert_array_equal(f.col_bad, first.col_bad)
+        np.testing.assert_allclose(f.rownorm2, first.rownorm2, rtol=1e-14)
+        assert (f.nan, f.inf, f.zero_rows, f.good_rows, f.norm_argmax) == (
+            first.nan,
+            first.inf,
+            first.zero_rows,
+            first.good_rows,
+            first.norm_argmax,
+        )
 
 
 def test_moments_do_not_depend_on_blocks_or_implementation(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,7 @@
 :func:`block_moments`.
 
 It runs in the C extension ``actfmt._kernel`` when the package was built with it (``pip install`` builds it when
-a C compiler is there; AVX2 chosen at run time) and otherwise in numpy, with the same figures: every stored value
+a C compiler is there; AVX-512 or AVX2 chosen at run time) and otherwise in numpy, with the same figures: every stored value
 (bfloat16 / float16 / float32) and its square are exact in float64, so the only rounding is that of the float64
 sums.  ``ACTFMT_KERNEL=numpy`` in the environment forces the numpy version.
 """
@@ -72,7 +72,8 @@ def block_moments(block: np.ndarray, dtype: str, columns: bool = True) -> BlockF
     return numpy_block_moments(block, dtype, columns)
 
 
-def _compiled(block: np.ndarray, dtype: str, columns: bool, simd: bool = True) -> BlockFigures:
+def _compiled(block: np.ndarray, dtype: str, columns: bool, simd: int = 2) -> BlockFigures:
+    """The C kernel on ``block``; ``simd``: 0 its portable version, 1 AVX2 at most, 2 the best the CPU runs."""
     import numpy as np
 
     rows, cols = block.shape
