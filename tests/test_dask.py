@@ -267,9 +267,10 @@ def test_a_layer_task_on_dask_runs_on_its_own_thread(
         run_layer_task(task)
 
 
-def test_small_layer_tasks_are_merged_on_dask_but_every_thread_keeps_several(tmp_path: Path) -> None:
+def test_small_layer_tasks_are_merged_on_dask_big_ones_first_single_layers_last(tmp_path: Path) -> None:
     """A dask task costs ~10 ms of CPU whatever it does: small layers go in tasks of several, in order, each
-    layer once, while every worker thread still gets TASKS_PER_THREAD tasks; big layers stay one per task."""
+    layer once, none above TASK_TARGET_BYTES; guided: each takes at most 1/(TASKS_PER_THREAD x threads) of
+    the layers left, so sizes only shrink and the last tasks are single layers; big layers stay one per task."""
     from actfmt.conversion import executors
     from actfmt.formats.base import LayerInfo, SplitSpec, WriteOptions
     from actfmt.storage import resolve
@@ -282,12 +283,19 @@ def test_small_layer_tasks_are_merged_on_dask_but_every_thread_keeps_several(tmp
             loc, "pt", loc, "zarr", spec, WriteOptions(), list(range(layers)), "a/EM", True, None
         )
 
-    seed = tasks_of(28, 7049)  # the seed split: 58 MB layers
+    seed = tasks_of(28, 7049)  # the seed split: 58 MB layers, 4 to a 256 MiB task
     merged = executors.group_tasks(seed, threads=2)
-    assert len(merged) == executors.TASKS_PER_THREAD * 2
+    assert [len(t.layers) for t in merged] == [4, 4, 4, 4, 3, 3, 2, 1, 1, 1, 1]
     assert [p for t in merged for p in t.layers] == list(range(28))
     assert merged[0].key == "a/EM/layer_00+layer_01+layer_02+layer_03"
-    assert executors.group_tasks(seed, threads=16) == seed  # 4 tasks per thread need every layer alone
+    assert merged[-1] is seed[-1]  # a one-layer task stays the task it was
+    small = tasks_of(40, 700)  # 5.7 MB layers: the byte cap does not bind, the share of the rest does
+    sizes = [len(t.layers) for t in executors.group_tasks(small, threads=2)]
+    assert sizes[0] == 10 and sizes == sorted(sizes, reverse=True) and sizes[-2:] == [1, 1]
+    for threads in (1, 3, 8):
+        for t in executors.group_tasks(small, threads):
+            assert sum(small[p].spec.layers[p].nbytes for p in t.layers) <= executors.TASK_TARGET_BYTES
+    assert executors.group_tasks(seed, threads=16) == seed  # 2 x 16 shares: every layer alone
     big = tasks_of(6, 200_000)  # 1.6 GB layers: one task each
     assert executors.group_tasks(big, threads=1) == big
     assert executors.group_tasks(seed[:1], threads=1) == seed[:1]
