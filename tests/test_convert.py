@@ -201,6 +201,67 @@ def test_verification_catches_a_bad_write_and_publishes_nothing(
     assert find_splits(tmp_path / "out") == []
 
 
+def test_hdf5_gzip_verifies_each_layer_while_the_next_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HDF5's chunked split is one task: layer k is verified on a helper thread, from a second open of the file
+    the writer still holds, while layer k+1 is copied; every layer is verified once, in order, and reported
+    (journalled) only once verified; the store is bit-exact."""
+    import threading
+
+    from actfmt.conversion import tasks
+
+    data = make_split(tmp_path / "ds" / "EM", total=200, hidden=8, layers=4)
+    events: list[tuple[str, str, str]] = []
+    real_check, real_copy = tasks._check, tasks.copy_layer
+
+    def slow_check(task: Any, res: Any, on_bytes: Any) -> None:
+        events.append(("verify", res.name, threading.current_thread().name))
+        time.sleep(0.2)  # the next layer's copy starts meanwhile
+        real_check(task, res, on_bytes)
+        events.append(("verified", res.name, ""))
+
+    def spy_copy(reader: Any, writer: Any, pos: int, *a: Any, **k: Any) -> Any:
+        events.append(("copy", f"layer_{pos:02d}", ""))
+        return real_copy(reader, writer, pos, *a, **k)
+
+    monkeypatch.setattr(tasks, "_check", slow_check)
+    monkeypatch.setattr(tasks, "copy_layer", spy_copy)
+    res = convert(tmp_path / "ds" / "EM", tmp_path / "out", to="hdf5", compression="gzip")
+    assert res.layers == 4
+    verified = [e for e in events if e[0] == "verify"]
+    assert [e[1] for e in verified] == [f"layer_{i:02d}" for i in range(4)]
+    assert all(e[2].startswith("actfmt-verify") for e in verified)
+    for i in range(3):  # layer i+1 was being copied while layer i was being verified
+        kinds = [e[:2] for e in events]
+        assert kinds.index(("copy", f"layer_{i + 1:02d}")) < kinds.index(("verified", f"layer_{i:02d}"))
+    with open_reader(tmp_path / "out" / "EM.h5") as r:
+        assert r.actfmt["complete"] is True
+        for pos, li in enumerate(r.layers):
+            assert torch.equal(bits(r.read(pos)), bits(data[li.name]))
+
+
+def test_hdf5_gzip_verification_on_its_thread_catches_a_bad_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from actfmt.formats.hdf5.writer import HDF5Writer
+
+    make_split(tmp_path / "ds" / "EM", total=200, hidden=8, layers=4)
+    real_write = HDF5Writer.write
+
+    def corrupting_write(self: HDF5Writer, layer: int, start: int, data: Any, runs: Any = None) -> None:
+        if layer == 1 and start == 0:
+            data = np.array(data, copy=True)
+            data[3, 1] = data[3, 1] + 1  # what a flaky disk or a buggy writer would do
+        real_write(self, layer, start, data, runs)
+
+    monkeypatch.setattr(HDF5Writer, "write", corrupting_write)
+    with pytest.raises(ConversionError, match="layer_01: checksum of the written data"):
+        convert(tmp_path / "ds" / "EM", tmp_path / "out", to="hdf5", compression="gzip")
+    assert not (tmp_path / "out" / "EM.h5").exists()
+    assert find_splits(tmp_path / "out") == []
+
+
 def test_the_source_is_walked_once_and_each_shard_probed_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

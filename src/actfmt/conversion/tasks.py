@@ -267,26 +267,51 @@ def run_layer_task(
     on_result: Callable[[LayerResult], None] | None = None,
     stop: threading.Event | None = None,
 ) -> list[LayerResult]:
-    """Run one :class:`LayerTask`, layer by layer: copy, close the writer (some formats lock their file), verify
-    from the partial store, report (``on_result``).  ``reader``: an open reader on the source to share
-    (threads); a worker process opens its own."""
-    writer = get_format(task.to).writer_class().open(task.work, task.spec, task.options)
+    """Run one :class:`LayerTask`, layer by layer: copy, verify from the partial store, report (``on_result``).
+    ``reader``: an open reader on the source to share (threads); a worker process opens its own.
+
+    Where the format lets a reader open the store while its writer has it open (``Format.reads_while_writing``:
+    HDF5, whose chunked split is one task) and the task may use more than one core (``read_ahead``: not on dask),
+    layer k is verified on a helper thread while layer k+1 is copied, one layer at a time (memory stays at a
+    block per stage), and reported once verified.  Otherwise the writer is closed after each layer (some
+    formats lock their file) and the layer verified before the next one is copied."""
+    fmt = get_format(task.to)
+    writer = fmt.writer_class().open(task.work, task.spec, task.options)
     own = reader is None
     src = open_reader(task.source, task.source_format) if reader is None else reader
-    results = []
+    overlap = task.verify and task.read_ahead and len(task.layers) > 1 and fmt.reads_while_writing
+    results: list[LayerResult] = []
+
+    def check(res: LayerResult) -> LayerResult:
+        if task.verify:
+            t0 = time.perf_counter()
+            _check(task, res, on_verify)
+            res.extra.setdefault("seconds", {})["verify"] = time.perf_counter() - t0
+        return res
+
+    def report(res: LayerResult) -> None:
+        if on_result is not None:
+            on_result(res)
+        results.append(res)
+
+    checker: Any = ThreadPoolExecutor(1, thread_name_prefix="actfmt-verify") if overlap else _Inline()
     try:
-        for pos in task.layers:
-            res = copy_layer(
-                src, writer, pos, task.spec, on_bytes, task.cast, stop, task.stats, task.read_ahead
-            )
-            writer.close()  # the next layer's first write opens it again
-            if task.verify:
-                t0 = time.perf_counter()
-                _check(task, res, on_verify)
-                res.extra.setdefault("seconds", {})["verify"] = time.perf_counter() - t0
-            if on_result is not None:
-                on_result(res)
-            results.append(res)
+        with checker:  # on an error, waits for the layer being verified before the writer is closed
+            pending: Future[LayerResult] | None = None
+            for pos in task.layers:
+                res = copy_layer(
+                    src, writer, pos, task.spec, on_bytes, task.cast, stop, task.stats, task.read_ahead
+                )
+                if not overlap:
+                    writer.close()  # the next layer's first write opens it again
+                    report(check(res))
+                    continue
+                verified = checker.submit(check, res)
+                if pending is not None:
+                    report(pending.result())
+                pending = verified
+            if pending is not None:
+                report(pending.result())
     finally:
         writer.close()
         if own:

@@ -475,6 +475,10 @@ class Format(abc.ABC):
     remote_write: ClassVar[bool] = True
     #: May different processes write different layers of one split at the same time?
     parallel_layers: ClassVar[bool] = True
+    #: May a reader in this process open the partial store and read a finished layer (after
+    #: ``Writer.finish_layer``) while the writer still has the store open?  Then a local task of several layers
+    #: verifies layer k on a helper thread while it copies layer k+1 (:func:`~actfmt.conversion.tasks.run_layer_task`).
+    reads_while_writing: ClassVar[bool] = False
     #: Is a split one file (``True``) or a directory?
     single_file: ClassVar[bool] = False
     #: ``inventory(location, loc, jobs) -> Inventory``: a format whose split is a directory of separately

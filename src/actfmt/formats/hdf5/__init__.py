@@ -67,6 +67,9 @@ class HDF5Format(Format):
     remote_read = True
     remote_write = False  # convert writes into a local staging directory and uploads the file
     parallel_layers = False  # chunked: HDF5 is the one writer of the file
+    # a second open of a file this process has open shares HDF5's one open file (its chunk index included), and
+    # h5py's lock orders the reader's and the writer's calls: a finished layer is verified while the next is written
+    reads_while_writing = True
     single_file = True
 
     @classmethod
