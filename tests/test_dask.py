@@ -8,6 +8,7 @@ few seconds).  The retry tests inject failures with a monkeypatched writer, so t
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import threading
 from collections.abc import Iterator
@@ -175,6 +176,162 @@ def test_actfmts_local_cluster_leaves_mallocs_adaptive_threshold_on() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, env=clean
     )
     assert out.stdout.strip().splitlines()[-1] == "[(None, '1')] [True]", out.stdout + out.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# how actfmt's own cluster starts its workers
+
+
+@pytest.mark.parametrize(
+    "configured, env, platform, rss, expected",
+    [
+        ("spawn", None, "linux", 200 << 20, "fork"),  # a command: forked
+        ("spawn", None, "linux", 2 << 30, "spawn"),  # a notebook holding gigabytes: spawned
+        ("spawn", None, "linux", None, "spawn"),  # size unknown
+        ("spawn", None, "darwin", 200 << 20, "spawn"),  # fork is unsafe on macOS
+        ("spawn", "spawn", "linux", 200 << 20, "spawn"),  # chosen in the environment
+        ("forkserver", None, "linux", 200 << 20, "forkserver"),  # chosen in dask's config
+    ],
+)
+def test_local_cluster_forks_its_workers_from_a_small_process_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+    configured: str,
+    env: str | None,
+    platform: str,
+    rss: int | None,
+    expected: str,
+) -> None:
+    import dask
+
+    import actfmt._dask as ad
+
+    monkeypatch.delenv(ad._START_METHOD_ENV, raising=False)
+    if env is not None:
+        monkeypatch.setenv(ad._START_METHOD_ENV, env)
+    monkeypatch.setattr(ad.sys, "platform", platform)
+    monkeypatch.setattr(ad, "_resident_bytes", lambda: rss)
+    with dask.config.set({"distributed.worker.multiprocessing-method": configured}):
+        assert ad.start_method() == expected
+
+
+def test_this_process_resident_size_is_read() -> None:
+    from actfmt._dask import FORK_MAX_RSS, _resident_bytes
+
+    rss = _resident_bytes()
+    assert rss is not None and 10 << 20 < rss < 64 << 30  # this interpreter with torch imported
+    assert FORK_MAX_RSS == 1 << 30
+
+
+@pytest.mark.slow
+def test_actfmts_cluster_forks_workers_that_have_what_this_process_imported() -> None:
+    """A forked worker starts with this process's modules and state (nothing to import); a spawned one does
+    not.  Run as a process of its own, as a command starts its cluster (pytest's is larger)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import actfmt._dask as ad\n"
+        "ad.MARK = 'parent'\n"
+        "def mark():\n"
+        "    import actfmt._dask\n"
+        "    return getattr(actfmt._dask, 'MARK', None)\n"
+        "with ad.dask_client(None, 2) as client:\n"
+        "    seen = client.run(mark)\n"
+        "print(ad.start_method(), sorted(map(str, seen.values())))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"}
+    forked = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert forked.stdout.strip().splitlines()[-1] == "fork ['parent', 'parent']", (
+        forked.stdout + forked.stderr
+    )
+    env["DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"] = "spawn"
+    spawned = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert spawned.stdout.strip().splitlines()[-1] == "spawn ['None', 'None']", (
+        spawned.stdout + spawned.stderr
+    )
+
+
+def test_a_forked_process_forgets_the_shared_readers_it_inherited(tree: Path) -> None:
+    """A forked dask worker must not use (or close: an HDF5 close writes) the readers of the process it was
+    forked from: it opens its own."""
+    import actfmt.formats.registry as registry
+    from actfmt.formats import shared_reader
+    from actfmt.storage import resolve
+
+    split = tree / SPLITS[0]
+    loc = resolve(split)
+    mine = shared_reader(loc, "pt")
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        code = 1
+        try:
+            if not registry._SHARED and mine in registry._INHERITED:
+                fresh = shared_reader(loc, "pt")
+                ok = fresh is not mine and np.array_equal(fresh.read_array(0, 0, 5), mine.read_array(0, 0, 5))
+                code = 0 if ok else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert shared_reader(loc, "pt") is mine  # this process still has its own
+
+
+def test_a_forked_child_leaves_sigint_to_the_command_and_ends_on_sigterm() -> None:
+    """The CLI's handlers, inherited by a forked dask worker: Ctrl-C (sent to the worker too) is ignored there,
+    SIGTERM ends it with the usual status; in the command itself they raise Interrupted."""
+    import signal
+
+    import actfmt.cli_base as cb
+    from actfmt.errors import Interrupted
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        cb.install_signal_handlers()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                cb.on_signal(signal.SIGINT, None)  # returns: not this process's to handle
+                code = 0 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else 3
+                cb.on_signal(signal.SIGTERM, None)  # ends the process: 128 + 15
+                code = 4
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGTERM
+        with pytest.raises(Interrupted):
+            cb.on_signal(signal.SIGINT, None)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_worker_shutdown_noise_is_dropped_real_messages_are_kept() -> None:
+    import logging
+
+    from distributed.core import Status
+
+    from actfmt._dask import _ShutdownNoise
+
+    class Worker:
+        status = Status.closing
+
+    worker = Worker()
+    noise = _ShutdownNoise(worker)
+
+    def record(msg: str, *args: Any) -> logging.LogRecord:
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, msg, args, None)
+
+    heartbeat = record("Failed to communicate with scheduler during heartbeat.")
+    assert not noise.filter(heartbeat)  # closing: the scheduler went first
+    worker.status = Status.running
+    assert noise.filter(heartbeat)  # running: a real problem, shown
+    assert not noise.filter(record("Async instruction for %s ended with CancelledError", "<Task cancelled>"))
+    assert noise.filter(record("Compute Failed"))
 
 
 def test_cli_bad_scheduler_is_a_clear_error_not_a_traceback(tree: Path, tmp_path: Path) -> None:

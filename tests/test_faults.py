@@ -137,6 +137,43 @@ def test_a_signal_stops_cleanly_keeps_the_partial_and_resume_finishes(
     assert verify(tmp_path / "ds" / "EM", final).equal
 
 
+@pytest.mark.slow
+def test_ctrl_c_on_a_dask_conversion_reaches_its_workers_too_and_still_stops_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """A terminal's Ctrl-C goes to the whole process group: the command and the worker processes of the cluster
+    it started (forked from it, with its handlers).  The workers leave it to the command, which stops the
+    cluster: one line, no traceback from any process, the partial kept, ``--resume`` bit-exact."""
+    pytest.importorskip("distributed")
+    data = make_split(tmp_path / "ds" / "EM", total=300, hidden=32, layers=6)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", SLOW_CLI, "convert", str(tmp_path / "ds" / "EM"), str(out), "--to", "zarr"]
+    env = {k: v for k, v in os.environ.items() if k != "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"}
+    proc = subprocess.Popen(
+        [*cmd, "--executor", "dask", "-j", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell gives a job
+        env={**env, "ACTFMT_TEST_LAYER_DELAY": "0.5"},
+    )
+    final = final_of(out, "zarr")
+    wait_for_layers(final.with_name(f".{final.name}.actfmt-state.jsonl"), 1, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    partial = final.with_name(f".{final.name}.actfmt-partial")
+    assert proc.returncode == 130, stderr
+    assert stderr.strip() == (
+        f"actfmt: interrupted (SIGINT); partial kept at {partial}; rerun with --resume to continue"
+    )
+    assert partial.exists() and not final.exists()
+    res = convert(tmp_path / "ds" / "EM", out, to="zarr", resume=True)
+    assert 0 < res.layers < 6
+    with open_reader(final) as r:
+        for pos, li in enumerate(r.layers):
+            assert torch.equal(bits(r.read(pos)), bits(data[li.name]))
+
+
 def test_a_signal_during_validate_exits_130_in_one_line(tmp_path: Path) -> None:
     make_split(tmp_path / "ds" / "EM", total=200, hidden=16, layers=3)
     code = textwrap.dedent(

@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,13 +36,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "CLUSTER_CONFIG",
+    "FORK_MAX_RSS",
     "TARGET_CHUNK_BYTES",
     "TASK_RETRIES",
     "dask_client",
     "dask_map",
+    "dask_setup",
     "layer_to_dask",
     "local_cluster",
     "relax_malloc",
+    "start_method",
 ]
 
 T = TypeVar("T")
@@ -77,25 +85,109 @@ CLUSTER_CONFIG: dict[str, Any] = {
 }
 
 
+#: The largest resident size of this process at which :func:`local_cluster` forks its workers.  A forked worker
+#: starts as a copy of this process, and dask counts the pages it shares with it against the worker's memory
+#: limit (a share of the machine's memory): a command (100-300 MB) forks, a notebook holding gigabytes spawns.
+FORK_MAX_RSS = 1 << 30
+
+#: The environment variable of dask's own setting (``distributed.worker.multiprocessing-method``): set, it
+#: chooses how :func:`local_cluster` starts its workers, as it does for every dask cluster.
+_START_METHOD_ENV = "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD"
+
+
+def _resident_bytes() -> int | None:
+    """This process's resident set size (Linux ``/proc/self/statm``), ``None`` where unknown."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def start_method() -> str:
+    """How :func:`local_cluster` starts its worker processes: ``"fork"`` on Linux while this process is small
+    (:data:`FORK_MAX_RSS`), else dask's setting (``spawn`` unless configured).
+
+    A spawned worker is a fresh interpreter that imports distributed and what a task needs (numpy, zarr...):
+    0.6-0.9 CPU-s per worker measured, most of a short conversion on two cores; a forked one has them already
+    (0.05 CPU-s).  The libraries a task uses re-arm after a fork (h5py takes its lock around it, zarr restarts
+    its event loop, blosc its threads; :func:`actfmt.formats.shared_reader` forgets the readers it inherits).
+    Set ``distributed.worker.multiprocessing-method`` (or ``DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD``)
+    to choose: any value but dask's default ``spawn``, or ``spawn`` given in the environment, is used as is."""
+    import dask
+
+    configured = str(dask.config.get("distributed.worker.multiprocessing-method", default="spawn"))
+    if configured != "spawn" or _START_METHOD_ENV in os.environ:
+        return configured
+    if sys.platform != "linux" or "fork" not in multiprocessing.get_all_start_methods():
+        return configured  # macOS: fork is unsafe with its system libraries
+    rss = _resident_bytes()
+    if rss is None or rss > FORK_MAX_RSS:
+        return configured
+    return "fork"
+
+
 def local_cluster(workers: int) -> Any:
-    """A ``LocalCluster`` of ``workers`` single-threaded worker processes with :data:`CLUSTER_CONFIG`, and without
-    the ``MALLOC_TRIM_THRESHOLD_`` that dask sets in its workers' environment
-    (``distributed.nanny.pre-spawn-environ``): setting it turns off glibc's adaptive mmap threshold, so every
-    buffer above 128 KiB (a chunk compressed, a block read) is a fresh mapping, faulted in page by page and
-    unmapped again.  Measured: zarr layer tasks (blosc-zstd) took 1.46 CPU-s per 460 MB in a plain process and
-    2.2-2.6 with it, the whole difference between a dask worker core and a local one (0.52x).  dask's other
-    settings (one BLAS/OpenMP thread) stay.  (distributed also copies that environment into the process starting
-    the cluster, so a second cluster started there inherits it anyway: :func:`dask_client` then sets glibc's
-    thresholds in the workers, :func:`relax_malloc`.)"""
+    """A ``LocalCluster`` of ``workers`` single-threaded worker processes (started by :func:`start_method`, set up
+    by :func:`dask_setup`) with :data:`CLUSTER_CONFIG`, and without the ``MALLOC_TRIM_THRESHOLD_`` that dask sets
+    in its workers' environment (``distributed.nanny.pre-spawn-environ``): setting it turns off glibc's adaptive
+    mmap threshold, so every buffer above 128 KiB (a chunk compressed, a block read) is a fresh mapping, faulted
+    in page by page and unmapped again.  Measured: zarr layer tasks (blosc-zstd) took 1.46 CPU-s per 460 MB in a
+    plain process and 2.2-2.6 with it, the whole difference between a dask worker core and a local one (0.52x).
+    dask's other settings (one BLAS/OpenMP thread) stay.  (distributed also copies that environment into the
+    process starting the cluster, so a second cluster started there inherits it anyway: :func:`dask_setup` then
+    sets glibc's thresholds in the workers, :func:`relax_malloc`.)"""
     import dask
 
     distributed = _import_distributed()
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    with dask.config.set({**CLUSTER_CONFIG, "distributed.nanny.pre-spawn-environ": environ}):
+    config = {
+        **CLUSTER_CONFIG,
+        "distributed.nanny.pre-spawn-environ": environ,
+        "distributed.worker.multiprocessing-method": start_method(),
+    }
+    with dask.config.set(config):
         return distributed.LocalCluster(
-            n_workers=max(1, workers), threads_per_worker=1, processes=True, dashboard_address=":0"
+            n_workers=max(1, workers),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            preload=[__name__],  # dask_setup below, in each worker
         )
+
+
+class _ShutdownNoise(logging.Filter):
+    """Drops what distributed logs in a worker when the command stops it on purpose: a heartbeat that met the
+    closed scheduler (dask/distributed#7105: a traceback after every successful run, now and then) once the
+    worker is no longer running, and the tasks cancelled when the command stops early (an error, Ctrl-C)."""
+
+    def __init__(self, worker: Any) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if msg.startswith("Async instruction for") and "CancelledError" in record.getMessage():
+            return False
+        if msg.startswith("Failed to communicate with scheduler during heartbeat"):
+            from distributed.core import Status
+
+            return bool(self.worker.status == Status.running)
+        return True
+
+
+def dask_setup(worker: Any) -> None:
+    """Run by distributed in each worker of :func:`local_cluster` as it starts (its ``preload``): Ctrl-C is the
+    command's to handle (it is sent to the worker processes too; they stop when the command closes the cluster,
+    not with a traceback each), shutdown noise filtered (:class:`_ShutdownNoise`), glibc's thresholds set
+    (:func:`relax_malloc`)."""
+    with contextlib.suppress(ValueError):  # not the main thread: nothing to change
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    noise = _ShutdownNoise(worker)
+    for name in ("distributed.worker", "distributed.worker.state_machine"):
+        logging.getLogger(name).addFilter(noise)
+    relax_malloc()
 
 
 def relax_malloc() -> bool:
@@ -126,7 +218,6 @@ def dask_client(scheduler: Any, workers: int) -> Iterator[Any]:
     elif scheduler is None:
         cluster = local_cluster(workers)
         client = distributed.Client(cluster, set_as_default=False)
-        client.run(relax_malloc)
     else:
         address = str(scheduler)
         try:

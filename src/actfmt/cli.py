@@ -13,7 +13,6 @@ found, the tool's own failure.  An unexpected exception prints ``actfmt: interna
 from __future__ import annotations
 
 import os
-import signal
 import time
 from typing import Any
 
@@ -33,8 +32,8 @@ from actfmt.cli_base import (
     escape_library_messages,
     executor_options,
     format_options_option,
+    install_signal_handlers,
     jobs_option,
-    on_signal,
     output_file_option,
     output_format_option,
     output_stream,
@@ -585,7 +584,6 @@ def stream_command(
 def main() -> None:
     for var in SINGLE_THREADED_BLAS:
         os.environ.setdefault(var, "1")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    install_signal_handlers()
     escape_library_messages()
     cli(prog_name="actfmt")

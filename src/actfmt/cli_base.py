@@ -43,6 +43,7 @@ __all__ = [
     "compression_help",
     "escape_library_messages",
     "executor_options",
+    "install_signal_handlers",
     "jobs_option",
     "on_signal",
     "output_file_option",
@@ -320,9 +321,27 @@ def output_format_option(help: str) -> Callable[[F], F]:
 SINGLE_THREADED_BLAS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+#: The process :func:`install_signal_handlers` ran in (the command's; its forked dask workers inherit the handlers).
+_COMMAND_PID: int | None = None
+
+
+def install_signal_handlers() -> None:
+    """SIGINT and SIGTERM to :func:`on_signal`, for this process."""
+    global _COMMAND_PID
+    _COMMAND_PID = os.getpid()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+
 def on_signal(signum: int, frame: Any) -> None:
     """SIGINT / SIGTERM: stop the command cleanly (locks released, partial stores kept); a second one quits at
-    once."""
+    once.  In a process forked from the command (a dask worker of ``--executor dask``, which Ctrl-C reaches too)
+    SIGINT is the command's to handle, and SIGTERM ends the process as it would have without a handler."""
+    if _COMMAND_PID is not None and os.getpid() != _COMMAND_PID:
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            return
+        _quit_now(signum, frame)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _quit_now)
     raise Interrupted(signum)

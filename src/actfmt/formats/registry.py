@@ -4,6 +4,7 @@ declarations: detection, the store suffixes, split naming, the "no split found" 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -112,6 +113,23 @@ def open_reader(
 _SHARED: OrderedDict[tuple[str, str, str], Reader] = OrderedDict()
 _SHARED_LOCK = threading.Lock()
 _SHARED_READERS = 8
+
+
+#: Readers a forked process inherited from its parent: kept (never used, never closed: closing an HDF5 file
+#: would write to a file the parent has open) until the process ends.
+_INHERITED: list[Reader] = []
+
+
+def _forget_inherited_readers() -> None:
+    """In a forked child (a dask worker started by fork): the parent's shared readers are its own, not ours."""
+    global _SHARED_LOCK
+    _SHARED_LOCK = threading.Lock()  # the parent's may have been held by one of its threads
+    _INHERITED.extend(_SHARED.values())
+    _SHARED.clear()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_forget_inherited_readers)
 
 
 def shared_reader(location: Location, format: str) -> Reader:
